@@ -1,0 +1,30 @@
+# make sft      set up .venv (if needed) and run SFT on the built-in task
+# make test     set up .venv (if needed) and run the test suite
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+RLHFDPO := $(VENV)/bin/rlhfdpo
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup sft test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install_torch.sh
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	bash scripts/install_torch.sh $(PYTHON)
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	touch $@
+
+sft: setup
+	$(RLHFDPO) sft configs/sft.yaml
+
+test: setup
+	$(PYTHON) -m pytest
+
+test-fast: setup
+	$(PYTHON) -m pytest -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

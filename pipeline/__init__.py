@@ -1,0 +1,1 @@
+"""rlhfdpo: RLHF and DPO on the same footing."""

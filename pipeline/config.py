@@ -1,0 +1,439 @@
+"""Typed stage configs with every default in one place, and strict YAML loading.
+
+A config is a tree of dataclasses. `load_config(StageConfig, path, overrides)` reads the YAML with
+`yaml.safe_load`, applies `--set a.b=value` overrides, and builds the tree, failing with one
+`ConfigError` line that names the file and the key path for: an unknown key (with the closest valid
+key), a wrong type (with the expected type), or an impossible value. All of that happens before any
+model or dataset is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config. The message is one line: `file: key.path: what is wrong`."""
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ArchitectureConfig:
+    """GPT-2 shape for a model created from scratch (`model.name_or_path: scratch`)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_positions: int = 256  # longest sequence the model can see, prompt and response together
+    vocab_size: int = 2048  # size of the byte-level BPE tokenizer trained on the training texts
+    dropout: float = 0.0
+
+    def check(self, at: str) -> None:
+        _positive(at, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                  n_positions=self.n_positions, vocab_size=self.vocab_size)
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"{at}.n_embd: {self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.vocab_size < 300:
+            raise ConfigError(f"{at}.vocab_size: must be at least 300 (256 bytes plus special tokens)")
+        _in_range(f"{at}.dropout", self.dropout, 0.0, 1.0)
+
+
+@dataclass
+class ModelConfig:
+    # A hub id ("gpt2"), a local save_pretrained folder (the previous stage's `model/`), or
+    # "scratch" for a new GPT-2 of `architecture` with a tokenizer trained on the training texts.
+    name_or_path: str = "scratch"
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    tokenizer: str | None = None  # defaults to name_or_path
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    trust_remote_code: bool = False
+
+    def check(self, at: str) -> None:
+        if not self.name_or_path:
+            raise ConfigError(f"{at}.name_or_path: must not be empty")
+        self.architecture.check(f"{at}.architecture")
+
+
+SourceFormat = Literal[
+    "text", "prompt_completion", "reviews", "hh_rlhf", "prompt_chosen_rejected",
+    "conversational", "ultrafeedback", "shp",
+]
+
+
+@dataclass
+class SourceConfig:
+    # "builtin:sentiment", a local file (json, jsonl, jsonl.gz, csv, csv.gz, parquet) or a hub id.
+    path: str = "builtin:sentiment"
+    format: SourceFormat = "reviews"
+    name: str | None = None  # hub dataset config name
+    data_dir: str | None = None  # hub dataset data_dir (HH-RLHF: "harmless-base")
+    split: str = "train"
+    columns: dict[str, str] = field(default_factory=dict)  # the adapter's column -> this file's column
+    fraction: float = 1.0  # share of this source's rows to use; mixes sources (safety + 10% helpful)
+    max_rows: int | None = None  # cap on raw rows read, before fraction
+    # Only for format "shp": keep pairs whose score ratio is at least this (the SHP paper uses 2).
+    min_score_ratio: float | None = None
+    # Only for format "reviews" when prompts are wanted: prefix length range in words.
+    prompt_words: list[int] | None = None
+
+    def check(self, at: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{at}.path: must not be empty")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"{at}.fraction: must be in (0, 1], got {self.fraction}")
+        if self.max_rows is not None:
+            _positive(at, max_rows=self.max_rows)
+        if self.min_score_ratio is not None:
+            if self.format != "shp":
+                raise ConfigError(f"{at}.min_score_ratio: only used by format 'shp', not '{self.format}'")
+            if self.min_score_ratio < 1.0:
+                raise ConfigError(f"{at}.min_score_ratio: must be at least 1, got {self.min_score_ratio}")
+        if self.prompt_words is not None:
+            if self.format != "reviews":
+                raise ConfigError(f"{at}.prompt_words: only used by format 'reviews', not '{self.format}'")
+            lo_hi = self.prompt_words
+            if len(lo_hi) != 2 or not 1 <= lo_hi[0] <= lo_hi[1]:
+                raise ConfigError(f"{at}.prompt_words: expected [min, max] with 1 <= min <= max, got {lo_hi}")
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    eval: list[SourceConfig] = field(default_factory=list)  # empty: hold out eval_fraction of train
+    eval_fraction: float = 0.05
+    max_eval_examples: int | None = 1000
+    max_length: int = 256  # prompt + response tokens, EOS included
+    max_prompt_length: int = 128
+    truncate_prompt: Literal["keep_end", "keep_start"] = "keep_end"  # the end holds the question
+    truncate_response: Literal["keep_start", "keep_end"] = "keep_start"
+    long_prompts: Literal["truncate", "drop"] = "truncate"  # "drop" counts them as "prompt too long"
+    strict: bool = False  # the first dropped row is an error that names it
+    seed: int = 0
+
+    def check(self, at: str) -> None:
+        if not self.train:
+            raise ConfigError(f"{at}.train: at least one source is needed")
+        for i, source in enumerate(self.train):
+            source.check(f"{at}.train.{i}")
+        for i, source in enumerate(self.eval):
+            source.check(f"{at}.eval.{i}")
+        _in_range(f"{at}.eval_fraction", self.eval_fraction, 0.0, 0.9)
+        _positive(at, max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"{at}.max_prompt_length: {self.max_prompt_length} leaves no room for a response "
+                f"within max_length={self.max_length}"
+            )
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule; defaults are the Llama 2 recipe."""
+
+    lr: float = 2e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine/linear decay ends at 10% of the peak rate
+    warmup_ratio: float = 0.03
+    min_warmup_steps: int = 0  # warmup is max(min_warmup_steps, warmup_ratio * total steps)
+    max_grad_norm: float = 1.0
+
+    def check(self, at: str) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"{at}.lr: must be positive, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{at}.betas: expected two numbers in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            raise ConfigError(f"{at}.eps: must be positive, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{at}.weight_decay: must not be negative, got {self.weight_decay}")
+        _in_range(f"{at}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _in_range(f"{at}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.min_warmup_steps < 0:
+            raise ConfigError(f"{at}.min_warmup_steps: must not be negative")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"{at}.max_grad_norm: must be positive, got {self.max_grad_norm}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    # Sequences per optimizer step over all processes (OpenRLHF's train_batch_size). It does not
+    # change with the number of processes, so a sharded run follows the one-process loss curve.
+    batch_size: int = 32
+    # Sequences per forward pass in one process; gradient accumulation makes up the rest.
+    micro_batch_size: int = 8
+    eval_batch_size: int = 16  # per process
+    eval_every: int = 100  # optimizer steps; 0 evaluates only at the end
+    log_every: int = 10
+    save_every: int = 200  # checkpoint period in optimizer steps; 0 saves only the final model
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def check(self, at: str) -> None:
+        if self.epochs <= 0:
+            raise ConfigError(f"{at}.epochs: must be positive, got {self.epochs}")
+        if self.max_steps is not None:
+            _positive(at, max_steps=self.max_steps)
+        _positive(at, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
+                  eval_batch_size=self.eval_batch_size, log_every=self.log_every,
+                  keep_checkpoints=self.keep_checkpoints)
+
+    def accumulation_steps(self, world_size: int) -> tuple[int, int]:
+        """(micro-batch size, micro-batches per process per step) that make up `batch_size`."""
+        if self.batch_size % world_size:
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} does not split evenly over {world_size} processes"
+            )
+        per_process = self.batch_size // world_size
+        micro = min(self.micro_batch_size, per_process)
+        if per_process % micro:
+            raise ConfigError(
+                f"train.micro_batch_size: {micro} does not divide the {per_process} sequences each of "
+                f"{world_size} processes gets per step (train.batch_size={self.batch_size})"
+            )
+        return micro, per_process // micro
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{at}.{name}: must not be negative")
+
+
+@dataclass
+class LaunchConfig:
+    num_processes: int = 1
+    # Accelerate config file used when num_processes > 1. None picks configs/accelerate/fsdp.yaml
+    # on a CUDA machine and configs/accelerate/cpu.yaml elsewhere.
+    accelerate_config: str | None = None
+    main_process_port: int | None = None
+
+    def check(self, at: str) -> None:
+        _positive(at, num_processes=self.num_processes)
+        if self.accelerate_config is not None and not Path(self.accelerate_config).is_file():
+            raise ConfigError(f"{at}.accelerate_config: no such file: {self.accelerate_config}")
+
+
+@dataclass
+class SampleConfig:
+    """Samples printed (and logged) at the end of a run, from held-out prompts."""
+
+    num_prompts: int = 4
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def check(self, at: str) -> None:
+        if self.num_prompts < 0:
+            raise ConfigError(f"{at}.num_prompts: must not be negative")
+        _positive(at, max_new_tokens=self.max_new_tokens)
+        if self.temperature < 0:
+            raise ConfigError(f"{at}.temperature: must not be negative (0 is greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{at}.top_p: must be in (0, 1], got {self.top_p}")
+
+
+# ------------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class SFTConfig:
+    """`rlhfdpo sft`: supervised fine-tuning, loss on response tokens only."""
+
+    output_dir: str = "runs/sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train=[SourceConfig(format="text")]))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def check(self, at: str = "") -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: must not be empty")
+        for section in ("model", "data", "optim", "train", "launch", "sample"):
+            getattr(self, section).check(section)
+        self.train.accumulation_steps(self.launch.num_processes)
+        if self.data.max_length > self.model.architecture.n_positions and self.model.name_or_path == "scratch":
+            raise ConfigError(
+                f"data.max_length: {self.data.max_length} exceeds model.architecture.n_positions="
+                f"{self.model.architecture.n_positions}"
+            )
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig}
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Read a stage config strictly; see the module docstring for what is checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; expected a mapping of config sections")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
+    for override in overrides or []:
+        _apply_override(raw, override, path)
+    try:
+        config = _build(cls, raw, "")
+        config.check()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return config
+
+
+def _apply_override(raw: dict, override: str, path: Path) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override}: expected key.path=value")
+    value = yaml.safe_load(text) if text else ""
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} has no item {part}")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"--set {key}: no item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _build(cls: type, raw: Any, at: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{at or 'top level'}: expected a mapping, got {_describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            where = f"{at}.{key}" if at else str(key)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"{where}: unknown key{hint}")
+    kwargs = {key: _coerce(hints[key], value, f"{at}.{key}" if at else key) for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, at: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(options[0], value, at)
+        raise ConfigError(f"{at}: unsupported union type")  # pragma: no cover - not used by configs
+    if value is None:
+        raise ConfigError(f"{at}: expected {_type_name(hint)}, got null")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, at)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
+            hint_text = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{at}: expected one of {', '.join(map(str, args))}, got {value!r}{hint_text}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{at}: expected a list, got {_describe(value)}")
+        return [_coerce(args[0], item, f"{at}.{i}") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{at}: expected a mapping, got {_describe(value)}")
+        return {_coerce(args[0], k, at): _coerce(args[1], v, f"{at}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{at}: expected true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{at}: expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{at}: expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{at}: expected a string, got {_describe(value)}")
+        return value
+    raise ConfigError(f"{at}: unsupported type {hint}")  # pragma: no cover
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def _positive(at: str, **values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{at}.{name}: must be at least 1, got {value}")
+
+
+def _in_range(at: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{at}: must be between {lo} and {hi}, got {value}")
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def digest(config: Any) -> str:
+    """Short stable hash of a resolved config, for run cards and reuse checks."""
+    text = json.dumps(to_dict(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def write_resolved(config: Any, run_dir: Path) -> Path:
+    """Write config.yaml with every default filled in."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    target.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return target

@@ -1,0 +1,196 @@
+"""One process or many: re-launching under `accelerate launch`, FSDP2 sharding, rank-0 helpers.
+
+A stage runs in the current process unless `launch.num_processes > 1`; then the same command line is
+started again under `accelerate launch` with the configured Accelerate config file, and each child
+sees WORLD_SIZE in its environment. Sharding is torch's own FSDP2 (`fully_shard`) on every
+transformer block and then the root, so the same code path runs on GPUs (NCCL) and on CPU (gloo):
+Accelerate's FSDP plugin would not shard on a machine without CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+
+from pipeline.config import LaunchConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+
+# ------------------------------------------------------------------------------------ re-launching
+
+
+def inside_launch() -> bool:
+    return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def accelerate_config_path(launch: LaunchConfig) -> Path:
+    if launch.accelerate_config:
+        return Path(launch.accelerate_config)
+    name = "fsdp.yaml" if torch.cuda.is_available() else "cpu.yaml"
+    return PROJECT_ROOT / "configs" / "accelerate" / name
+
+
+def launch_command(launch: LaunchConfig, cli_args: list[str]) -> list[str]:
+    """The argument list (never a shell string) that re-runs this CLI under `accelerate launch`."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(accelerate_config_path(launch)),
+        "--num_processes", str(launch.num_processes),
+        "--num_machines", "1",
+    ]
+    if launch.main_process_port is not None:
+        command += ["--main_process_port", str(launch.main_process_port)]
+    return command + ["-m", "pipeline.cli", *cli_args]
+
+
+def relaunch(launch: LaunchConfig, cli_args: list[str]) -> int:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))
+    return subprocess.run(launch_command(launch, cli_args), env=env, check=False).returncode
+
+
+# ---------------------------------------------------------------------------------- process group
+
+
+def init_distributed() -> Dist:
+    """Join the process group if launched with several processes; pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "False") != "True"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def close_distributed() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
+def barrier(dist: Dist) -> None:
+    if dist.sharded:
+        torch_dist.barrier()
+
+
+def all_reduce_sum(dist: Dist, value: torch.Tensor) -> torch.Tensor:
+    """Sum of `value` over all processes (a copy; `value` is left as it was)."""
+    value = value.detach().clone()
+    if dist.sharded:
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+    return value
+
+
+def broadcast_object(dist: Dist, obj):
+    """Rank 0's `obj` on every rank."""
+    if not dist.sharded:
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+
+
+def mixed_precision_dtype() -> torch.dtype | None:
+    """The compute dtype the Accelerate config asks for (accelerate launch exports it)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+
+
+def shard(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
+    """FSDP2 full sharding: each transformer block is one unit, then the root holds the rest.
+
+    The blocks are found through `_no_split_modules`, the list Hugging Face models keep of the
+    layer classes that must stay whole (GPT2Block, LlamaDecoderLayer, ...).
+    """
+    model.to(dist.device)
+    if not dist.sharded:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true") != "false"}
+    dtype = mixed_precision_dtype()
+    if dtype is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise RuntimeError(f"{type(model).__name__} names no transformer block class to shard")
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU, gathered from all shards (every rank must call this)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_pretrained(model, tokenizer, target: Path, dist: Dist) -> None:
+    """A normal `save_pretrained` folder (safetensors) written atomically by rank 0."""
+    state = full_state_dict(model)
+    if dist.is_main:
+        target = Path(target)
+        staging = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        replace_dir(staging, target)
+    barrier(dist)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap `staging` into `target`; the old `target` stays whole until the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)

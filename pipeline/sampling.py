@@ -1,0 +1,106 @@
+"""Batched sampling with a KV cache: temperature, top-p, stop at EOS.
+
+Prompts are left-padded so every row's next token sits in the last column; position ids count real
+tokens only, so a padded prompt is continued exactly as it would be alone. Under FSDP2 every rank
+must run the same number of forward passes, so the loop ends when all ranks are done.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass
+class Generation:
+    sequences: list[list[int]]  # response token ids, EOS included when reached
+    finished: list[bool]  # whether the response ended with EOS
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches top_p. logits: (B, V)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # the first token always stays
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample one token per row from logits (B, V); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        logits = _top_p_filter(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    sync_ranks: bool = False,
+) -> Generation:
+    device = next(model.parameters()).device
+    batch = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    next_position = position_ids[:, -1] + 1  # (B,)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        token = next_tokens(logits, temperature, top_p, generator).to(device)
+        token = token.masked_fill(done, pad_id)
+        generated[:, t] = token
+        done |= token == eos_id
+        if _all_done(done, sync_ranks) or t == max_new_tokens - 1:
+            break
+        # Finished rows keep feeding pad tokens; what they attend to no longer matters.
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
+        out = model(
+            input_ids=token.unsqueeze(-1),
+            attention_mask=attention_mask,
+            position_ids=next_position.unsqueeze(-1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        next_position = next_position + 1
+
+    sequences, finished = [], []
+    for row in generated.tolist():
+        if eos_id in row:
+            sequences.append(row[: row.index(eos_id) + 1])
+            finished.append(True)
+        else:  # an unfinished row ran the whole max_new_tokens
+            sequences.append(row)
+            finished.append(False)
+    return Generation(sequences, finished)
+
+
+def _all_done(done: torch.Tensor, sync_ranks: bool) -> bool:
+    flag = done.all().to(torch.int64).reshape(1)
+    if sync_ranks and torch_dist.is_initialized():
+        flag = flag.clone().cpu()
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
+    return bool(flag.item())

@@ -1,0 +1,181 @@
+"""`rlhfdpo sft`: supervised fine-tuning with the loss on response tokens only (Llama 2, Sec. 3.1).
+
+Plain text (an empty prompt) trains on every token, which is how the built-in task's model learns
+to write reviews from scratch. Reads top to bottom: load data, build model, loop, save.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from pipeline.config import SFTConfig
+from pipeline.data.loading import load_sft_examples
+from pipeline.data.records import DropLedger, SFTExample
+from pipeline.data.tokenize import TokenizedExample, collate, tokenize_sft
+from pipeline.launch import all_reduce_sum, close_distributed, init_distributed, shard
+from pipeline.losses import masked_nll
+from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, local_parameter_count
+from pipeline.runs import RunDir
+from pipeline.sampling import generate
+from pipeline.stage_common import chat_renderer, padded_shard, prepare_tokenizer, report_drops, tokenize_records
+from pipeline.training import (
+    BatchPlan,
+    StepProgress,
+    Throughput,
+    build_optimizer,
+    console,
+    lr_at,
+    seed_everything,
+    set_lr,
+)
+
+
+def run(cfg: SFTConfig, resume: bool = False) -> Path:
+    dist = init_distributed()
+    seed_everything(cfg.train.seed)
+    run_dir = RunDir(cfg.output_dir, dist)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+    if resume and checkpoint is None and dist.is_main:
+        console.print(f"[yellow]no checkpoint under {run_dir.checkpoints}; starting from step 0")
+
+    # ---- load: records, tokenizer, tokenized examples
+    ledger = DropLedger(cfg.data.strict)
+    hub_tokenizer = None if is_scratch(cfg.model) or checkpoint else prepare_tokenizer(cfg.model, list, run_dir.root, dist)
+    train_records, eval_records = load_sft_examples(cfg.data, ledger, chat_renderer(hub_tokenizer))
+    tokenizer = hub_tokenizer or prepare_tokenizer(
+        cfg.model,
+        lambda: [r.prompt + r.response for r in train_records],
+        run_dir.root,
+        dist,
+        source=str(checkpoint / "model") if checkpoint else None,
+    )
+    train_set = tokenize_records(train_records, lambda r: tokenize_sft(tokenizer, r, cfg.data), ledger, "sft tokenize")
+    eval_set = tokenize_records(eval_records, lambda r: tokenize_sft(tokenizer, r, cfg.data), ledger, "sft tokenize")
+    report_drops(ledger, dist)
+
+    # ---- build: model (new, hub, or the checkpoint being resumed), shards, optimizer, batch plan
+    if checkpoint:
+        model = load_causal_lm(cfg.model, str(checkpoint / "model"))
+    elif is_scratch(cfg.model):
+        model = create_scratch_model(cfg.model.architecture, tokenizer, cfg.train.seed)
+    else:
+        model = load_causal_lm(cfg.model)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = shard(model, dist)
+    optimizer = build_optimizer(model, cfg.optim)
+    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
+    start_step = run_dir.load_trainer_state(checkpoint, model, optimizer)["step"] if checkpoint else 0
+    run_dir.write_config(cfg)
+    run_dir.start_metrics(start_step)
+    if dist.is_main:
+        console.print(
+            f"sft: {n_params / 1e6:.2f}M parameters ({local_parameter_count(model) / 1e6:.2f}M on this rank), "
+            f"{len(train_set)} train / {len(eval_set)} eval examples, {plan.total_steps} steps of "
+            f"{plan.batch_size} sequences ({dist.world_size} process(es) x {plan.accumulation} micro-batches "
+            f"of {plan.micro_batch_size})"
+        )
+
+    # ---- loop
+    pad_id = tokenizer.pad_token_id
+    throughput = Throughput()
+    metrics: dict = {}
+    model.train()
+    with StepProgress(dist, plan.total_steps, start_step, "sft") as progress:
+        for step in range(start_step, plan.total_steps):
+            batches = [collate([train_set[i] for i in ids], pad_id) for ids in plan.micro_batches(step, dist)]
+            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            step_tokens = all_reduce_sum(dist, torch.tensor(float(local_tokens)))  # over all ranks
+            lr = lr_at(step, plan.total_steps, cfg.optim)
+            set_lr(optimizer, lr)
+            nll_total = torch.zeros(())
+            for i, batch in enumerate(batches):
+                if dist.sharded:  # reduce-scatter gradients once per step, not per micro-batch
+                    model.set_requires_gradient_sync(i == len(batches) - 1)
+                batch = {k: v.to(dist.device) for k, v in batch.items()}
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                nll, _ = masked_nll(logits, batch["labels"])
+                # FSDP2 averages gradients over ranks; scaling by world size makes it a sum, so the
+                # step's gradient is that of the mean over every response token of the global batch.
+                (nll * dist.world_size / step_tokens.to(dist.device)).backward()
+                nll_total += nll.detach().cpu()
+                throughput.add(int(batch["attention_mask"].sum()))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+
+            loss = float(all_reduce_sum(dist, nll_total) / step_tokens)
+            if done % cfg.train.log_every == 0 or done == plan.total_steps:
+                metrics = {
+                    "step": done, "loss": loss, "lr": lr, "grad_norm": _scalar(grad_norm),
+                    "tokens_per_s": throughput.rate() * dist.world_size,
+                }
+                run_dir.log(metrics)
+            progress.update(done, {"loss": loss, "lr": lr})
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.total_steps:
+                run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id)})
+            if cfg.train.save_every and done % cfg.train.save_every == 0 and done != plan.total_steps:
+                run_dir.save_checkpoint(done, model, tokenizer, optimizer, {}, cfg.train.keep_checkpoints)
+
+    # ---- save: final evaluation, model folder, samples, card
+    final = {"step": plan.total_steps, **evaluate(model, eval_set, cfg, dist, pad_id)}
+    run_dir.log(final)
+    run_dir.save_model(model, tokenizer)
+    samples = sample_texts(model, tokenizer, eval_records, cfg, dist)
+    if dist.is_main:
+        console.print(f"sft: eval loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}")
+        for prompt, text in samples:
+            console.print(f"  [bold]{prompt}[/bold]{text}")
+    run_dir.write_card(
+        "sft", cfg, {**{k: v for k, v in metrics.items() if k != "step"}, **final},
+        notes=["## Samples", "", *[f"- **{p}**{t}" for p, t in samples]],
+    )
+    close_distributed()
+    return run_dir.model
+
+
+@torch.no_grad()
+def evaluate(model, eval_set: list[TokenizedExample], cfg: SFTConfig, dist, pad_id: int) -> dict[str, float]:
+    """Held-out loss per response token and its perplexity, over all ranks."""
+    if not eval_set:
+        return {}
+    model.eval()
+    slots = padded_shard(len(eval_set), dist)
+    # A dummy slot repeats the first example with every label masked, so it adds nothing.
+    examples = [eval_set[i] if i is not None else TokenizedExample(eval_set[0].input_ids, len(eval_set[0].input_ids)) for i in slots]
+    nll_sum, n_tokens = torch.zeros(()), torch.zeros(())
+    for start in range(0, len(examples), cfg.train.eval_batch_size):
+        batch = {k: v.to(dist.device) for k, v in collate(examples[start : start + cfg.train.eval_batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll, count = masked_nll(logits, batch["labels"])
+        nll_sum += nll.cpu()
+        n_tokens += count.cpu()
+    model.train()
+    loss = float(all_reduce_sum(dist, nll_sum) / all_reduce_sum(dist, n_tokens).clamp(min=1))
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def sample_texts(model, tokenizer, records: list[SFTExample], cfg: SFTConfig, dist) -> list[tuple[str, str]]:
+    """A few continuations of held-out prompts (or the opening words of held-out texts)."""
+    prompts = [r.prompt or " ".join(r.response.split()[:4]) for r in records[: cfg.sample.num_prompts]]
+    if not prompts:
+        return []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    model.eval()
+    out = generate(
+        model, ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
+        top_p=cfg.sample.top_p, generator=generator, sync_ranks=dist.sharded,
+    )
+    return [(p, tokenizer.decode(seq, skip_special_tokens=True)) for p, seq in zip(prompts, out.sequences)]
+
+
+def _scalar(value) -> float:
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)

@@ -1,0 +1,180 @@
+"""Small helpers every training stage shares: optimizer, schedule, batch plan, seeding, progress.
+
+No trainer class: a stage's `run` calls these and keeps its loop in view.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.config import OptimConfig, TrainConfig
+from pipeline.launch import Dist
+
+console = Console(stderr=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- optimizer, schedule
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases and norm gains do not (the usual GPT/Llama practice)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def warmup_steps(optim: OptimConfig, total_steps: int) -> int:
+    return max(optim.min_warmup_steps, math.ceil(optim.warmup_ratio * total_steps))
+
+
+def lr_at(step: int, total_steps: int, optim: OptimConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then decay to min_lr_ratio.
+
+    Llama 2: "cosine learning rate schedule, with warmup of 2000 steps, and decay final learning
+    rate down to 10% of the peak learning rate".
+    """
+    warmup = warmup_steps(optim, total_steps)
+    if step < warmup:
+        return optim.lr * (step + 1) / warmup
+    if optim.schedule == "constant":
+        return optim.lr
+    progress = (step - warmup) / max(1, total_steps - warmup - 1)
+    progress = min(1.0, progress)
+    if optim.schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        shape = 1.0 - progress
+    return optim.lr * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * shape)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ------------------------------------------------------------------------------------ batch plan
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which examples every process sees at every optimizer step, from the step number alone.
+
+    The global batch of step s is a slice of a seeded per-epoch permutation; process r takes its
+    contiguous share and cuts it into micro-batches. Because it depends only on (seed, step), a run
+    resumes exactly where it stopped, and N processes see the same global batches as one.
+    """
+
+    n_examples: int
+    batch_size: int
+    micro_batch_size: int
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+    seed: int
+
+    @classmethod
+    def build(cls, n_examples: int, train: TrainConfig, world_size: int) -> BatchPlan:
+        micro, accumulation = train.accumulation_steps(world_size)
+        steps_per_epoch = n_examples // train.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"{n_examples} training examples make no full batch of train.batch_size={train.batch_size}"
+            )
+        total = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
+        return cls(n_examples, train.batch_size, micro, accumulation, steps_per_epoch, total, train.seed)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(self.n_examples, generator=generator).tolist()
+
+    def micro_batches(self, step: int, dist: Dist) -> list[list[int]]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = self._permutation(epoch)
+        global_batch = order[index * self.batch_size : (index + 1) * self.batch_size]
+        share = len(global_batch) // dist.world_size
+        mine = global_batch[dist.rank * share : (dist.rank + 1) * share]
+        return [mine[i : i + self.micro_batch_size] for i in range(0, len(mine), self.micro_batch_size)]
+
+
+def shard_indices(n: int, dist: Dist) -> list[int]:
+    """This rank's strided share of range(n), for evaluation."""
+    return list(range(dist.rank, n, dist.world_size))
+
+
+def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+# -------------------------------------------------------------------------------------- progress
+
+
+class StepProgress:
+    """A rich progress bar on rank 0 showing the latest metrics; silent on other ranks."""
+
+    def __init__(self, dist: Dist, total: int, start: int, description: str):
+        self.enabled = dist.is_main
+        self.progress = Progress(
+            TextColumn(f"[bold]{description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.enabled,
+        )
+        self.task = self.progress.add_task(description, total=total, completed=start, metrics="")
+
+    def __enter__(self) -> StepProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        text = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
+        self.progress.update(self.task, completed=step, metrics=text)
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}"
+
+
+class Throughput:
+    """Tokens per second between two calls to `rate`."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        rate = self.tokens / elapsed if elapsed > 0 else 0.0
+        self.tokens, self.start = 0, time.perf_counter()
+        return rate

@@ -1,0 +1,153 @@
+"""Strict config loading: every mistake is one line naming the file and the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, SFTConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sft.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_sft_config_loads_with_defaults_filled():
+    cfg = load_config(SFTConfig, ROOT / "configs" / "sft.yaml")
+    assert cfg.model.name_or_path == "scratch"
+    assert cfg.optim.betas == [0.9, 0.95]  # Llama 2 default kept where the file is silent
+    assert cfg.optim.weight_decay == 0.1
+    assert cfg.data.train[0].path == "builtin:sentiment"
+
+
+def test_unknown_key_names_file_path_and_closest_key(tmp_path):
+    path = write(tmp_path, "optim:\n  learning_rat: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, path)
+    message = str(err.value)
+    assert str(path) in message and "optim.learning_rat" in message
+    assert "unknown key" in message
+    path = write(tmp_path, "optim:\n  weight_decy: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.weight_decy: unknown key; did you mean 'weight_decay'\?"):
+        load_config(SFTConfig, path)
+
+
+def test_unknown_key_inside_a_list_item(tmp_path):
+    path = write(tmp_path, "data:\n  train:\n    - {path: x.jsonl, fromat: text}\n")
+    with pytest.raises(ConfigError, match=r"data\.train\.0\.fromat: unknown key; did you mean 'format'"):
+        load_config(SFTConfig, path)
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"optimizer: unknown key; did you mean 'optim'"):
+        load_config(SFTConfig, write(tmp_path, "optimizer: {lr: 1}\n"))
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.batch_size: expected an integer, got str 'many'"):
+        load_config(SFTConfig, write(tmp_path, "train: {batch_size: many}\n"))
+    with pytest.raises(ConfigError, match=r"data\.strict: expected true or false"):
+        load_config(SFTConfig, write(tmp_path, "data: {strict: 3}\n"))
+    with pytest.raises(ConfigError, match=r"optim\.betas: expected a list"):
+        load_config(SFTConfig, write(tmp_path, "optim: {betas: 0.9}\n"))
+
+
+def test_literal_choice_suggests_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.schedule: expected one of cosine, linear, constant, got 'cosin'; did you mean 'cosine'"):
+        load_config(SFTConfig, write(tmp_path, "optim: {schedule: cosin}\n"))
+
+
+def test_impossible_values(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lr: must be positive"):
+        load_config(SFTConfig, write(tmp_path, "optim: {lr: -0.1}\n"))
+    with pytest.raises(ConfigError, match=r"data\.max_length: must be at least 1"):
+        load_config(SFTConfig, write(tmp_path, "data: {max_length: 0}\n"))
+    with pytest.raises(ConfigError, match=r"max_prompt_length: 64 leaves no room"):
+        load_config(SFTConfig, write(tmp_path, "data: {max_length: 64, max_prompt_length: 64}\n"))
+    with pytest.raises(ConfigError, match=r"min_score_ratio: only used by format 'shp'"):
+        load_config(SFTConfig, write(tmp_path, "data:\n  train: [{path: a.jsonl, format: text, min_score_ratio: 2}]\n"))
+    with pytest.raises(ConfigError, match=r"batch_size: 30 does not split evenly over 4 processes"):
+        load_config(SFTConfig, write(tmp_path, "train: {batch_size: 30}\nlaunch: {num_processes: 4}\n"))
+
+
+def test_missing_empty_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(SFTConfig, tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="the file is empty"):
+        load_config(SFTConfig, write(tmp_path, ""))
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 2, column 1: found character .\\t."):
+        load_config(SFTConfig, write(tmp_path, "optim:\n\tlr: 1\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of config sections"):
+        load_config(SFTConfig, write(tmp_path, "- a\n- b\n"))
+
+
+def test_yaml_is_read_with_safe_load(tmp_path):
+    path = write(tmp_path, "output_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(SFTConfig, path)
+
+
+def test_overrides_set_nested_keys_and_list_items(tmp_path):
+    path = write(tmp_path, "data:\n  train:\n    - {path: a.jsonl, format: text}\n")
+    cfg = load_config(
+        SFTConfig, path,
+        ["optim.lr=3e-4", "train.max_steps=7", "data.train.0.path=b.jsonl", "model.architecture.n_layer=2"],
+    )
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.train.max_steps == 7
+    assert cfg.data.train[0].path == "b.jsonl"
+    assert cfg.model.architecture.n_layer == 2
+
+
+def test_override_errors(tmp_path):
+    path = write(tmp_path, "train: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a number, got str 'abc'"):
+        load_config(SFTConfig, path, ["optim.lr=abc"])
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key; did you mean 'lr'"):
+        load_config(SFTConfig, path, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(SFTConfig, path, ["optim.lr"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from pipeline.config import write_resolved
+
+    cfg = load_config(SFTConfig, ROOT / "configs" / "sft.yaml", ["optim.lr=5e-4"])
+    written = write_resolved(cfg, tmp_path)
+    again = load_config(SFTConfig, written)
+    assert again == cfg
+    assert "weight_decay" in yaml.safe_load(written.read_text())["optim"]  # every default written
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "optim.lr=abc"], "optim.lr: expected a number"),
+        (["--set", "optim.lerning_rate=1"], "did you mean"),
+    ],
+)
+def test_cli_reports_one_line_without_traceback(args, needle):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "sft", str(ROOT / "configs" / "sft.yaml"), *args],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0] and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_cli_misspelled_key_in_file(tmp_path):
+    path = write(tmp_path, "trian: {epochs: 1}\n")
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: trian: unknown key; did you mean 'train'?"
