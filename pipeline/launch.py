@@ -109,6 +109,15 @@ def all_reduce_sum(dist: Dist, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def gather_objects(dist: Dist, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.sharded:
+        return [obj]
+    out = [None] * dist.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(dist: Dist, obj):
     """Rank 0's `obj` on every rank."""
     if not dist.sharded:
@@ -172,7 +181,7 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
 def save_pretrained(model, tokenizer, target: Path, dist: Dist) -> None:
     """A normal `save_pretrained` folder (safetensors) written atomically by rank 0."""
-    state = full_state_dict(model)
+    state = _without_tied_copies(model, full_state_dict(model))
     if dist.is_main:
         target = Path(target)
         staging = target.with_name(f".{target.name}.tmp")
@@ -182,6 +191,22 @@ def save_pretrained(model, tokenizer, target: Path, dist: Dist) -> None:
             tokenizer.save_pretrained(staging)
         replace_dir(staging, target)
     barrier(dist)
+
+
+def _without_tied_copies(model, state: dict) -> dict:
+    """Drop the output embedding when it is tied to the input one.
+
+    The gathered state dict holds the tied weight under both names as separate tensors, so
+    `save_pretrained` cannot see they are one; loading re-ties them from the config.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is None or not getattr(config, "tie_word_embeddings", False):
+        return state
+    for name, module in model.named_modules():
+        if module is output:
+            state.pop(f"{name}.weight", None)
+    return state
 
 
 def replace_dir(staging: Path, target: Path) -> None:

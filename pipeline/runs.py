@@ -50,10 +50,16 @@ class RunDir:
             config_module.write_resolved(config, self.root)
 
     def start_metrics(self, resume_step: int) -> None:
-        """Keep logged lines up to the resumed step; a fresh run starts an empty file."""
+        """Keep logged lines up to the resumed step; a fresh run starts an empty file.
+
+        A fresh run also removes an earlier run's checkpoints, so that a later `--resume` cannot
+        pick up weights that do not belong to this run.
+        """
         if not self.dist.is_main:
             return
         self.root.mkdir(parents=True, exist_ok=True)
+        if not resume_step and self.checkpoints.exists():
+            shutil.rmtree(self.checkpoints)
         kept = []
         if resume_step and self.metrics_path.exists():
             for line in self.metrics_path.read_text().splitlines():

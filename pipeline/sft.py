@@ -15,12 +15,12 @@ from pipeline.config import SFTConfig
 from pipeline.data.loading import load_sft_examples
 from pipeline.data.records import DropLedger, SFTExample
 from pipeline.data.tokenize import TokenizedExample, collate, tokenize_sft
-from pipeline.launch import all_reduce_sum, close_distributed, init_distributed, shard
+from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
 from pipeline.losses import masked_nll
-from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, local_parameter_count
+from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, load_tokenizer, local_parameter_count
 from pipeline.runs import RunDir
 from pipeline.sampling import generate
-from pipeline.stage_common import chat_renderer, padded_shard, prepare_tokenizer, report_drops, tokenize_records
+from pipeline.stage_common import chat_renderer, padded_shard, report_drops, scratch_tokenizer, tokenize_records
 from pipeline.training import (
     BatchPlan,
     StepProgress,
@@ -43,15 +43,13 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
 
     # ---- load: records, tokenizer, tokenized examples
     ledger = DropLedger(cfg.data.strict)
-    hub_tokenizer = None if is_scratch(cfg.model) or checkpoint else prepare_tokenizer(cfg.model, list, run_dir.root, dist)
-    train_records, eval_records = load_sft_examples(cfg.data, ledger, chat_renderer(hub_tokenizer))
-    tokenizer = hub_tokenizer or prepare_tokenizer(
-        cfg.model,
-        lambda: [r.prompt + r.response for r in train_records],
-        run_dir.root,
-        dist,
-        source=str(checkpoint / "model") if checkpoint else None,
-    )
+    if checkpoint:
+        tokenizer = load_tokenizer(cfg.model, str(checkpoint / "model"))
+    else:  # a scratch model's tokenizer is trained on the training texts, once they are loaded
+        tokenizer = None if is_scratch(cfg.model) else load_tokenizer(cfg.model)
+    train_records, eval_records = load_sft_examples(cfg.data, ledger, chat_renderer(tokenizer))
+    if tokenizer is None:
+        tokenizer = scratch_tokenizer(cfg.model, [r.prompt + r.response for r in train_records], run_dir.root, dist)
     train_set = tokenize_records(train_records, lambda r: tokenize_sft(tokenizer, r, cfg.data), ledger, "sft tokenize")
     eval_set = tokenize_records(eval_records, lambda r: tokenize_sft(tokenizer, r, cfg.data), ledger, "sft tokenize")
     report_drops(ledger, dist)
@@ -70,9 +68,11 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     start_step = run_dir.load_trainer_state(checkpoint, model, optimizer)["step"] if checkpoint else 0
     run_dir.write_config(cfg)
     run_dir.start_metrics(start_step)
+    per_rank = gather_objects(dist, local_parameter_count(model))
+    run_dir.log({"step": start_step, "params/total": n_params, "params/per_rank": per_rank})
     if dist.is_main:
         console.print(
-            f"sft: {n_params / 1e6:.2f}M parameters ({local_parameter_count(model) / 1e6:.2f}M on this rank), "
+            f"sft: {n_params / 1e6:.2f}M parameters ({per_rank[0] / 1e6:.2f}M on rank 0), "
             f"{len(train_set)} train / {len(eval_set)} eval examples, {plan.total_steps} steps of "
             f"{plan.batch_size} sequences ({dist.world_size} process(es) x {plan.accumulation} micro-batches "
             f"of {plan.micro_batch_size})"

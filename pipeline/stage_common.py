@@ -6,10 +6,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.config import DataConfig, ModelConfig
+from pipeline.config import ModelConfig
 from pipeline.data.records import Drop, DropLedger
 from pipeline.launch import Dist, barrier
-from pipeline.models import is_scratch, load_tokenizer, train_tokenizer
+from pipeline.models import load_tokenizer, train_tokenizer
 from pipeline.training import console
 
 Record = TypeVar("Record")
@@ -27,19 +27,11 @@ def chat_renderer(tokenizer) -> Callable | None:
     return render
 
 
-def prepare_tokenizer(model: ModelConfig, texts: Callable[[], list[str]], run_root: Path, dist: Dist, source: str | None = None):
-    """The model's own tokenizer, or for a scratch model one trained once by rank 0 on `texts()`.
-
-    `source` is a folder to load from instead (a checkpoint being resumed).
-    """
-    if source is not None:
-        return load_tokenizer(model, source)
-    if not is_scratch(model):
-        return load_tokenizer(model)
+def scratch_tokenizer(model: ModelConfig, texts: list[str], run_root: Path, dist: Dist):
+    """A byte-level BPE trained once, by rank 0, on the training texts; every rank loads that file."""
     folder = run_root / "tokenizer"
     if dist.is_main:
-        tokenizer = train_tokenizer(texts(), model.architecture.vocab_size)
-        tokenizer.save_pretrained(folder)
+        train_tokenizer(texts, model.architecture.vocab_size).save_pretrained(folder)
     barrier(dist)
     return load_tokenizer(model, str(folder))
 
@@ -75,8 +67,3 @@ def padded_shard(n: int, dist: Dist) -> list[int | None]:
     per_rank = -(-n // dist.world_size)
     mine: list[int | None] = list(range(dist.rank, n, dist.world_size))
     return mine + [None] * (per_rank - len(mine))
-
-
-def check_data_config_fits(data: DataConfig, n_positions: int | None) -> None:
-    if n_positions is not None and data.max_length > n_positions:
-        raise ValueError(f"data.max_length={data.max_length} exceeds the model's {n_positions} positions")
