@@ -9,6 +9,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.data.adapters import PAIR_FORMATS
 from pipeline.data.loading import load_pairs, load_sft_examples
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, tokenize_example
@@ -16,7 +17,7 @@ from pipeline.models import is_scratch, load_tokenizer, train_tokenizer
 from pipeline.stage_common import chat_renderer, tokenize_records
 from pipeline.training import console
 
-PREFERENCE_FORMATS = {"hh_rlhf", "prompt_chosen_rejected", "conversational", "ultrafeedback", "shp"}
+
 
 
 def percentiles(values: list[int], qs=(0, 50, 90, 99, 100)) -> dict[int, int]:
@@ -37,7 +38,7 @@ def inspect_data(cfg, n_examples: int = 3) -> None:
     ledger = DropLedger(cfg.data.strict)
     tokenizer = None if is_scratch(cfg.model) else load_tokenizer(cfg.model)
     render = chat_renderer(tokenizer)
-    wants_pairs = any(s.format in PREFERENCE_FORMATS for s in cfg.data.train)
+    wants_pairs = any(s.format in PAIR_FORMATS for s in cfg.data.train)
     if wants_pairs:
         train, evaluation = load_pairs(cfg.data, ledger, render)
         texts = [p.prompt + p.chosen for p in train] + [p.rejected for p in train]

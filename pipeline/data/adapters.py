@@ -1,0 +1,316 @@
+"""Format adapters: one raw row in, one record out, or `Drop` with the reason it cannot be used.
+
+Each `SourceConfig.format` has one small pure function per record it can yield. The factories at
+the bottom (`sft_adapter`, `pair_adapter`, `prompt_adapter`) pick the function for a source, apply
+its column remapping, and derive the records a format does not hold directly: SFT examples and
+prompts from preference pairs (the chosen response is the one to imitate), prompts with
+references from prompt/completion rows.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from pipeline.config import SourceConfig
+from pipeline.data.records import DataError, Drop, PreferencePair, PromptRecord, SFTExample
+
+Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
+Record = SFTExample | PreferencePair | PromptRecord
+
+PAIR_FORMATS = ("hh_rlhf", "prompt_chosen_rejected", "conversational", "ultrafeedback", "shp")
+HH_ASSISTANT = "\n\nAssistant:"
+DEFAULT_PROMPT_WORDS = (2, 8)  # the DPO paper's IMDb prompts are review prefixes of 2-8 tokens
+DEFAULT_MIN_SCORE_RATIO = 2.0  # the SHP paper keeps pairs whose preferred score is at least twice the other
+_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------ field access
+
+
+def remap(row: dict, columns: dict[str, str]) -> dict:
+    """The row under the adapter's column names: `columns` maps ours -> the file's.
+
+    A mapped column the file lacks removes our name too, so the adapter reports it missing rather
+    than silently reading a same-named column the user asked to replace.
+    """
+    out = dict(row)
+    for ours, theirs in columns.items():
+        if theirs in row:
+            out[ours] = row[theirs]
+        else:
+            out.pop(ours, None)
+    return out
+
+
+def _text(row: dict, name: str) -> str:
+    value = row.get(name)
+    if not isinstance(value, str):
+        raise Drop("missing field", f"'{name}' is {_what(row, name)}, not a string")
+    return value
+
+
+def _number(row: dict, name: str) -> float:
+    """A numeric column; CSV files hold numbers as text, so a numeric string counts."""
+    value = row.get(name)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise Drop("missing field", f"'{name}' is {_what(row, name)}, not a number")
+
+
+def _optional(row: dict, name: str) -> Any:
+    """None for an absent, null or empty (CSV) optional column, else its value."""
+    value = row.get(name)
+    return None if value is None or value == "" else value
+
+
+def _messages(row: dict, name: str) -> list[dict]:
+    value = row.get(name)
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        raise Drop("missing field", f"'{name}' is {_what(row, name)}, not a list of {{role, content}} messages")
+    return value
+
+
+def _what(row: dict, name: str) -> str:
+    return "absent" if name not in row else type(row[name]).__name__
+
+
+def _nonempty(text: str, name: str) -> str:
+    if not text.strip():
+        raise Drop("empty response", f"'{name}' is empty")
+    return text
+
+
+# ------------------------------------------------------------------------------------- SFT formats
+
+
+def text_example(row: dict) -> SFTExample:
+    """Plain text: no prompt, every token is trained."""
+    return SFTExample(prompt="", response=_nonempty(_text(row, "text"), "text"), source_id=row["_id"])
+
+
+def prompt_completion_example(row: dict) -> SFTExample:
+    completion = _nonempty(_text(row, "completion"), "completion")
+    return SFTExample(prompt=_text(row, "prompt"), response=completion, source_id=row["_id"])
+
+
+def clean_review(text: str) -> str:
+    """IMDb reviews keep the site's `<br />` line breaks; a model should not learn to emit them."""
+    return " ".join(_HTML_BREAK.sub(" ", text).split())
+
+
+def review_example(row: dict) -> SFTExample:
+    """A cleaned review as plain text. Its `sentiment` label goes into no record: the gold reward
+    judges the generated text itself, so the column may be absent."""
+    review = _nonempty(clean_review(_text(row, "review")), "review")
+    return SFTExample(prompt="", response=review, source_id=row["_id"])
+
+
+def review_prompt(row: dict, words: tuple[int, int], seed: int) -> PromptRecord:
+    """The first k words of a review, k drawn from `words` by an RNG seeded with the row's id.
+
+    Seeding per row makes a prompt independent of which other rows were read, so the same review
+    gives the same prefix in every run. The rest of the review, with its leading space, is the
+    reference continuation: `prompt + reference` is the cleaned review. A review too short to
+    leave a continuation after the shortest prefix is dropped as an empty response; a longer one
+    shorter than the drawn k is cut so that at least one word remains.
+    """
+    review_words = _nonempty(clean_review(_text(row, "review")), "review").split(" ")
+    lo, hi = words
+    if len(review_words) <= lo:
+        raise Drop("empty response", f"the review has {len(review_words)} words; nothing follows a {lo}-word prompt")
+    k = min(random.Random(f"{seed}:{row['_id']}").randint(lo, hi), len(review_words) - 1)
+    return PromptRecord(
+        prompt=" ".join(review_words[:k]), source_id=row["_id"], reference=" " + " ".join(review_words[k:])
+    )
+
+
+# ------------------------------------------------------------------------------ preference formats
+
+
+def _pair(prompt: str, chosen: str, rejected: str, row: dict, **extra: Any) -> PreferencePair:
+    """The checks every preference format shares: two non-empty, different responses."""
+    _nonempty(chosen, "chosen")
+    _nonempty(rejected, "rejected")
+    if chosen == rejected:
+        raise Drop("chosen equals rejected")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source_id=row["_id"], **extra)
+
+
+def _split_hh(dialogue: str, side: str) -> tuple[str, str]:
+    """(everything up to and including the last `\\n\\nAssistant:`, the reply after it)."""
+    cut = dialogue.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise Drop("missing field", f"'{side}' has no '\\n\\nAssistant:' turn")
+    cut += len(HH_ASSISTANT)
+    return dialogue[:cut], dialogue[cut:]
+
+
+def hh_rlhf_pair(row: dict) -> PreferencePair:
+    """Anthropic HH-RLHF: two whole dialogues that should differ only in the last assistant reply.
+
+    Some do not: a reply that itself contains "\\n\\nAssistant:" (the model wrote extra turns)
+    moves the last marker, and splitting there would train on a mangled prompt. Those rows are
+    dropped as "differing context". The reply keeps its leading space: the prompt ends with
+    "Assistant:" and the response begins " ...", as the text was written.
+    """
+    prompt, chosen = _split_hh(_text(row, "chosen"), "chosen")
+    other_prompt, rejected = _split_hh(_text(row, "rejected"), "rejected")
+    if prompt != other_prompt:
+        raise Drop("differing context", "the dialogues differ before their last assistant turn")
+    return _pair(prompt, chosen, rejected, row)
+
+
+def prompt_chosen_rejected_pair(row: dict) -> PreferencePair:
+    """Plain strings, with an optional numeric `margin` and a `rating` level for the margin loss."""
+    margin = _number(row, "margin") if _optional(row, "margin") is not None else None
+    rating = _optional(row, "rating")
+    return _pair(
+        _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected"), row,
+        margin=margin, rating=None if rating is None else str(rating),
+    )
+
+
+def _chat_pair(chosen: list[dict], rejected: list[dict], render: Render, row: dict, **extra: Any) -> PreferencePair:
+    """Two message lists sharing all but a last assistant message, rendered with the chat template.
+
+    The prompt is the shared messages rendered with the generation prompt; each response is the
+    rendered full dialogue minus that prefix, so prompt + response is exactly what the template
+    produces for the whole conversation.
+    """
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages or messages[-1]["role"] != "assistant":
+            raise Drop("missing field", f"'{side}' does not end with an assistant message")
+    context = chosen[:-1]
+    if context != rejected[:-1]:
+        raise Drop("differing context", "the conversations differ before their last assistant message")
+    prompt = render(context, True)
+    responses = []
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        full = render(messages, False)
+        if not full.startswith(prompt):
+            raise Drop("differing context", f"the rendered prompt is not a prefix of the rendered '{side}'")
+        responses.append(full[len(prompt):])
+    return _pair(prompt, *responses, row, **extra)
+
+
+def conversational_pair(row: dict, render: Render) -> PreferencePair:
+    """TRL's conversational preference rows; an explicit `prompt` list is prepended to both sides."""
+    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    if _optional(row, "prompt") is not None:
+        shared = _messages(row, "prompt")
+        chosen, rejected = shared + chosen, shared + rejected
+    return _chat_pair(chosen, rejected, render, row)
+
+
+def ultrafeedback_pair(row: dict, render: Render) -> PreferencePair:
+    """HuggingFaceH4/ultrafeedback_binarized: whole conversations plus the judge's two scores."""
+    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    score_chosen, score_rejected = _number(row, "score_chosen"), _number(row, "score_rejected")
+    if score_chosen == score_rejected:
+        raise Drop("tie", f"both scored {score_chosen:g}")
+    return _chat_pair(chosen, rejected, render, row, margin=score_chosen - score_rejected)
+
+
+def shp_pair(row: dict, min_score_ratio: float) -> PreferencePair:
+    """stanfordnlp/SHP: two Reddit comments; `labels == 1` means A is preferred.
+
+    The SHP paper trusts a preference only when the preferred comment's score is at least twice the
+    other's; the margin is the log of the score ratio (0 would be no preference at all).
+    """
+    label = row.get("labels")
+    if str(label) not in ("0", "1"):
+        raise Drop("missing field", f"'labels' is {label!r}, not 0 or 1")
+    ref_a, ref_b = _text(row, "human_ref_A"), _text(row, "human_ref_B")
+    score_a, score_b = _number(row, "score_A"), _number(row, "score_B")
+    if min(score_a, score_b) <= 0:
+        raise Drop("below score ratio", f"scores {score_a:g} and {score_b:g}: the ratio needs positive scores")
+    if max(score_a, score_b) / min(score_a, score_b) < min_score_ratio:
+        raise Drop("below score ratio", f"scores {score_a:g} and {score_b:g}, ratio under {min_score_ratio:g}")
+    a_preferred = str(label) == "1"
+    chosen, rejected = (ref_a, ref_b) if a_preferred else (ref_b, ref_a)
+    score_chosen, score_rejected = (score_a, score_b) if a_preferred else (score_b, score_a)
+    return _pair(_text(row, "history"), chosen, rejected, row, margin=math.log(score_chosen / score_rejected))
+
+
+# -------------------------------------------------------------------------------------- factories
+
+
+def pair_adapter(source: SourceConfig, render: Render | None) -> Callable[[dict], PreferencePair]:
+    """The row -> PreferencePair function for a source; SFT-only formats are a config error."""
+    fmt = source.format
+    if fmt not in PAIR_FORMATS:
+        raise DataError(
+            f"{source.path}: format '{fmt}' holds no preference pairs; use one of {', '.join(PAIR_FORMATS)}"
+        )
+    if fmt == "hh_rlhf":
+        adapt: Callable[[dict], PreferencePair] = hh_rlhf_pair
+    elif fmt == "prompt_chosen_rejected":
+        adapt = prompt_chosen_rejected_pair
+    elif fmt == "shp":
+        ratio = DEFAULT_MIN_SCORE_RATIO if source.min_score_ratio is None else source.min_score_ratio
+        adapt = partial(shp_pair, min_score_ratio=ratio)
+    else:
+        chat = _need_render(source, render)
+        pick = conversational_pair if fmt == "conversational" else ultrafeedback_pair
+        adapt = partial(pick, render=chat)
+    return _remapped(adapt, source.columns)
+
+
+def sft_adapter(source: SourceConfig, render: Render | None) -> Callable[[dict], SFTExample]:
+    """Row -> SFTExample; preference formats give (prompt, chosen): SFT on the preferred replies."""
+    simple = {"text": text_example, "prompt_completion": prompt_completion_example, "reviews": review_example}
+    if source.format in simple:
+        return _remapped(simple[source.format], source.columns)
+    to_pair = pair_adapter(source, render)
+
+    def adapt(row: dict) -> SFTExample:
+        pair = to_pair(row)
+        return SFTExample(prompt=pair.prompt, response=pair.chosen, source_id=pair.source_id)
+
+    return adapt
+
+
+def prompt_adapter(source: SourceConfig, render: Render | None, seed: int) -> Callable[[dict], PromptRecord]:
+    """Row -> PromptRecord with the dataset's own continuation as reference, for every format but text."""
+    fmt = source.format
+    if fmt == "text":
+        raise DataError(
+            f"{source.path}: format 'text' holds no prompts; use format 'reviews' with "
+            "columns {review: text} to cut texts into word prefixes, or 'prompt_completion'"
+        )
+    if fmt == "reviews":
+        lo, hi = source.prompt_words or DEFAULT_PROMPT_WORDS
+        return _remapped(partial(review_prompt, words=(lo, hi), seed=seed), source.columns)
+    to_example = sft_adapter(source, render)  # prompt_completion and every pair format
+
+    def adapt(row: dict) -> PromptRecord:
+        example = to_example(row)
+        return PromptRecord(prompt=example.prompt, source_id=example.source_id, reference=example.response)
+
+    return adapt
+
+
+def _remapped(adapt: Callable[[dict], Record], columns: dict[str, str]) -> Callable[[dict], Any]:
+    return adapt if not columns else (lambda row: adapt(remap(row, columns)))
+
+
+def _need_render(source: SourceConfig, render: Render | None) -> Render:
+    if render is None:
+        raise DataError(
+            f"{source.path}: format '{source.format}' is rendered with the tokenizer's chat template, "
+            "and this tokenizer has none (a scratch model's never does); use a model whose tokenizer has one"
+        )
+    return render
