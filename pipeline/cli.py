@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import ConfigError, LaunchConfig, SFTConfig, load_config
+from pipeline.config import ConfigError, DPOConfig, LaunchConfig, PairsConfig, RewardConfig, SFTConfig, load_config
 from pipeline.data.records import DataError
 
 app = typer.Typer(
@@ -60,7 +60,8 @@ def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, re
 
         launch: LaunchConfig = cfg.launch
         if launch.num_processes > 1 and not inside_launch():
-            args = [stage, str(config), *[a for o in overrides for a in ("--set", o)]]
+            command = ["data", stage] if stage == "pairs" else [stage]
+            args = [*command, str(config), *[a for o in overrides for a in ("--set", o)]]
             code = relaunch(launch, args + (["--resume"] if resume else []))
             raise typer.Exit(code)
         importlib.import_module(f"pipeline.{stage}").run(cfg, resume=resume)
@@ -74,6 +75,24 @@ def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, re
 def sft(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
     """Supervised fine-tuning, loss on response tokens only."""
     _run_stage("sft", SFTConfig, config, overrides, num_processes, resume)
+
+
+@app.command()
+def reward(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
+    """Bradley-Terry reward model (with Llama 2's margin) on preference pairs."""
+    _run_stage("reward", RewardConfig, config, overrides, num_processes, resume)
+
+
+@app.command()
+def dpo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
+    """Direct preference optimisation (DPO, conservative DPO, IPO, hinge, RPO) from the SFT model."""
+    _run_stage("dpo", DPOConfig, config, overrides, num_processes, resume)
+
+
+@data_app.command("pairs")
+def data_pairs(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None) -> None:
+    """Sample k completions per prompt, score them with the gold reward, write preference pairs."""
+    _run_stage("pairs", PairsConfig, config, overrides, num_processes, resume=False)
 
 
 @data_app.command("inspect")

@@ -275,7 +275,172 @@ class SFTConfig:
             )
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig}
+RATING_LEVELS = ("significantly better", "better", "slightly better", "negligibly better")
+"""Llama 2's four preference-strength levels, strongest first ("negligibly better / unsure")."""
+
+
+@dataclass
+class PairingConfig:
+    samples_per_prompt: int = 4  # k completions per prompt
+    strategy: Literal["all", "best_vs_worst"] = "all"  # all k(k-1)/2 pairs, or one per prompt
+    min_gap: float = 1e-6  # pairs whose gold scores differ by less are ties: dropped and counted
+    # Gold-score gaps at or above which a pair is "significantly better", "better", "slightly
+    # better"; smaller gaps are "negligibly better". VADER scores lie in [-1, 1].
+    rating_thresholds: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.2])
+
+    def check(self, at: str) -> None:
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"{at}.samples_per_prompt: at least 2 samples are needed to form a pair")
+        if self.min_gap < 0:
+            raise ConfigError(f"{at}.min_gap: must not be negative")
+        t = self.rating_thresholds
+        if len(t) != 3 or not t[0] >= t[1] >= t[2] >= 0:
+            raise ConfigError(f"{at}.rating_thresholds: expected three decreasing non-negative gaps, got {t}")
+
+
+@dataclass
+class PairsConfig:
+    """`rlhfdpo data pairs`: sample k completions per prompt, score them with the gold reward, pair them."""
+
+    output_dir: str = "runs/pairs"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="runs/sft/model"))
+    # Prompt sources: train prompts from `train`, held-out prompts from `eval` (or eval_fraction).
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(
+            train=[SourceConfig(split="train")], eval=[SourceConfig(split="test")], max_length=128, max_prompt_length=32
+        )
+    )
+    num_train_prompts: int = 2000
+    num_eval_prompts: int = 200
+    pairing: PairingConfig = field(default_factory=PairingConfig)
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=48, temperature=1.0))
+    gold_reward: str = "vader"
+    batch_size: int = 64  # prompts per generation batch per process
+    seed: int = 0
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def check(self, at: str = "") -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: must not be empty")
+        for section in ("model", "data", "pairing", "sample", "launch"):
+            getattr(self, section).check(section)
+        _positive("", num_train_prompts=self.num_train_prompts, batch_size=self.batch_size)
+        if self.num_eval_prompts < 0:
+            raise ConfigError("num_eval_prompts: must not be negative")
+        from pipeline.judges import GOLD_REWARDS
+
+        if self.gold_reward not in GOLD_REWARDS:
+            raise ConfigError(f"gold_reward: unknown '{self.gold_reward}'; known: {', '.join(GOLD_REWARDS)}")
+
+
+def _pair_files() -> DataConfig:
+    return DataConfig(
+        train=[SourceConfig(path="runs/pairs/train.jsonl", format="prompt_chosen_rejected")],
+        eval=[SourceConfig(path="runs/pairs/test.jsonl", format="prompt_chosen_rejected")],
+    )
+
+
+@dataclass
+class RewardLossConfig:
+    # Where the margin m(r) of Llama 2's margin ranking loss comes from: the pair's rating level
+    # through `rating_margins`, the pair's numeric `margin` column (times margin_scale), or nowhere.
+    margin: Literal["rating", "column", "none"] = "rating"
+    # Llama 2, Table 27 ("margin small"): 1, 2/3, 1/3, 0 from the strongest level down.
+    rating_margins: dict[str, float] = field(
+        default_factory=lambda: dict(zip(RATING_LEVELS, [1.0, 2.0 / 3.0, 1.0 / 3.0, 0.0]))
+    )
+    margin_scale: float = 1.0
+    center_coef: float = 0.0  # weight of (r_c + r_r)^2, which keeps rewards centred on zero
+
+    def check(self, at: str) -> None:
+        unknown = set(self.rating_margins) - set(RATING_LEVELS)
+        if unknown:
+            name = sorted(unknown)[0]
+            close = difflib.get_close_matches(name, RATING_LEVELS, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; levels: {', '.join(RATING_LEVELS)}"
+            raise ConfigError(f"{at}.rating_margins.{name}: unknown rating level{hint}")
+        if self.center_coef < 0:
+            raise ConfigError(f"{at}.center_coef: must not be negative")
+
+
+@dataclass
+class RewardConfig:
+    """`rlhfdpo reward`: a Bradley-Terry reward model with a scalar head on the SFT backbone."""
+
+    output_dir: str = "runs/reward"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="runs/sft/model"))
+    data: DataConfig = field(default_factory=_pair_files)
+    # Llama 2's reward-model recipe: one epoch, cosine to 10%, warmup 3% of steps (at least 5).
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, min_warmup_steps=5))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    # Held-out accuracy is also reported by bins of |r_c - r_r| with these edges.
+    gap_bins: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def check(self, at: str = "") -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: must not be empty")
+        for section in ("model", "data", "optim", "train", "loss", "launch"):
+            getattr(self, section).check(section)
+        self.train.accumulation_steps(self.launch.num_processes)
+        if sorted(self.gap_bins) != self.gap_bins or any(b <= 0 for b in self.gap_bins):
+            raise ConfigError(f"gap_bins: expected increasing positive edges, got {self.gap_bins}")
+
+
+@dataclass
+class DPOLossConfig:
+    type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # DPO Eq. 7, IPO, SLiC's hinge
+    beta: float = 0.1
+    label_smoothing: float | None = None  # only "sigmoid": conservative DPO's label-flip rate
+    rpo_alpha: float | None = None  # weight of an NLL term on the chosen response (RPO)
+
+    def check(self, at: str) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"{at}.beta: must be positive, got {self.beta}")
+        if self.label_smoothing is not None:
+            if self.type != "sigmoid":
+                raise ConfigError(f"{at}.label_smoothing: only used by type 'sigmoid' (conservative DPO), not '{self.type}'")
+            if not 0.0 <= self.label_smoothing < 0.5:
+                raise ConfigError(f"{at}.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+        if self.rpo_alpha is not None and self.rpo_alpha < 0:
+            raise ConfigError(f"{at}.rpo_alpha: must not be negative")
+
+
+@dataclass
+class ReferenceConfig:
+    # Reference log-probs are computed once, stored here keyed by a hash of the reference weights,
+    # the data and the tokenization settings, and reused by every later run (a beta sweep).
+    cache_dir: str = ".cache/reference_logps"
+    batch_size: int = 32  # sequences per forward pass per process
+
+    def check(self, at: str) -> None:
+        _positive(at, batch_size=self.batch_size)
+
+
+@dataclass
+class DPOConfig:
+    """`rlhfdpo dpo`: direct preference optimisation from the SFT model."""
+
+    output_dir: str = "runs/dpo"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="runs/sft/model"))
+    data: DataConfig = field(default_factory=_pair_files)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, min_warmup_steps=10))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: DPOLossConfig = field(default_factory=DPOLossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def check(self, at: str = "") -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: must not be empty")
+        for section in ("model", "data", "optim", "train", "loss", "reference", "launch", "sample"):
+            getattr(self, section).check(section)
+        self.train.accumulation_steps(self.launch.num_processes)
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "pairs": PairsConfig, "reward": RewardConfig, "dpo": DPOConfig}
 
 
 # ------------------------------------------------------------------------------------------ loading

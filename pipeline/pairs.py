@@ -1,0 +1,184 @@
+"""`rlhfdpo data pairs`: preference pairs from a policy and a gold reward (the DPO paper's IMDb recipe).
+
+Sample k completions per prompt from the SFT model, score each with the gold reward, and pair them:
+all k(k-1)/2 pairs or best-vs-worst. Ties are dropped and counted. Each pair carries its raw score
+gap (`margin`) and a Llama 2 rating level derived from it, so the reward model's margin loss and
+its per-level accuracy table have something to read. The output is ordinary prompt/chosen/rejected
+JSONL that every stage reads like any other dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from pipeline.config import RATING_LEVELS, PairingConfig, PairsConfig, write_resolved
+from pipeline.data.loading import load_prompts
+from pipeline.data.records import DropLedger, PromptRecord
+from pipeline.data.tokenize import encode_prompt
+from pipeline.judges import gold_reward
+from pipeline.launch import close_distributed, gather_objects, init_distributed, shard
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.sampling import generate
+from pipeline.stage_common import chat_renderer, padded_shard, report_drops
+from pipeline.training import StepProgress, chunks, console, seed_everything
+
+
+def rating_level(gap: float, thresholds: list[float]) -> str:
+    """The Llama 2 level of a score gap: thresholds are the smallest gaps of the top three levels."""
+    for level, threshold in zip(RATING_LEVELS, thresholds):
+        if gap >= threshold:
+            return level
+    return RATING_LEVELS[-1]
+
+
+def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing: PairingConfig) -> tuple[list[dict], int]:
+    """Pairs of one prompt's completions, higher score chosen; returns (pairs, ties dropped)."""
+    candidates = list(zip(completions, scores))
+    if pairing.strategy == "best_vs_worst":
+        ranked = sorted(candidates, key=lambda c: c[1])
+        candidate_pairs = [(ranked[-1], ranked[0])]
+    else:
+        candidate_pairs = [(a, b) if a[1] >= b[1] else (b, a) for a, b in combinations(candidates, 2)]
+    pairs, ties = [], 0
+    for (chosen, chosen_score), (rejected, rejected_score) in candidate_pairs:
+        gap = chosen_score - rejected_score
+        if gap < pairing.min_gap or chosen == rejected:
+            ties += 1
+            continue
+        pairs.append({
+            "prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "margin": gap, "rating": rating_level(gap, pairing.rating_thresholds),
+            "chosen_score": chosen_score, "rejected_score": rejected_score,
+        })
+    return pairs, ties
+
+
+def run(cfg: PairsConfig, resume: bool = False) -> Path:
+    dist = init_distributed()
+    seed_everything(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+
+    # ---- load: prompts, tokenizer, gold reward, model
+    ledger = DropLedger(cfg.data.strict)
+    tokenizer = load_tokenizer(cfg.model)
+    train_prompts, eval_prompts = load_prompts(cfg.data, ledger, chat_renderer(tokenizer))
+    report_drops(ledger, dist)
+    splits = {
+        "train": _distinct(train_prompts)[: cfg.num_train_prompts],
+        "test": _distinct(eval_prompts)[: cfg.num_eval_prompts],
+    }
+    gold = gold_reward(cfg.gold_reward)
+    model = shard(load_causal_lm(cfg.model), dist)
+    model.eval()
+
+    # ---- loop: sample, score, pair, for each split
+    summary: dict[str, dict] = {}
+    for split, prompts in splits.items():
+        if not prompts:
+            continue
+        completions = sample_completions(model, tokenizer, prompts, cfg, dist)
+        if not dist.is_main:
+            continue
+        rows, ties, all_scores = [], 0, []
+        for index, (record, texts) in enumerate(zip(prompts, completions)):
+            scores = gold(texts)
+            all_scores += scores
+            pairs, n_ties = make_pairs(record.prompt, texts, scores, cfg.pairing)
+            ties += n_ties
+            rows += [{"id": f"{split}-{index}-{j}", "prompt_id": record.source_id, **p} for j, p in enumerate(pairs)]
+        _write_jsonl(out_dir / f"{split}.jsonl", rows)
+        summary[split] = {
+            "prompts": len(prompts), "samples": len(all_scores), "pairs": len(rows), "ties_dropped": ties,
+            "mean_gold_of_samples": sum(all_scores) / len(all_scores),
+            "pairs_by_rating": dict(Counter(r["rating"] for r in rows)),
+        }
+
+    # ---- save: config and a card with the counts
+    if dist.is_main:
+        write_resolved(cfg, out_dir)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out_dir / "README.md").write_text(_card(cfg, summary))
+        for split, stats in summary.items():
+            console.print(
+                f"pairs[{split}]: {stats['pairs']} pairs from {stats['prompts']} prompts x "
+                f"{cfg.pairing.samples_per_prompt} samples, {stats['ties_dropped']} ties dropped, "
+                f"mean gold of samples {stats['mean_gold_of_samples']:+.3f}; by rating {stats['pairs_by_rating']}"
+            )
+    close_distributed()
+    return out_dir
+
+
+@torch.no_grad()
+def sample_completions(model, tokenizer, prompts: list[PromptRecord], cfg: PairsConfig, dist) -> list[list[str]]:
+    """k completions for every prompt (on rank 0; other ranks get an empty list).
+
+    Each process samples its share of the prompts; dummy slots keep every rank's number of
+    generate calls equal, which FSDP2 needs.
+    """
+    k = cfg.pairing.samples_per_prompt
+    slots = padded_shard(len(prompts), dist)
+    prompts_per_batch = max(1, cfg.batch_size // k)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
+    mine: dict[int, list[str]] = {}
+    batches = list(chunks(slots, prompts_per_batch))
+    with StepProgress(dist, len(batches), 0, "sampling") as progress:
+        for done, batch in enumerate(batches, start=1):
+            records = [prompts[i if i is not None else 0] for i in batch]
+            ids = [encode_prompt(tokenizer, r.prompt, cfg.data) for r in records for _ in range(k)]
+            out = generate(
+                model, ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
+                top_p=cfg.sample.top_p, generator=generator, sync_ranks=dist.sharded,
+            )
+            texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+            for j, index in enumerate(batch):
+                if index is not None:
+                    mine[index] = texts[j * k : (j + 1) * k]
+            progress.update(done, {})
+    merged: dict[int, list[str]] = {}
+    for part in gather_objects(dist, mine):
+        merged.update(part)
+    return [merged[i] for i in range(len(prompts))] if dist.is_main else []
+
+
+def _distinct(prompts: list[PromptRecord]) -> list[PromptRecord]:
+    seen, out = set(), []
+    for record in prompts:
+        if record.prompt not in seen:
+            seen.add(record.prompt)
+            out.append(record)
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Written to a temporary file and renamed, so a reader never sees half a dataset."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    with staging.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    os.replace(staging, path)
+
+
+def _card(cfg: PairsConfig, summary: dict) -> str:
+    lines = [
+        "# preference pairs",
+        "",
+        f"Sampled from `{cfg.model.name_or_path}`, {cfg.pairing.samples_per_prompt} completions per prompt, "
+        f"scored by the `{cfg.gold_reward}` gold reward, paired `{cfg.pairing.strategy}`.",
+        "",
+        "| split | prompts | pairs | ties dropped | mean gold of samples | " + " | ".join(RATING_LEVELS) + " |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in RATING_LEVELS) + " |",
+    ]
+    for split, s in summary.items():
+        levels = " | ".join(str(s["pairs_by_rating"].get(level, 0)) for level in RATING_LEVELS)
+        lines.append(
+            f"| {split} | {s['prompts']} | {s['pairs']} | {s['ties_dropped']} | {s['mean_gold_of_samples']:+.3f} | {levels} |"
+        )
+    return "\n".join(lines) + "\n"
