@@ -128,7 +128,17 @@ def _load_any_stage(config: Path, overrides: list[str] | None):
 
 
 def main() -> None:
+    _quiet_libraries()
     app(prog_name="rlhfdpo")
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and tables are the output; the libraries' load reports and bars are noise."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from pipeline.config import ArchitectureConfig, ModelConfig
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def is_scratch(model: ModelConfig) -> bool:
@@ -88,7 +88,7 @@ def load_causal_lm(model: ModelConfig, path: str | None = None) -> PreTrainedMod
     return AutoModelForCausalLM.from_pretrained(
         path or model.name_or_path,
         revision=model.revision,
-        dtype=_DTYPES[model.dtype],
+        dtype=DTYPES[model.dtype],
         trust_remote_code=model.trust_remote_code,
     )
 

@@ -13,23 +13,33 @@ import torch
 
 from pipeline.config import SFTConfig
 from pipeline.data.loading import load_sft_examples
-from pipeline.data.records import DropLedger, SFTExample
+from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate, tokenize_sft
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
 from pipeline.losses import masked_nll
 from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, load_tokenizer, local_parameter_count
 from pipeline.runs import RunDir
-from pipeline.sampling import generate
-from pipeline.stage_common import chat_renderer, padded_shard, report_drops, scratch_tokenizer, tokenize_records
+from pipeline.stage_common import (
+    chat_renderer,
+    padded_shard,
+    report_drops,
+    sample_texts,
+    scratch_tokenizer,
+    tokenize_records,
+)
 from pipeline.training import (
     BatchPlan,
     StepProgress,
     Throughput,
     build_optimizer,
+    clip_and_step,
     console,
+    count_over_ranks,
+    due,
     lr_at,
     seed_everything,
     set_lr,
+    sync_on_last,
 )
 
 
@@ -86,45 +96,42 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     with StepProgress(dist, plan.total_steps, start_step, "sft") as progress:
         for step in range(start_step, plan.total_steps):
             batches = [collate([train_set[i] for i in ids], pad_id) for ids in plan.micro_batches(step, dist)]
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-            step_tokens = all_reduce_sum(dist, torch.tensor(float(local_tokens)))  # over all ranks
+            step_tokens = count_over_ranks(dist, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
             lr = lr_at(step, plan.total_steps, cfg.optim)
             set_lr(optimizer, lr)
             nll_total = torch.zeros(())
             for i, batch in enumerate(batches):
-                if dist.sharded:  # reduce-scatter gradients once per step, not per micro-batch
-                    model.set_requires_gradient_sync(i == len(batches) - 1)
+                sync_on_last(model, dist, i, len(batches))
                 batch = {k: v.to(dist.device) for k, v in batch.items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 nll, _ = masked_nll(logits, batch["labels"])
                 # FSDP2 averages gradients over ranks; scaling by world size makes it a sum, so the
                 # step's gradient is that of the mean over every response token of the global batch.
-                (nll * dist.world_size / step_tokens.to(dist.device)).backward()
+                (nll * dist.world_size / step_tokens).backward()
                 nll_total += nll.detach().cpu()
                 throughput.add(int(batch["attention_mask"].sum()))
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
             done = step + 1
 
-            loss = float(all_reduce_sum(dist, nll_total) / step_tokens)
+            loss = float(all_reduce_sum(dist, nll_total) / step_tokens.cpu())
             if done % cfg.train.log_every == 0 or done == plan.total_steps:
                 metrics = {
-                    "step": done, "loss": loss, "lr": lr, "grad_norm": _scalar(grad_norm),
+                    "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens_per_s": throughput.rate() * dist.world_size,
                 }
                 run_dir.log(metrics)
             progress.update(done, {"loss": loss, "lr": lr})
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != plan.total_steps:
+            if due(done, cfg.train.eval_every, plan.total_steps):
                 run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id)})
-            if cfg.train.save_every and done % cfg.train.save_every == 0 and done != plan.total_steps:
+            if due(done, cfg.train.save_every, plan.total_steps):
                 run_dir.save_checkpoint(done, model, tokenizer, optimizer, {}, cfg.train.keep_checkpoints)
 
     # ---- save: final evaluation, model folder, samples, card
     final = {"step": plan.total_steps, **evaluate(model, eval_set, cfg, dist, pad_id)}
     run_dir.log(final)
     run_dir.save_model(model, tokenizer)
-    samples = sample_texts(model, tokenizer, eval_records, cfg, dist)
+    prompts = [r.prompt or " ".join(r.response.split()[:4]) for r in eval_records[: cfg.sample.num_prompts]]
+    samples = sample_texts(model, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
     if dist.is_main:
         console.print(f"sft: eval loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}")
         for prompt, text in samples:
@@ -156,26 +163,3 @@ def evaluate(model, eval_set: list[TokenizedExample], cfg: SFTConfig, dist, pad_
     model.train()
     loss = float(all_reduce_sum(dist, nll_sum) / all_reduce_sum(dist, n_tokens).clamp(min=1))
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-
-
-def sample_texts(model, tokenizer, records: list[SFTExample], cfg: SFTConfig, dist) -> list[tuple[str, str]]:
-    """A few continuations of held-out prompts (or the opening words of held-out texts)."""
-    prompts = [r.prompt or " ".join(r.response.split()[:4]) for r in records[: cfg.sample.num_prompts]]
-    if not prompts:
-        return []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    ids = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    model.eval()
-    out = generate(
-        model, ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-        max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
-        top_p=cfg.sample.top_p, generator=generator, sync_ranks=dist.sharded,
-    )
-    return [(p, tokenizer.decode(seq, skip_special_tokens=True)) for p, seq in zip(prompts, out.sequences)]
-
-
-def _scalar(value) -> float:
-    if hasattr(value, "full_tensor"):
-        value = value.full_tensor()
-    return float(value)

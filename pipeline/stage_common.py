@@ -6,8 +6,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from pipeline.config import ModelConfig
+import torch
+
+from pipeline.config import DataConfig, ModelConfig, SampleConfig
 from pipeline.data.records import Drop, DropLedger
+from pipeline.data.tokenize import encode_prompt
 from pipeline.launch import Dist, barrier
 from pipeline.models import load_tokenizer, train_tokenizer
 from pipeline.training import console
@@ -67,3 +70,25 @@ def padded_shard(n: int, dist: Dist) -> list[int | None]:
     per_rank = -(-n // dist.world_size)
     mine: list[int | None] = list(range(dist.rank, n, dist.world_size))
     return mine + [None] * (per_rank - len(mine))
+
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, prompts: list[str], sample: SampleConfig, data: DataConfig, seed: int, dist: Dist) -> list[tuple[str, str]]:
+    """(prompt, continuation) for a few prompts: the samples printed and written to a run's card.
+
+    Every rank generates the same prompts (FSDP2 needs each rank in every forward pass).
+    """
+    from pipeline.sampling import generate
+
+    if not prompts:
+        return []
+    was_training = model.training
+    model.eval()
+    out = generate(
+        model, [encode_prompt(tokenizer, p, data) for p in prompts],
+        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p,
+        generator=torch.Generator().manual_seed(seed), sync_ranks=dist.sharded,
+    )
+    model.train(was_training)
+    return [(p, tokenizer.decode(seq, skip_special_tokens=True)) for p, seq in zip(prompts, out.sequences)]

@@ -178,3 +178,34 @@ class Throughput:
         rate = self.tokens / elapsed if elapsed > 0 else 0.0
         self.tokens, self.start = 0, time.perf_counter()
         return rate
+
+
+# ------------------------------------------------------------------------------- one optimizer step
+
+
+def count_over_ranks(dist: Dist, local: float) -> torch.Tensor:
+    """A count summed over every process (the normaliser of a token- or pair-level mean)."""
+    from pipeline.launch import all_reduce_sum
+
+    return all_reduce_sum(dist, torch.tensor(float(local))).to(dist.device)
+
+
+def sync_on_last(model, dist: Dist, index: int, n_micro_batches: int) -> None:
+    """Reduce-scatter gradients once per step, on the last micro-batch, not on every one."""
+    if dist.sharded:
+        model.set_requires_gradient_sync(index == n_micro_batches - 1)
+
+
+def clip_and_step(model, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
+    """Clip the gradient norm, step, clear; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a periodic action (eval, checkpoint) falls on `step`; the final step has its own."""
+    return every > 0 and step % every == 0 and step != total

@@ -1,0 +1,185 @@
+"""`rlhfdpo dpo`: direct preference optimisation from the SFT model (Rafailov et al. 2023).
+
+The policy and the frozen reference both start as the SFT model. Reference log-probs come from a
+cache computed once (pipeline/reference.py), so the reference model is not in memory while the
+policy trains. Chosen and rejected go through the policy in one concatenated forward; sequence
+log-probs are summed over response tokens only. Loss variants are pure functions in losses.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.config import DPOConfig, DPOLossConfig
+from pipeline.data.loading import load_pairs
+from pipeline.data.records import DropLedger
+from pipeline.data.tokenize import TokenizedPair, collate_pairs, tokenize_pair
+from pipeline.launch import all_reduce_sum, close_distributed, init_distributed, shard
+from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, sequence_logps
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.reference import reference_logps
+from pipeline.runs import RunDir
+from pipeline.stage_common import chat_renderer, padded_shard, report_drops, sample_texts, tokenize_records
+from pipeline.training import (
+    BatchPlan,
+    StepProgress,
+    build_optimizer,
+    clip_and_step,
+    console,
+    count_over_ranks,
+    due,
+    lr_at,
+    seed_everything,
+    set_lr,
+    sync_on_last,
+)
+
+# Sums over a batch, in this order, from which every logged metric is a mean.
+STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+def preference_loss(loss: DPOLossConfig, pc, pr, rc, rr, chosen_lengths) -> torch.Tensor:
+    """Per-pair loss (B,) of the configured variant, plus RPO's NLL term when asked for."""
+    if loss.type == "sigmoid":
+        losses = dpo_sigmoid_loss(pc, pr, rc, rr, loss.beta, loss.label_smoothing or 0.0)
+    elif loss.type == "ipo":
+        losses = ipo_loss(pc, pr, rc, rr, loss.beta)
+    else:
+        losses = hinge_loss(pc, pr, rc, rr, loss.beta)
+    if loss.rpo_alpha:
+        losses = losses + loss.rpo_alpha * chosen_nll(pc, chosen_lengths)
+    return losses
+
+
+def forward_pairs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """One forward over chosen+rejected rows (2B, T): (policy chosen, policy rejected, chosen lengths)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
+    logps, lengths = sequence_logps(logits, batch["labels"])  # (2B,), (2B,)
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:], lengths[:half]
+
+
+def batch_stats(loss_cfg: DPOLossConfig, losses, pc, pr, rc, rr) -> torch.Tensor:
+    """The STAT_NAMES sums of one micro-batch, (7,)."""
+    chosen_reward, rejected_reward = implicit_rewards(pc, pr, rc, rr, loss_cfg.beta)
+    return torch.stack([
+        losses.detach().sum(), chosen_reward.sum(), rejected_reward.sum(),
+        (chosen_reward > rejected_reward).float().sum(), (chosen_reward - rejected_reward).sum(),
+        pc.detach().sum(), pr.detach().sum(),
+    ]).float().cpu()
+
+
+def run(cfg: DPOConfig, resume: bool = False) -> Path:
+    dist = init_distributed()
+    seed_everything(cfg.train.seed)
+    run_dir = RunDir(cfg.output_dir, dist)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+
+    # ---- load: pairs, tokenized once; reference log-probs from the cache or one pass
+    ledger = DropLedger(cfg.data.strict)
+    tokenizer = load_tokenizer(cfg.model)
+    train_pairs, eval_pairs = load_pairs(cfg.data, ledger, chat_renderer(tokenizer))
+    tokenize = lambda p: tokenize_pair(tokenizer, p, cfg.data)  # noqa: E731
+    train_set = tokenize_records(train_pairs, tokenize, ledger, "dpo tokenize")
+    eval_set = tokenize_records(eval_pairs, tokenize, ledger, "dpo tokenize")
+    report_drops(ledger, dist)
+    ref_chosen, ref_rejected, cache_hit = reference_logps(
+        cfg.model, train_set + eval_set, cfg.reference.cache_dir, cfg.reference.batch_size, tokenizer.pad_token_id, dist
+    )
+    reference = {"train": (ref_chosen[: len(train_set)], ref_rejected[: len(train_set)]),
+                 "eval": (ref_chosen[len(train_set) :], ref_rejected[len(train_set) :])}
+
+    # ---- build: the policy (SFT model or the checkpoint being resumed), shards, optimizer
+    policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
+    policy = shard(policy, dist)
+    optimizer = build_optimizer(policy, cfg.optim)
+    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
+    start_step = run_dir.load_trainer_state(checkpoint, policy, optimizer)["step"] if checkpoint else 0
+    run_dir.write_config(cfg)
+    run_dir.start_metrics(start_step)
+    run_dir.log({"step": start_step, "reference_cache_hit": cache_hit})
+    if dist.is_main:
+        console.print(
+            f"dpo ({cfg.loss.type}, beta {cfg.loss.beta}): {len(train_set)} train / {len(eval_set)} eval pairs, "
+            f"{plan.total_steps} steps of {plan.batch_size} pairs; reference log-probs "
+            f"{'from the cache' if cache_hit else 'computed'}"
+        )
+
+    # ---- loop
+    pad_id = tokenizer.pad_token_id
+    ref_c, ref_r = reference["train"]
+    metrics: dict = {}
+    policy.train()
+    with StepProgress(dist, plan.total_steps, start_step, "dpo") as progress:
+        for step in range(start_step, plan.total_steps):
+            micro = plan.micro_batches(step, dist)
+            step_pairs = count_over_ranks(dist, sum(len(ids) for ids in micro))
+            lr = lr_at(step, plan.total_steps, cfg.optim)
+            set_lr(optimizer, lr)
+            sums = torch.zeros(len(STAT_NAMES))
+            for i, ids in enumerate(micro):
+                sync_on_last(policy, dist, i, len(micro))
+                batch = {k: v.to(dist.device) for k, v in collate_pairs([train_set[j] for j in ids], pad_id).items()}
+                pc, pr, chosen_lengths = forward_pairs(policy, batch)
+                rc, rr = ref_c[ids].to(dist.device), ref_r[ids].to(dist.device)
+                losses = preference_loss(cfg.loss, pc, pr, rc, rr, chosen_lengths)
+                (losses.sum() * dist.world_size / step_pairs).backward()  # mean over the global batch
+                sums += batch_stats(cfg.loss, losses, pc, pr, rc, rr)
+            grad_norm = clip_and_step(policy, optimizer, cfg.optim.max_grad_norm)
+            done = step + 1
+
+            means = (all_reduce_sum(dist, sums) / step_pairs.cpu()).tolist()
+            metrics = {"step": done, **dict(zip(STAT_NAMES, means)), "lr": lr, "grad_norm": grad_norm}
+            if done % cfg.train.log_every == 0 or done == plan.total_steps:
+                run_dir.log(metrics)
+            progress.update(done, {"loss": metrics["loss"], "acc": metrics["rewards/accuracies"],
+                                   "margin": metrics["rewards/margins"]})
+            if due(done, cfg.train.eval_every, plan.total_steps):
+                run_dir.log({"step": done, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)})
+            if due(done, cfg.train.save_every, plan.total_steps):
+                run_dir.save_checkpoint(done, policy, tokenizer, optimizer, {}, cfg.train.keep_checkpoints)
+
+    # ---- save: held-out metrics, model folder, samples, card
+    final = {"step": plan.total_steps, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)}
+    run_dir.log(final)
+    run_dir.save_model(policy, tokenizer)
+    prompts = list(dict.fromkeys(p.prompt for p in eval_pairs))[: cfg.sample.num_prompts]
+    samples = sample_texts(policy, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
+    if dist.is_main:
+        console.print("dpo: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
+        for prompt, text in samples:
+            console.print(f"  [bold]{prompt}[/bold]{text}")
+    run_dir.write_card(
+        "dpo", cfg, {**{k: v for k, v in metrics.items() if k != "step"}, **final},
+        notes=["## Samples", "", *[f"- **{p}**{t}" for p, t in samples]],
+    )
+    close_distributed()
+    return run_dir.model
+
+
+@torch.no_grad()
+def evaluate(policy, eval_set: list[TokenizedPair], reference: tuple[torch.Tensor, torch.Tensor], cfg: DPOConfig, dist, pad_id: int) -> dict[str, float]:
+    """The training metrics on held-out pairs, prefixed eval/."""
+    if not eval_set:
+        return {}
+    policy.eval()
+    sums = torch.zeros(len(STAT_NAMES))
+    count = 0
+    slots = padded_shard(len(eval_set), dist)
+    for start in range(0, len(slots), cfg.train.eval_batch_size):
+        part = slots[start : start + cfg.train.eval_batch_size]
+        real = torch.tensor([i is not None for i in part])
+        ids = [i if i is not None else 0 for i in part]
+        batch = {k: v.to(dist.device) for k, v in collate_pairs([eval_set[i] for i in ids], pad_id).items()}
+        pc, pr, chosen_lengths = forward_pairs(policy, batch)
+        rc, rr = reference[0][ids].to(dist.device), reference[1][ids].to(dist.device)
+        keep = real.to(dist.device)
+        pc, pr, rc, rr, chosen_lengths = (t[keep] for t in (pc, pr, rc, rr, chosen_lengths))
+        losses = preference_loss(cfg.loss, pc, pr, rc, rr, chosen_lengths)
+        sums += batch_stats(cfg.loss, losses, pc, pr, rc, rr)
+        count += int(real.sum())
+    policy.train()
+    means = all_reduce_sum(dist, sums) / all_reduce_sum(dist, torch.tensor(float(count))).clamp(min=1)
+    return {f"eval/{name}": value for name, value in zip(STAT_NAMES, means.tolist())}

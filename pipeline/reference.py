@@ -1,0 +1,100 @@
+"""Reference-model log-probabilities, computed once and cached on disk.
+
+DPO needs log pi_ref(y|x) for every chosen and rejected response, and nothing else from the
+reference model, so the values are computed in one pass before training and the reference model
+is freed. The cache key hashes the reference weights, every tokenized sequence (which covers the
+data and the tokenization settings) and the compute dtype: a beta sweep or a resumed run reuses
+the file, and any change to the data or the reference model computes it afresh.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.data.tokenize import TokenizedPair, collate_pairs
+from pipeline.launch import Dist, barrier, gather_objects, shard
+from pipeline.losses import sequence_logps
+from pipeline.models import load_causal_lm
+from pipeline.stage_common import padded_shard
+from pipeline.training import StepProgress, console
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def weights_digest(model: ModelConfig) -> str:
+    """Hash of the reference model's weight files (a local folder, or the hub snapshot in the cache)."""
+    folder = Path(model.name_or_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model.name_or_path, revision=model.revision))
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no weight files to hash for the reference model")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def data_digest(pairs: list[TokenizedPair]) -> str:
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for side in (pair.chosen, pair.rejected):
+            digest.update(f"{side.prompt_length}:{','.join(map(str, side.input_ids))};".encode())
+    return digest.hexdigest()
+
+
+def cache_path(cache_dir: str, model: ModelConfig, pairs: list[TokenizedPair]) -> Path:
+    key = hashlib.sha256(f"{weights_digest(model)}|{data_digest(pairs)}|{model.dtype}".encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"reference-logps-{key}.pt"
+
+
+def reference_logps(
+    model: ModelConfig, pairs: list[TokenizedPair], cache_dir: str, batch_size: int, pad_id: int, dist: Dist
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(chosen, rejected) summed response log-probs under the reference, each (N,), and cache hit."""
+    path = cache_path(cache_dir, model, pairs)
+    if path.is_file():
+        cached = torch.load(path, map_location="cpu")
+        return cached["chosen"], cached["rejected"], True
+
+    reference = shard(load_causal_lm(model), dist)
+    reference.eval()
+    slots = padded_shard(len(pairs), dist)
+    mine = {}
+    batches = [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]
+    with torch.no_grad(), StepProgress(dist, len(batches), 0, "reference log-probs") as progress:
+        for done, part in enumerate(batches, start=1):
+            batch = collate_pairs([pairs[i if i is not None else 0] for i in part], pad_id)
+            logits = reference(
+                input_ids=batch["input_ids"].to(dist.device), attention_mask=batch["attention_mask"].to(dist.device)
+            ).logits
+            logps, _ = sequence_logps(logits, batch["labels"].to(dist.device))  # (2B,)
+            half = len(part)
+            for j, index in enumerate(part):
+                if index is not None:
+                    mine[index] = (float(logps[j]), float(logps[half + j]))
+            progress.update(done, {})
+    del reference  # the reference model is not kept in memory during training
+    merged = {}
+    for part in gather_objects(dist, mine):
+        merged.update(part)
+    chosen = torch.tensor([merged[i][0] for i in range(len(pairs))])
+    rejected = torch.tensor([merged[i][1] for i in range(len(pairs))])
+    if dist.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.tmp")
+        torch.save({"chosen": chosen, "rejected": rejected}, staging)
+        os.replace(staging, path)
+        console.print(f"reference log-probs for {len(pairs)} pairs cached in {path}")
+    barrier(dist)
+    return chosen, rejected, False

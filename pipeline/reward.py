@@ -1,0 +1,216 @@
+"""`rlhfdpo reward`: a Bradley-Terry reward model with Llama 2's margin ranking loss.
+
+The backbone is the SFT model with its next-token head swapped for a scalar regression head (Llama
+2, Sec. 3.2.2), saved so that `AutoModelForSequenceClassification.from_pretrained(path)` loads it
+(`num_labels=1`, scored at the last non-pad token). Held-out accuracy is reported overall, per
+rating level (Llama 2's Table 8 layout) and by bins of |r_c - r_r|; the mean and std of held-out
+rewards are stored in the model's config (`reward_mean`, `reward_std`) so PPO can normalise scores.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from rich.table import Table
+from transformers import AutoModelForSequenceClassification
+
+from pipeline.config import RATING_LEVELS, RewardConfig
+from pipeline.data.loading import load_pairs
+from pipeline.data.records import DropLedger, PreferencePair
+from pipeline.data.tokenize import TokenizedPair, collate_pairs, tokenize_pair
+from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
+from pipeline.losses import bradley_terry_loss, reward_centering_penalty
+from pipeline.models import DTYPES, load_tokenizer
+from pipeline.runs import RunDir
+from pipeline.stage_common import chat_renderer, padded_shard, report_drops, tokenize_records
+from pipeline.training import (
+    BatchPlan,
+    StepProgress,
+    build_optimizer,
+    clip_and_step,
+    console,
+    count_over_ranks,
+    due,
+    lr_at,
+    seed_everything,
+    set_lr,
+    sync_on_last,
+)
+
+
+def pair_margin(pair: PreferencePair, cfg: RewardConfig) -> float:
+    """m(r) for one pair: from its rating level, its numeric margin column, or zero."""
+    if cfg.loss.margin == "rating":
+        return cfg.loss.rating_margins.get(pair.rating, 0.0) if pair.rating else 0.0
+    if cfg.loss.margin == "column":
+        return (pair.margin or 0.0) * cfg.loss.margin_scale
+    return 0.0
+
+
+def score_pairs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and rejected halves of a collated pair batch, each (B,)."""
+    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)  # (2B,)
+    half = rewards.shape[0] // 2
+    return rewards[:half].float(), rewards[half:].float()
+
+
+def run(cfg: RewardConfig, resume: bool = False) -> Path:
+    dist = init_distributed()
+    seed_everything(cfg.train.seed)
+    run_dir = RunDir(cfg.output_dir, dist)
+    checkpoint = run_dir.latest_checkpoint() if resume else None
+    source = str(checkpoint / "model") if checkpoint else cfg.model.name_or_path
+
+    # ---- load: pairs, tokenized with the SFT tokenizer
+    ledger = DropLedger(cfg.data.strict)
+    tokenizer = load_tokenizer(cfg.model, source)
+    train_pairs, eval_pairs = load_pairs(cfg.data, ledger, chat_renderer(tokenizer))
+    tokenize = lambda p: tokenize_pair(tokenizer, p, cfg.data, margin=pair_margin(p, cfg))  # noqa: E731
+    train_set = tokenize_records(train_pairs, tokenize, ledger, "reward tokenize")
+    eval_set = tokenize_records(eval_pairs, tokenize, ledger, "reward tokenize")
+    report_drops(ledger, dist)
+
+    # ---- build: scalar head on the SFT backbone, shards, optimizer, batch plan
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=DTYPES[cfg.model.dtype],
+        revision=cfg.model.revision if not checkpoint else None, trust_remote_code=cfg.model.trust_remote_code,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = shard(model, dist)
+    optimizer = build_optimizer(model, cfg.optim)
+    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
+    start_step = run_dir.load_trainer_state(checkpoint, model, optimizer)["step"] if checkpoint else 0
+    run_dir.write_config(cfg)
+    run_dir.start_metrics(start_step)
+    if dist.is_main:
+        console.print(
+            f"reward: {len(train_set)} train / {len(eval_set)} eval pairs, {plan.total_steps} steps of "
+            f"{plan.batch_size} pairs, margin from {cfg.loss.margin}"
+        )
+
+    # ---- loop
+    pad_id = tokenizer.pad_token_id
+    model.train()
+    with StepProgress(dist, plan.total_steps, start_step, "reward") as progress:
+        for step in range(start_step, plan.total_steps):
+            batches = [collate_pairs([train_set[i] for i in ids], pad_id) for ids in plan.micro_batches(step, dist)]
+            step_pairs = count_over_ranks(dist, sum(len(b["margin"]) for b in batches))
+            lr = lr_at(step, plan.total_steps, cfg.optim)
+            set_lr(optimizer, lr)
+            sums = torch.zeros(4)  # loss, correct, margin, pairs
+            rewards_seen = []
+            for i, batch in enumerate(batches):
+                sync_on_last(model, dist, i, len(batches))
+                batch = {k: v.to(dist.device) for k, v in batch.items()}
+                chosen, rejected = score_pairs(model, batch)
+                losses = bradley_terry_loss(chosen, rejected, batch["margin"])  # Llama 2, Eq. 2
+                if cfg.loss.center_coef:
+                    losses = losses + cfg.loss.center_coef * reward_centering_penalty(chosen, rejected)
+                (losses.sum() * dist.world_size / step_pairs).backward()  # mean over the global batch
+                diff = (chosen - rejected).detach()
+                sums += torch.stack([losses.detach().sum(), (diff > 0).sum(), diff.sum(), torch.tensor(float(len(diff)))]).cpu()
+                rewards_seen.append(torch.cat([chosen, rejected]).detach().cpu())
+            grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
+            done = step + 1
+
+            loss, correct, margin, n = all_reduce_sum(dist, sums).tolist()
+            rewards = torch.cat(rewards_seen)  # this rank's share: a cheap running view, not a global statistic
+            metrics = {"step": done, "loss": loss / n, "accuracy": correct / n, "margin": margin / n,
+                       "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()), "lr": lr,
+                       "grad_norm": grad_norm}
+            if done % cfg.train.log_every == 0 or done == plan.total_steps:
+                run_dir.log(metrics)
+            progress.update(done, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]})
+            if due(done, cfg.train.eval_every, plan.total_steps):
+                run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id)["metrics"]})
+            if due(done, cfg.train.save_every, plan.total_steps):
+                run_dir.save_checkpoint(done, model, tokenizer, optimizer, {}, cfg.train.keep_checkpoints)
+
+    # ---- save: held-out tables, normalisation statistics in the config, model folder, card
+    report = evaluate(model, eval_set, cfg, dist, pad_id)
+    final = {"step": plan.total_steps, **report["metrics"]}
+    run_dir.log(final)
+    if "eval/reward_mean" in final:
+        model.config.reward_mean = final["eval/reward_mean"]
+        model.config.reward_std = final["eval/reward_std"]
+    run_dir.save_model(model, tokenizer)
+    if dist.is_main:
+        (run_dir.root / "eval.json").write_text(json.dumps(report, indent=2))
+        console.print(_tables(report))
+    run_dir.write_card("reward", cfg, {k: v for k, v in final.items() if not isinstance(v, dict)},
+                       notes=["## Held-out accuracy", "", *_markdown_tables(report)])
+    close_distributed()
+    return run_dir.model
+
+
+@torch.no_grad()
+def evaluate(model, eval_set: list[TokenizedPair], cfg: RewardConfig, dist, pad_id: int) -> dict:
+    """Held-out accuracy overall, per rating level and per |r_c - r_r| bin; reward mean and std."""
+    if not eval_set:
+        return {"metrics": {}, "by_rating": {}, "by_gap": {}}
+    model.eval()
+    slots = padded_shard(len(eval_set), dist)
+    rows = []  # (index, r_chosen, r_rejected) of this rank's real slots
+    for start in range(0, len(slots), cfg.train.eval_batch_size):
+        part = slots[start : start + cfg.train.eval_batch_size]
+        batch = collate_pairs([eval_set[i if i is not None else 0] for i in part], pad_id)
+        chosen, rejected = score_pairs(model, {k: v.to(dist.device) for k, v in batch.items()})
+        rows += [(i, c, r) for i, c, r in zip(part, chosen.tolist(), rejected.tolist()) if i is not None]
+    model.train()
+    scored = sorted(r for part in gather_objects(dist, rows) for r in part)
+
+    by_rating: dict[str, list[int]] = defaultdict(list)
+    by_gap: dict[str, list[int]] = defaultdict(list)
+    edges = [0.0, *cfg.gap_bins, float("inf")]
+    for index, chosen, rejected in scored:
+        right = int(chosen > rejected)
+        by_rating[eval_set[index].rating or "unrated"].append(right)
+        gap = abs(chosen - rejected)
+        lo, hi = next((lo, hi) for lo, hi in zip(edges, edges[1:]) if lo <= gap < hi)
+        by_gap[f"[{lo:g}, {hi:g})"].append(right)
+    all_rewards = torch.tensor([x for _, c, r in scored for x in (c, r)])
+    losses = bradley_terry_loss(
+        torch.tensor([c for _, c, _ in scored]), torch.tensor([r for _, _, r in scored]),
+        torch.tensor([eval_set[i].margin for i, _, _ in scored]),
+    )
+    accuracy = sum(c > r for _, c, r in scored) / len(scored)
+    rating_stats, gap_stats = _accuracy_by_group(by_rating), _accuracy_by_group(by_gap)
+    return {
+        "metrics": {
+            "eval/loss": float(losses.mean()), "eval/accuracy": accuracy,
+            "eval/margin": float(sum(c - r for _, c, r in scored) / len(scored)),
+            "eval/reward_mean": float(all_rewards.mean()), "eval/reward_std": float(all_rewards.std()),
+        },
+        "by_rating": {k: rating_stats[k] for k in sorted(rating_stats, key=_level_order)},
+        "by_gap": {k: gap_stats[k] for k in sorted(gap_stats, key=lambda b: float(b[1:].split(",")[0]))},
+    }
+
+
+def _accuracy_by_group(groups: dict[str, list[int]]) -> dict[str, dict]:
+    return {name: {"accuracy": sum(right) / len(right), "pairs": len(right)} for name, right in groups.items()}
+
+
+def _level_order(level: str) -> int:
+    return RATING_LEVELS.index(level) if level in RATING_LEVELS else len(RATING_LEVELS)
+
+
+def _tables(report: dict) -> Table:
+    table = Table(title=f"held-out accuracy {report['metrics'].get('eval/accuracy', 0):.3f}")
+    table.add_column("group")
+    table.add_column("accuracy", justify="right")
+    table.add_column("pairs", justify="right")
+    for title, groups in (("rating", report["by_rating"]), ("|r_c - r_r|", report["by_gap"])):
+        for name, stats in groups.items():
+            table.add_row(f"{title}: {name}", f"{stats['accuracy']:.3f}", str(stats["pairs"]))
+    return table
+
+
+def _markdown_tables(report: dict) -> list[str]:
+    lines = ["| rating level | accuracy | pairs |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v['accuracy']:.3f} | {v['pairs']} |" for k, v in report["by_rating"].items()]
+    lines += ["", "| abs(r_c - r_r) | accuracy | pairs |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {v['accuracy']:.3f} | {v['pairs']} |" for k, v in report["by_gap"].items()]
+    return lines
