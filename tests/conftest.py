@@ -56,3 +56,73 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not there")
     return SHARED_DATA
+
+
+# ------------------------------------------------------------------- a small but real pipeline
+
+
+def small_pipeline_configs(root: Path) -> dict[str, Path]:
+    """SFT, pairs, reward and DPO configs for a 2-layer GPT-2 on the built-in task.
+
+    Small enough for the test suite (about a minute of SFT and sampling), large enough that the
+    SFT model writes recognisable reviews and the later stages have something real to learn.
+    """
+    data_pairs = {
+        "train": [{"path": str(root / "pairs" / "train.jsonl"), "format": "prompt_chosen_rejected"}],
+        "eval": [{"path": str(root / "pairs" / "test.jsonl"), "format": "prompt_chosen_rejected"}],
+        "max_length": 64, "max_prompt_length": 16,
+    }
+    sft_model = str(root / "sft" / "model")
+    configs = {
+        "sft": {
+            "output_dir": str(root / "sft"),
+            "model": {"name_or_path": "scratch",
+                      "architecture": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 96, "vocab_size": 512}},
+            "data": {"train": [{"path": "builtin:sentiment", "format": "reviews", "split": "train", "max_rows": 9600}],
+                     "eval": [{"path": "builtin:sentiment", "format": "reviews", "split": "test", "max_rows": 64}],
+                     "max_length": 96, "max_prompt_length": 16},
+            "optim": {"lr": 5e-3, "min_warmup_steps": 10},
+            "train": {"batch_size": 32, "micro_batch_size": 32, "eval_every": 0, "save_every": 0, "log_every": 25},
+            "sample": {"num_prompts": 2, "max_new_tokens": 16},
+        },
+        "pairs": {
+            "output_dir": str(root / "pairs"),
+            "model": {"name_or_path": sft_model},
+            "data": {"train": [{"path": "builtin:sentiment", "format": "reviews", "split": "train", "max_rows": 1500}],
+                     "eval": [{"path": "builtin:sentiment", "format": "reviews", "split": "test", "max_rows": 200}],
+                     "max_length": 96, "max_prompt_length": 16},
+            "num_train_prompts": 1200, "num_eval_prompts": 150,
+            "pairing": {"samples_per_prompt": 4},
+            "sample": {"max_new_tokens": 40},
+            "batch_size": 128,
+        },
+        "reward": {
+            "output_dir": str(root / "reward"),
+            "model": {"name_or_path": sft_model},
+            "data": data_pairs,
+            "optim": {"lr": 1e-3, "min_warmup_steps": 5},
+            "train": {"batch_size": 32, "micro_batch_size": 32, "eval_every": 0, "save_every": 0},
+        },
+        "dpo": {
+            "output_dir": str(root / "dpo"),
+            "model": {"name_or_path": sft_model},
+            "data": data_pairs,
+            "loss": {"beta": 0.1},
+            "optim": {"lr": 5e-4, "min_warmup_steps": 5},
+            "reference": {"cache_dir": str(root / "cache")},
+            "train": {"batch_size": 32, "micro_batch_size": 32, "eval_every": 0, "save_every": 0, "log_every": 1},
+            "sample": {"num_prompts": 2, "max_new_tokens": 16},
+        },
+    }
+    return {name: write_yaml(root / f"{name}.yaml", config) for name, config in configs.items()}
+
+
+@pytest.fixture(scope="session")
+def small_pipeline(tmp_path_factory) -> dict[str, Path]:
+    """An SFT model and its gold-scored pairs, built once per test session through the CLI."""
+    root = tmp_path_factory.mktemp("pipeline")
+    configs = small_pipeline_configs(root)
+    for command in (["sft"], ["data", "pairs"]):
+        result = run_cli(*command, str(configs[command[-1]]))
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {"root": root, **configs}

@@ -151,3 +151,11 @@ def test_cli_misspelled_key_in_file(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {path}: trian: unknown key; did you mean 'train'?"
+
+
+@pytest.mark.parametrize("name", ["sft", "pairs", "reward", "dpo"])
+def test_every_shipped_config_loads(name):
+    from pipeline.config import STAGES
+
+    cfg = load_config(STAGES[name], ROOT / "configs" / f"{name}.yaml")
+    assert cfg.output_dir == f"runs/{name if name != 'reward' else 'reward'}"
