@@ -1,12 +1,13 @@
 # make sft      set up .venv (if needed) and run SFT on the built-in task
 # make test     set up .venv (if needed) and run the test suite
+# make pairs reward dpo   the next stages, each reading the previous one's runs/ folder
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RLHFDPO := $(VENV)/bin/rlhfdpo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sft test test-fast clean
+.PHONY: setup sft pairs reward dpo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +20,15 @@ $(VENV)/.installed: pyproject.toml scripts/install_torch.sh
 
 sft: setup
 	$(RLHFDPO) sft configs/sft.yaml
+
+pairs: setup
+	$(RLHFDPO) data pairs configs/pairs.yaml
+
+reward: setup
+	$(RLHFDPO) reward configs/reward.yaml
+
+dpo: setup
+	$(RLHFDPO) dpo configs/dpo.yaml
 
 test: setup
 	$(PYTHON) -m pytest

@@ -158,4 +158,4 @@ def test_every_shipped_config_loads(name):
     from pipeline.config import STAGES
 
     cfg = load_config(STAGES[name], ROOT / "configs" / f"{name}.yaml")
-    assert cfg.output_dir == f"runs/{name if name != 'reward' else 'reward'}"
+    assert cfg.output_dir == f"runs/{name}"
