@@ -12,7 +12,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import ConfigError, DPOConfig, LaunchConfig, PairsConfig, RewardConfig, SFTConfig, load_config
+from pipeline.config import (
+    ConfigError,
+    DPOConfig,
+    LaunchConfig,
+    PairsConfig,
+    PPOConfig,
+    RewardConfig,
+    SFTConfig,
+    load_config,
+)
 from pipeline.data.records import DataError
 
 app = typer.Typer(
@@ -87,6 +96,12 @@ def reward(config: ConfigPath, overrides: Overrides = None, num_processes: NumPr
 def dpo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
     """Direct preference optimisation (DPO, conservative DPO, IPO, hinge, RPO) from the SFT model."""
     _run_stage("dpo", DPOConfig, config, overrides, num_processes, resume)
+
+
+@app.command()
+def ppo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
+    """PPO against the reward model (or the gold reward: PPO-GT) with a KL penalty to the SFT model."""
+    _run_stage("ppo", PPOConfig, config, overrides, num_processes, resume)
 
 
 @data_app.command("pairs")

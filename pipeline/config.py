@@ -440,7 +440,135 @@ class DPOConfig:
         self.train.accumulation_steps(self.launch.num_processes)
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "pairs": PairsConfig, "reward": RewardConfig, "dpo": DPOConfig}
+@dataclass
+class RewardSourceConfig:
+    """Where PPO's score comes from: learned reward model(s), or a gold reward function (PPO-GT)."""
+
+    kind: Literal["model", "gold"] = "model"
+    # kind "model": one path, or two (helpfulness first, safety second) combined by `combine`.
+    models: list[str] = field(default_factory=lambda: ["runs/reward/model"])
+    # Llama 2: the safety score where it is below `safety_threshold`, else the helpfulness score.
+    combine: Literal["llama2", "weighted"] = "llama2"
+    safety_threshold: float = 0.15
+    weights: list[float] | None = None  # only for combine "weighted": one weight per model
+    normalize: bool = True  # (score - reward_mean) / reward_std with the statistics the reward stage saved
+    clip: float | None = None  # clip normalised scores to [-clip, clip]
+    gold: str = "vader"  # kind "gold": the gold reward function; otherwise only logged (gold/mean)
+    missing_eos_penalty: float | None = None  # added to the score of a response that never reached EOS
+
+    def check(self, at: str) -> None:
+        if self.kind == "model":
+            if not 1 <= len(self.models) <= 2:
+                raise ConfigError(f"{at}.models: expected one reward model, or two (helpfulness, safety)")
+            if self.weights is not None:
+                if self.combine != "weighted":
+                    raise ConfigError(f"{at}.weights: only used by combine 'weighted', not '{self.combine}'")
+                if len(self.weights) != len(self.models):
+                    raise ConfigError(f"{at}.weights: {len(self.weights)} weights for {len(self.models)} models")
+        if self.clip is not None and self.clip <= 0:
+            raise ConfigError(f"{at}.clip: must be positive")
+        from pipeline.judges import GOLD_REWARDS
+
+        if self.gold not in GOLD_REWARDS:
+            raise ConfigError(f"{at}.gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)}")
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.05  # initial (or fixed) coefficient of the per-token KL penalty
+    estimator: Literal["k1", "k3"] = "k1"
+    target: float | None = None  # per-sequence KL to steer toward (adaptive control, Ziegler et al. 2019)
+    horizon: int = 10000  # adaptive control's horizon in rollouts
+
+    def check(self, at: str) -> None:
+        if self.coef < 0:
+            raise ConfigError(f"{at}.coef: must not be negative")
+        if self.target is not None and self.target <= 0:
+            raise ConfigError(f"{at}.target: must be positive")
+        _positive(at, horizon=self.horizon)
+
+
+@dataclass
+class PPOAlgoConfig:
+    rollout_batch_size: int = 64  # prompts per rollout, over all processes
+    mini_batch_size: int = 16  # rollouts per PPO update, over all processes
+    micro_batch_size: int = 16  # rollouts per forward pass in one process
+    epochs: int = 4  # PPO epochs over each rollout batch
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    value_coef: float = 0.1
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    value_lr: float | None = None  # defaults to optim.lr
+
+    def check(self, at: str) -> None:
+        _positive(at, rollout_batch_size=self.rollout_batch_size, mini_batch_size=self.mini_batch_size,
+                  micro_batch_size=self.micro_batch_size, epochs=self.epochs)
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ConfigError(f"{at}.mini_batch_size: {self.mini_batch_size} does not divide rollout_batch_size={self.rollout_batch_size}")
+        for name in ("clip_range", "value_clip_range", "value_coef", "entropy_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{at}.{name}: must not be negative")
+        _in_range(f"{at}.gamma", self.gamma, 0.0, 1.0)
+        _in_range(f"{at}.lam", self.lam, 0.0, 1.0)
+
+
+@dataclass
+class PPOConfig:
+    """`rlhfdpo ppo`: PPO against a reward model (or the gold reward) with a KL penalty to the SFT model."""
+
+    output_dir: str = "runs/ppo"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="runs/sft/model"))
+    reference: str | None = None  # the KL anchor; defaults to model.name_or_path
+    value_model: str | None = None  # defaults to the first reward model (kind "model") or the policy
+    reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(
+            train=[SourceConfig(split="train")], eval=[SourceConfig(split="test")], max_length=128, max_prompt_length=32
+        )
+    )
+    rollout: SampleConfig = field(default_factory=lambda: SampleConfig(num_prompts=0, max_new_tokens=48))
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_ratio=0.0, schedule="constant"))
+    iterations: int = 100  # rollout-and-update rounds
+    log_every: int = 1
+    sample_table_every: int = 10  # print a table of completions with their scores this often
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    seed: int = 0
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def check(self, at: str = "") -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: must not be empty")
+        for section in ("model", "reward", "data", "rollout", "ppo", "kl", "optim", "launch"):
+            getattr(self, section).check(section)
+        _positive("", iterations=self.iterations, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
+        for name in ("sample_table_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative")
+        world = self.launch.num_processes
+        for name in ("rollout_batch_size", "mini_batch_size"):
+            if getattr(self.ppo, name) % world:
+                raise ConfigError(f"ppo.{name}: {getattr(self.ppo, name)} does not split evenly over {world} processes")
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference or self.model.name_or_path
+
+    @property
+    def value_model_path(self) -> str:
+        if self.value_model:
+            return self.value_model
+        return self.reward.models[0] if self.reward.kind == "model" else self.model.name_or_path
+
+
+STAGES: dict[str, type] = {
+    "sft": SFTConfig, "pairs": PairsConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+}
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -20,7 +20,7 @@ from pipeline.launch import all_reduce_sum, close_distributed, init_distributed,
 from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, sequence_logps
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.reference import reference_logps
-from pipeline.runs import RunDir
+from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import chat_renderer, padded_shard, report_drops, sample_texts, tokenize_records
 from pipeline.training import (
     BatchPlan,
@@ -96,7 +96,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
     policy = shard(policy, dist)
     optimizer = build_optimizer(policy, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
-    start_step = run_dir.load_trainer_state(checkpoint, policy, optimizer)["step"] if checkpoint else 0
+    trainables = [Trainable("model", policy, optimizer, tokenizer)]
+    start_step = run_dir.load_trainer_state(checkpoint, trainables)["step"] if checkpoint else 0
     run_dir.write_config(cfg)
     run_dir.start_metrics(start_step)
     run_dir.log({"step": start_step, "reference_cache_hit": cache_hit})
@@ -139,7 +140,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
             if due(done, cfg.train.eval_every, plan.total_steps):
                 run_dir.log({"step": done, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)})
             if due(done, cfg.train.save_every, plan.total_steps):
-                run_dir.save_checkpoint(done, policy, tokenizer, optimizer, {}, cfg.train.keep_checkpoints)
+                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints)
 
     # ---- save: held-out metrics, model folder, samples, card
     final = {"step": plan.total_steps, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)}

@@ -179,9 +179,17 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_pretrained(model, tokenizer, target: Path, dist: Dist) -> None:
-    """A normal `save_pretrained` folder (safetensors) written atomically by rank 0."""
-    state = _without_tied_copies(model, full_state_dict(model))
+def save_pretrained(model, tokenizer, target: Path, dist: Dist, hf_model=None, prefix: str = "") -> None:
+    """A normal `save_pretrained` folder (safetensors) written atomically by rank 0.
+
+    `model` is what was sharded; `hf_model` the Hugging Face model inside it whose weights are
+    under `prefix` in `model`'s state dict (when `model` is a wrapper, as PPO's value head).
+    """
+    state = full_state_dict(model)
+    if hf_model is not None:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        model = hf_model
+    state = _without_tied_copies(model, state)
     if dist.is_main:
         target = Path(target)
         staging = target.with_name(f".{target.name}.tmp")

@@ -140,3 +140,139 @@ def chosen_nll(policy_chosen: torch.Tensor, chosen_lengths: torch.Tensor) -> tor
     L_RPO = L_DPO + alpha * (-log pi(y_c|x) / |y_c|)   (Pang et al. 2024, Eq. 3)
     """
     return -policy_chosen / chosen_lengths.clamp(min=1)
+
+
+# -------------------------------------------------------------------------------------------- PPO
+# Shapes: B rollouts, T token positions (aligned with token_logps: position t scores token t+1).
+# `mask` is True on response tokens only; prompt and padding positions never contribute.
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values (B, T) over positions where mask (B, T) is True; a scalar."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor | None = None,
+                  var: torch.Tensor | None = None, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over the masked positions, (B, T) -> (B, T); 0 where masked out.
+
+    Pass `mean` and `var` to whiten with statistics gathered elsewhere (over all processes).
+    """
+    if mean is None:
+        mean = masked_mean(values, mask)
+    if var is None:
+        var = masked_mean((values - mean) ** 2, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, (B, T) -> (B, T).
+
+    k1 = log pi - log pi_ref (unbiased, can be negative); k3 = (r - 1) - log r with
+    r = pi_ref / pi (unbiased and never negative)   (Schulman 2020, "Approximating KL divergence").
+    """
+    log_ratio = logps - ref_logps
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, r = exp(-log_ratio)
+    raise ValueError(f"unknown KL estimator {estimator!r}; known: k1, k3")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token reward: -kl_coef * KL_t on every response token, plus the score on the last one.
+
+    scores: (B,); kl, mask: (B, T). Returns (B, T), 0 outside the response
+    (Ziegler et al. 2019, Eq. 2; InstructGPT Eq. 2 without the pretraining term).
+    """
+    rewards = -kl_coef * kl * mask
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values  # (B,)
+    has_response = last >= 0
+    rows = torch.arange(mask.shape[0], device=mask.device)[has_response]
+    rewards[rows, last[has_response]] += scores[has_response].to(rewards.dtype)
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens (Schulman et al. 2016, Eq. 16).
+
+    rewards, values, mask: (B, T), the response a contiguous run of True in each row. After the
+    last response token the episode ends (the next value is 0).
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t = delta_t + gamma * lam * A_{t+1}
+    Returns (advantages, returns = advantages + values), each (B, T), 0 outside the response.
+    """
+    mask_f = mask.to(values.dtype)
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        m = mask_f[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage  # GAE Eq. 16
+        advantages[:, t] = advantage * m
+        # Outside the response the recursion restarts, so a prompt or pad position passes nothing on.
+        next_value = values[:, t] * m
+        next_advantage = advantage * m
+    return advantages, (advantages + values) * mask_f
+
+
+def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, averaged over response tokens (Schulman et al. 2017, Eq. 7).
+
+    logps, old_logps, advantages, mask: (B, T). Returns (loss sum over masked tokens, stats sums):
+    the caller divides by the token count of the whole minibatch over all processes.
+        L = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
+    """
+    log_ratio = logps - old_logps
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    losses = torch.max(unclipped, clipped)  # PPO Eq. 7 (as a loss to minimise)
+    mask_f = mask.to(losses.dtype)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": ((clipped > unclipped).to(losses.dtype) * mask_f).sum(),
+            "approxkl": (0.5 * log_ratio**2 * mask_f).sum(),
+        }
+    return (losses * mask_f).sum(), stats
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss, summed over response tokens: (loss sum, clipped-token count).
+
+    values, old_values, returns, mask: (B, T).
+        L = 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)
+    (the value clipping of OpenAI's baselines PPO2 and "The N+ Implementation Details of RLHF").
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    losses = 0.5 * torch.max(unclipped_loss, clipped_loss)
+    mask_f = mask.to(losses.dtype)
+    with torch.no_grad():
+        clipped = ((clipped_loss > unclipped_loss).to(losses.dtype) * mask_f).sum()
+    return (losses * mask_f).sum(), clipped
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution, (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return log_z - (probs * logits).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R] over response tokens: how much of the return the critic predicts."""
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float(1.0 - var_residual / var_returns.clamp(min=1e-8))

@@ -24,7 +24,7 @@ from pipeline.data.tokenize import TokenizedPair, collate_pairs, tokenize_pair
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
 from pipeline.losses import bradley_terry_loss, reward_centering_penalty
 from pipeline.models import DTYPES, load_tokenizer
-from pipeline.runs import RunDir
+from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import chat_renderer, padded_shard, report_drops, tokenize_records
 from pipeline.training import (
     BatchPlan,
@@ -82,7 +82,8 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
     model = shard(model, dist)
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
-    start_step = run_dir.load_trainer_state(checkpoint, model, optimizer)["step"] if checkpoint else 0
+    trainables = [Trainable("model", model, optimizer, tokenizer)]
+    start_step = run_dir.load_trainer_state(checkpoint, trainables)["step"] if checkpoint else 0
     run_dir.write_config(cfg)
     run_dir.start_metrics(start_step)
     if dist.is_main:
@@ -127,7 +128,7 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
             if due(done, cfg.train.eval_every, plan.total_steps):
                 run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id)["metrics"]})
             if due(done, cfg.train.save_every, plan.total_steps):
-                run_dir.save_checkpoint(done, model, tokenizer, optimizer, {}, cfg.train.keep_checkpoints)
+                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints)
 
     # ---- save: held-out tables, normalisation statistics in the config, model folder, card
     report = evaluate(model, eval_set, cfg, dist, pad_id)

@@ -17,6 +17,7 @@ import json
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,22 @@ from pipeline.launch import (
 )
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Trainable:
+    """A model being trained, as a checkpoint stores it: `checkpoints/step-N/<name>/`.
+
+    `hf_model` is the `save_pretrained` owner when `model` is a wrapper around it (the PPO value
+    head); `prefix` is then the wrapper's name for it in the state dict.
+    """
+
+    name: str
+    model: Any
+    optimizer: Any
+    tokenizer: Any = None
+    hf_model: Any = None
+    prefix: str = ""
 
 
 class RunDir:
@@ -85,29 +102,31 @@ class RunDir:
         steps = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name))]
         return max(steps)[1] if steps else None
 
-    def save_checkpoint(self, step: int, model, tokenizer, optimizer, extra: dict, keep: int) -> Path:
-        """checkpoints/step-N with the model folder and the trainer state, renamed in place at the end."""
+    def save_checkpoint(self, step: int, trainables: list[Trainable], extra: dict, keep: int) -> Path:
+        """checkpoints/step-N with one model folder per trainable and the trainer state, renamed in place."""
         target = self.checkpoints / f"step-{step}"
         staging = self.checkpoints / f".step-{step}.tmp"
         if self.dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         barrier(self.dist)
-        save_pretrained(model, tokenizer, staging / "model", self.dist)
-        optimizer_state = full_optimizer_state(model, optimizer)
+        optimizers = {}
+        for t in trainables:
+            save_pretrained(t.model, t.tokenizer, staging / t.name, self.dist, hf_model=t.hf_model, prefix=t.prefix)
+            optimizers[t.name] = full_optimizer_state(t.model, t.optimizer)
         if self.dist.is_main:
-            torch.save(
-                {"step": step, "optimizer": optimizer_state, "rng": torch.get_rng_state(), **extra},
-                staging / "trainer_state.pt",
-            )
+            torch.save({"step": step, "optimizers": optimizers, "rng": torch.get_rng_state(), **extra},
+                       staging / "trainer_state.pt")
             replace_dir(staging, target)
             self._prune(keep)
         barrier(self.dist)
         return target
 
-    def load_trainer_state(self, checkpoint: Path, model, optimizer) -> dict:
+    def load_trainer_state(self, checkpoint: Path, trainables: list[Trainable]) -> dict:
+        """Optimizer states and RNG from a checkpoint; the weights were loaded from its folders."""
         state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
-        load_full_optimizer_state(model, optimizer, state["optimizer"])
+        for t in trainables:
+            load_full_optimizer_state(t.model, t.optimizer, state["optimizers"][t.name])
         torch.set_rng_state(state["rng"])
         return state
 

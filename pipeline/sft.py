@@ -18,7 +18,7 @@ from pipeline.data.tokenize import TokenizedExample, collate, tokenize_sft
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
 from pipeline.losses import masked_nll
 from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, load_tokenizer, local_parameter_count
-from pipeline.runs import RunDir
+from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
     chat_renderer,
     padded_shard,
@@ -75,7 +75,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     model = shard(model, dist)
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
-    start_step = run_dir.load_trainer_state(checkpoint, model, optimizer)["step"] if checkpoint else 0
+    trainables = [Trainable("model", model, optimizer, tokenizer)]
+    start_step = run_dir.load_trainer_state(checkpoint, trainables)["step"] if checkpoint else 0
     run_dir.write_config(cfg)
     run_dir.start_metrics(start_step)
     per_rank = gather_objects(dist, local_parameter_count(model))
@@ -124,7 +125,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
             if due(done, cfg.train.eval_every, plan.total_steps):
                 run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id)})
             if due(done, cfg.train.save_every, plan.total_steps):
-                run_dir.save_checkpoint(done, model, tokenizer, optimizer, {}, cfg.train.keep_checkpoints)
+                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints)
 
     # ---- save: final evaluation, model folder, samples, card
     final = {"step": plan.total_steps, **evaluate(model, eval_set, cfg, dist, pad_id)}
