@@ -230,7 +230,7 @@ def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     the caller divides by the token count of the whole minibatch over all processes.
         L = max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))
     """
-    log_ratio = logps - old_logps
+    log_ratio = torch.where(mask, logps - old_logps, 0.0)  # no exp overflow from a masked position
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
