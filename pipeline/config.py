@@ -64,6 +64,8 @@ class ModelConfig:
     def check(self, at: str) -> None:
         if not self.name_or_path:
             raise ConfigError(f"{at}.name_or_path: must not be empty")
+        if self.name_or_path != "scratch":
+            check_model_path(f"{at}.name_or_path", self.name_or_path)
         self.architecture.check(f"{at}.architecture")
 
 
@@ -460,6 +462,8 @@ class RewardSourceConfig:
         if self.kind == "model":
             if not 1 <= len(self.models) <= 2:
                 raise ConfigError(f"{at}.models: expected one reward model, or two (helpfulness, safety)")
+            for i, path in enumerate(self.models):
+                check_model_path(f"{at}.models.{i}", path)
             if self.weights is not None:
                 if self.combine != "weighted":
                     raise ConfigError(f"{at}.weights: only used by combine 'weighted', not '{self.combine}'")
@@ -546,6 +550,9 @@ class PPOConfig:
             raise ConfigError("output_dir: must not be empty")
         for section in ("model", "reward", "data", "rollout", "ppo", "kl", "optim", "launch"):
             getattr(self, section).check(section)
+        for name in ("reference", "value_model"):
+            if getattr(self, name):
+                check_model_path(name, getattr(self, name))
         _positive("", iterations=self.iterations, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
         for name in ("sample_table_every", "save_every"):
             if getattr(self, name) < 0:
@@ -698,6 +705,17 @@ def _describe(value: Any) -> str:
 
 def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
+
+
+def looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id ("gpt2", "org/name")."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).exists()
+
+
+def check_model_path(at: str, path: str) -> None:
+    """A local model folder must exist before anything loads; a hub id is left to the hub."""
+    if looks_local(path) and not (Path(path).expanduser() / "config.json").is_file():
+        raise ConfigError(f"{at}: no model folder at {path} (is the stage that writes it done?)")
 
 
 def _positive(at: str, **values: int) -> None:

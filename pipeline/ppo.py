@@ -27,7 +27,7 @@ from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
 from pipeline.judges import gold_reward
-from pipeline.launch import all_reduce_sum, close_distributed, init_distributed, shard
+from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, save_pretrained, shard
 from pipeline.losses import (
     entropy_from_logits,
     explained_variance,
@@ -40,11 +40,11 @@ from pipeline.losses import (
     token_logps,
     token_rewards,
 )
-from pipeline.models import DTYPES, load_causal_lm, load_tokenizer
+from pipeline.models import DTYPES, count_parameters, load_causal_lm, load_tokenizer, local_parameter_count
 from pipeline.runs import RunDir, Trainable
 from pipeline.sampling import generate
 from pipeline.stage_common import chat_renderer, report_drops, tokenize_records
-from pipeline.training import BatchPlan, StepProgress, build_optimizer, clip_and_step, console, seed_everything
+from pipeline.training import BatchPlan, StepProgress, build_optimizer, clip_and_step, console, lr_at, seed_everything, set_lr
 
 
 class TokenValueModel(torch.nn.Module):
@@ -163,10 +163,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     scorer = Scorer(cfg, tokenizer, dist)
     policy_optimizer = build_optimizer(policy, cfg.optim)
     value_optimizer = build_optimizer(value, cfg.optim)
-    for group in value_optimizer.param_groups:
-        group["lr"] = cfg.ppo.value_lr or cfg.optim.lr
-    for group in policy_optimizer.param_groups:
-        group["lr"] = cfg.optim.lr
+    value_lr_scale = (cfg.ppo.value_lr or cfg.optim.lr) / cfg.optim.lr
     kl_ctl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     plan = BatchPlan.build(len(prompt_ids), TrainConfig(
         batch_size=cfg.ppo.rollout_batch_size, micro_batch_size=cfg.ppo.rollout_batch_size,
@@ -179,6 +176,8 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
         start, kl_ctl.value = state["step"], state["kl_coef"]
     run_dir.write_config(cfg)
     run_dir.start_metrics(start)
+    per_rank = gather_objects(dist, local_parameter_count(policy))
+    run_dir.log({"step": start, "params/total": count_parameters(policy), "params/per_rank": per_rank})
     if dist.is_main:
         console.print(
             f"ppo: {len(prompt_ids)} prompts, {cfg.iterations} iterations of {cfg.ppo.rollout_batch_size} rollouts, "
@@ -192,13 +191,16 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     with StepProgress(dist, cfg.iterations, start, "ppo") as progress:
         for iteration in range(start, cfg.iterations):
             ids = [i for part in plan.micro_batches(iteration, dist) for i in part]
+            lr = lr_at(iteration, cfg.iterations, cfg.optim)
+            set_lr(policy_optimizer, lr)
+            set_lr(value_optimizer, lr * value_lr_scale)
             rollout, stats, table = collect_rollout(
                 policy, reference, value, scorer, tokenizer, [prompt_ids[i] for i in ids], cfg, kl_ctl.value, dist, generator
             )
             stats |= ppo_update(policy, value, policy_optimizer, value_optimizer, rollout, cfg, dist, iteration)
             kl_ctl.update(stats["objective/kl"], cfg.ppo.rollout_batch_size)
             done = iteration + 1
-            metrics = {"step": done, **stats, "objective/kl_coef": kl_ctl.value}
+            metrics = {"step": done, **stats, "objective/kl_coef": kl_ctl.value, "lr": lr}
             if done % cfg.log_every == 0 or done == cfg.iterations:
                 run_dir.log(metrics)
             progress.update(done, {"score": stats["objective/scores"], "kl": stats["objective/kl"], "gold": stats["gold/mean"]})
@@ -209,8 +211,6 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
 
     # ---- save: the policy (and the value model beside it), card
     run_dir.save_model(policy, tokenizer)
-    from pipeline.launch import save_pretrained
-
     save_pretrained(value, tokenizer, run_dir.root / "value", dist, hf_model=value_hf, prefix="model.")
     run_dir.write_card("ppo", cfg, {k: v for k, v in metrics.items() if k != "step"})
     close_distributed()

@@ -113,6 +113,18 @@ def small_pipeline_configs(root: Path) -> dict[str, Path]:
             "train": {"batch_size": 32, "micro_batch_size": 32, "eval_every": 0, "save_every": 0, "log_every": 1},
             "sample": {"num_prompts": 2, "max_new_tokens": 16},
         },
+        "ppo": {
+            "output_dir": str(root / "ppo"),
+            "model": {"name_or_path": sft_model},
+            "reward": {"kind": "model", "models": [str(root / "reward" / "model")]},
+            "data": {"train": [{"path": "builtin:sentiment", "format": "reviews", "split": "train", "max_rows": 3000}],
+                     "max_length": 96, "max_prompt_length": 16},
+            "rollout": {"max_new_tokens": 32},
+            "ppo": {"rollout_batch_size": 64, "mini_batch_size": 16, "micro_batch_size": 16, "epochs": 4},
+            "kl": {"coef": 0.05},
+            "optim": {"lr": 1e-4, "schedule": "constant", "warmup_ratio": 0.0},
+            "iterations": 12, "sample_table_every": 0, "save_every": 0,
+        },
     }
     return {name: write_yaml(root / f"{name}.yaml", config) for name, config in configs.items()}
 
@@ -126,3 +138,11 @@ def small_pipeline(tmp_path_factory) -> dict[str, Path]:
         result = run_cli(*command, str(configs[command[-1]]))
         assert result.returncode == 0, result.stderr[-3000:]
     return {"root": root, **configs}
+
+
+@pytest.fixture(scope="session")
+def small_reward_model(small_pipeline) -> Path:
+    """The reward model of the small pipeline (trained once per session)."""
+    result = run_cli("reward", str(small_pipeline["reward"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return small_pipeline["root"] / "reward"

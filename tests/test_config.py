@@ -153,9 +153,23 @@ def test_cli_misspelled_key_in_file(tmp_path):
     assert result.stderr.strip() == f"error: {path}: trian: unknown key; did you mean 'train'?"
 
 
-@pytest.mark.parametrize("name", ["sft", "pairs", "reward", "dpo"])
-def test_every_shipped_config_loads(name):
+@pytest.mark.parametrize("name", ["sft", "pairs", "reward", "dpo", "ppo"])
+def test_every_shipped_config_loads(name, tmp_path):
     from pipeline.config import STAGES
 
-    cfg = load_config(STAGES[name], ROOT / "configs" / f"{name}.yaml")
+    fake_model = tmp_path / "model"  # the earlier stages' outputs do not exist in a fresh clone
+    fake_model.mkdir()
+    (fake_model / "config.json").write_text("{}")
+    overrides = [] if name == "sft" else [f"model.name_or_path={fake_model}"]
+    if name == "ppo":
+        overrides.append(f"reward.models.0={fake_model}")
+    cfg = load_config(STAGES[name], ROOT / "configs" / f"{name}.yaml", overrides)
     assert cfg.output_dir == f"runs/{name}"
+
+
+def test_a_missing_model_folder_is_a_config_error(tmp_path):
+    path = write(tmp_path, "model: {name_or_path: runs/never/model}\n")
+    with pytest.raises(ConfigError, match=r"model\.name_or_path: no model folder at runs/never/model"):
+        load_config(SFTConfig, path)
+    cfg = load_config(SFTConfig, write(tmp_path, "model: {name_or_path: gpt2}\n"))  # a hub id is not checked here
+    assert cfg.model.name_or_path == "gpt2"

@@ -63,9 +63,8 @@ def test_pairs_are_gold_ordered_rated_and_counted(small_pipeline):
 
 
 @pytest.fixture(scope="module")
-def reward_run(small_pipeline):
-    run_ok("reward", str(small_pipeline["reward"]))
-    return small_pipeline["root"] / "reward"
+def reward_run(small_reward_model):
+    return small_reward_model
 
 
 def test_reward_model_beats_chance_and_orders_rating_levels(reward_run):

@@ -66,7 +66,7 @@ def test_reward_margin_sources():
 
 def test_unknown_rating_level_in_margin_map_is_rejected(tmp_path):
     path = tmp_path / "reward.yaml"
-    path.write_text("loss:\n  rating_margins: {significantly beter: 1.0}\n")
+    path.write_text("model: {name_or_path: gpt2}\nloss:\n  rating_margins: {significantly beter: 1.0}\n")
     with pytest.raises(ConfigError, match=r"loss\.rating_margins\.significantly beter: unknown rating level; did you mean 'significantly better'"):
         load_config(RewardConfig, path)
 
@@ -74,7 +74,7 @@ def test_unknown_rating_level_in_margin_map_is_rejected(tmp_path):
 @pytest.mark.parametrize("variant", ["ipo", "hinge"])
 def test_option_a_dpo_variant_does_not_use_is_rejected(tmp_path, variant):
     path = tmp_path / "dpo.yaml"
-    path.write_text(f"loss: {{type: {variant}, label_smoothing: 0.1}}\n")
+    path.write_text(f"model: {{name_or_path: gpt2}}\nloss: {{type: {variant}, label_smoothing: 0.1}}\n")
     with pytest.raises(ConfigError, match=rf"loss\.label_smoothing: only used by type 'sigmoid'.*not '{variant}'"):
         load_config(DPOConfig, path)
 

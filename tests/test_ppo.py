@@ -1,0 +1,170 @@
+"""The PPO stage: the update's invariants in-process, and seeded runs on the small pipeline."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification
+
+from conftest import read_metrics, run_cli
+from pipeline.config import (
+    ArchitectureConfig,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    PPOAlgoConfig,
+    PPOConfig,
+    RewardSourceConfig,
+    SampleConfig,
+)
+from pipeline.data.builtin_sentiment import heldout_prompts, load_rows
+from pipeline.data.tokenize import encode_prompt
+from pipeline.evaluation import paired_bootstrap, sample_and_score
+from pipeline.judges import gold_reward
+from pipeline.launch import init_distributed
+from pipeline.models import create_scratch_model, load_tokenizer, train_tokenizer
+from pipeline.ppo import KLController, Scorer, TokenValueModel, collect_rollout, ppo_update
+from pipeline.training import build_optimizer
+
+
+@pytest.fixture(scope="module")
+def tiny_setup():
+    texts = [row["review"] for row in load_rows("train", 300)]
+    tokenizer = train_tokenizer(texts, vocab_size=400)
+    arch = ArchitectureConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64)
+    policy = create_scratch_model(arch, tokenizer, seed=0)
+    value_config = copy.deepcopy(policy.config)
+    value_config.num_labels = 1
+    value = TokenValueModel(GPT2ForSequenceClassification(value_config))
+    cfg = PPOConfig(
+        reward=RewardSourceConfig(kind="gold"),
+        data=DataConfig(max_length=64, max_prompt_length=16),
+        rollout=SampleConfig(max_new_tokens=12),
+        ppo=PPOAlgoConfig(rollout_batch_size=8, mini_batch_size=8, micro_batch_size=4, epochs=1),
+        optim=OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0),
+    )
+    prompts = [encode_prompt(tokenizer, " ".join(t.split()[:3]), cfg.data) for t in texts[:8]]
+    return tokenizer, policy, value, cfg, prompts
+
+
+def rollout_and_update(tiny_setup, epochs: int):
+    tokenizer, policy, value, cfg, prompts = tiny_setup
+    policy, value = copy.deepcopy(policy), copy.deepcopy(value)
+    cfg = copy.deepcopy(cfg)
+    cfg.ppo.epochs = epochs
+    dist = init_distributed()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rollout, stats, _ = collect_rollout(
+        policy, reference, value, Scorer(cfg, tokenizer, dist), tokenizer, prompts, cfg, 0.05, dist,
+        torch.Generator().manual_seed(0),
+    )
+    update = ppo_update(policy, value, build_optimizer(policy, cfg.optim), build_optimizer(value, cfg.optim), rollout, cfg, dist, 0)
+    return rollout, stats, update
+
+
+def test_first_epoch_with_the_rollout_policy_has_ratio_one(tiny_setup):
+    rollout, stats, update = rollout_and_update(tiny_setup, epochs=1)
+    assert rollout.mask.any(dim=1).all()  # every prompt got a response
+    assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
+    assert update["policy/clipfrac"] == 0.0
+    assert update["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
+    # The advantages were whitened over the response tokens.
+    adv = rollout.advantages[rollout.mask]
+    assert adv.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert adv.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_later_epochs_see_the_policy_move(tiny_setup):
+    _, _, update = rollout_and_update(tiny_setup, epochs=3)
+    assert update["policy/approxkl"] > 1e-8
+
+
+def test_adaptive_kl_controller_moves_toward_the_target():
+    ctl = KLController(coef=0.1, target=6.0, horizon=1000)
+    ctl.update(current_kl=12.0, n_rollouts=100)  # error clipped to +0.2: coef * (1 + 0.2 * 0.1)
+    assert ctl.value == pytest.approx(0.1 * 1.02)
+    ctl.update(current_kl=3.0, n_rollouts=100)  # error -0.5 clipped to -0.2
+    assert ctl.value == pytest.approx(0.1 * 1.02 * 0.98)
+    fixed = KLController(coef=0.1, target=None, horizon=1000)
+    fixed.update(current_kl=50.0, n_rollouts=100)
+    assert fixed.value == 0.1
+
+
+def test_two_reward_models_combine_by_the_llama2_rule():
+    cfg = PPOConfig(reward=RewardSourceConfig(models=["helpful", "safety"], safety_threshold=0.15))
+    scorer = Scorer.__new__(Scorer)
+    scorer.cfg = cfg.reward
+    helpful = torch.tensor([1.0, 2.0, 3.0])
+    safety_raw = torch.tensor([-3.0, 0.0, 3.0])  # sigmoid: 0.047 (unsafe), 0.5, 0.95
+    combined = scorer._combine([(helpful, helpful), (safety_raw, safety_raw * 10)])
+    assert combined.tolist() == [-30.0, 2.0, 3.0]
+    scorer.cfg = RewardSourceConfig(models=["h", "s"], combine="weighted", weights=[0.75, 0.25])
+    assert scorer._combine([(helpful, helpful), (safety_raw, safety_raw)]).tolist() == pytest.approx([0.0, 1.5, 3.0])
+
+
+# ------------------------------------------------------------------------- seeded runs end to end
+
+
+def gold_gain(sft_path, policy_path, n_prompts: int = 200):
+    prompts = heldout_prompts(n_prompts, seed=0)
+    sample, data = SampleConfig(max_new_tokens=32, temperature=1.0), DataConfig(max_length=96, max_prompt_length=16)
+    gold = gold_reward("vader")
+    scored = {}
+    for name, path in (("sft", sft_path), ("policy", policy_path)):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
+        scored[name] = sample_and_score(model, tokenizer, prompts, gold, sample, data, seed=1)
+    return paired_bootstrap(scored["policy"].gold, scored["sft"].gold, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["model", "gold"])
+def test_ppo_raises_the_gold_reward_over_sft(small_pipeline, small_reward_model, kind, tmp_path):
+    out = tmp_path / f"ppo-{kind}"
+    result = run_cli("ppo", str(small_pipeline["ppo"]), "--set", f"output_dir={out}", "--set", f"reward.kind={kind}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    assert all(m["policy/clipfrac"] < 0.5 for m in metrics)
+    diff, low, high = gold_gain(small_pipeline["root"] / "sft" / "model", out / "model")
+    assert low > 0, (kind, diff, low, high)
+    assert (out / "value" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_adaptive_kl_keeps_the_measured_kl_near_its_target(small_pipeline, small_reward_model, tmp_path):
+    out = tmp_path / "ppo-adaptive"
+    target = 1.0
+    result = run_cli(
+        "ppo", str(small_pipeline["ppo"]), "--set", f"output_dir={out}", "--set", "reward.kind=gold",
+        "--set", "iterations=16", "--set", f"kl.target={target}", "--set", "kl.coef=0.2", "--set", "kl.horizon=640",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(out)
+    late = [m["objective/kl"] for m in metrics[-6:]]
+    assert 0.5 * target < sum(late) / len(late) < 2.0 * target, [m["objective/kl"] for m in metrics]
+    coefs = [m["objective/kl_coef"] for m in metrics]
+    assert coefs != [coefs[0]] * len(coefs)  # the controller acted
+
+
+@pytest.mark.slow
+def test_ppo_runs_sharded_over_two_processes_and_resumes(small_pipeline, small_reward_model, tmp_path):
+    out = tmp_path / "ppo-sharded"
+    args = ["ppo", str(small_pipeline["ppo"]), "--set", f"output_dir={out}", "--set", "iterations=3",
+            "--set", "save_every=2", "--set", "ppo.epochs=1"]
+    result = run_cli(*args, "--num-processes", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(out)
+    params = next(m for m in metrics if "params/per_rank" in m)
+    assert len(params["params/per_rank"]) == 2
+    assert max(params["params/per_rank"]) < 0.55 * params["params/total"]
+    assert [m["step"] for m in metrics if "objective/kl" in m] == [1, 2, 3]
+    assert (out / "checkpoints" / "step-2" / "value" / "model.safetensors").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    # Resume from step 2 in one process: only the last iteration runs again.
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [m["step"] for m in read_metrics(out) if "objective/kl" in m]
+    assert steps == [1, 2, 3]
