@@ -196,6 +196,9 @@ class TrainConfig:
         _positive(at, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
                   eval_batch_size=self.eval_batch_size, log_every=self.log_every,
                   keep_checkpoints=self.keep_checkpoints)
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{at}.{name}: must not be negative")
 
     def accumulation_steps(self, world_size: int) -> tuple[int, int]:
         """(micro-batch size, micro-batches per process per step) that make up `batch_size`."""
@@ -211,9 +214,6 @@ class TrainConfig:
                 f"{world_size} processes gets per step (train.batch_size={self.batch_size})"
             )
         return micro, per_process // micro
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{at}.{name}: must not be negative")
 
 
 @dataclass

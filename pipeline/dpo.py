@@ -21,7 +21,7 @@ from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_r
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.reference import reference_logps
 from pipeline.runs import RunDir, Trainable
-from pipeline.stage_common import chat_renderer, padded_shard, report_drops, sample_texts, tokenize_records
+from pipeline.stage_common import chat_renderer, finish_card, padded_shard, report_drops, sample_texts, tokenize_records
 from pipeline.training import (
     BatchPlan,
     StepProgress,
@@ -150,12 +150,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
     samples = sample_texts(policy, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
     if dist.is_main:
         console.print("dpo: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
-        for prompt, text in samples:
-            console.print(f"  [bold]{prompt}[/bold]{text}")
-    run_dir.write_card(
-        "dpo", cfg, {**{k: v for k, v in metrics.items() if k != "step"}, **final},
-        notes=["## Samples", "", *[f"- **{p}**{t}" for p, t in samples]],
-    )
+    finish_card(run_dir, "dpo", cfg, metrics, final, samples, dist)
     close_distributed()
     return run_dir.model
 

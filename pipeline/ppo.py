@@ -33,7 +33,6 @@ from pipeline.losses import (
     explained_variance,
     gae,
     kl_penalty,
-    masked_mean,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,

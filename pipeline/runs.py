@@ -152,7 +152,7 @@ class RunDir:
             "",
             f"- command: `{command}`",
             f"- config digest: `{config_module.digest(config)}` (full config in `config.yaml`)",
-            f"- model: `model/` (load with `from_pretrained`)",
+            "- model: `model/` (load with `from_pretrained`)",
             "",
             "| metric | value |",
             "| --- | --- |",

@@ -21,6 +21,7 @@ from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, lo
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
     chat_renderer,
+    finish_card,
     padded_shard,
     report_drops,
     sample_texts,
@@ -135,12 +136,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     samples = sample_texts(model, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
     if dist.is_main:
         console.print(f"sft: eval loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}")
-        for prompt, text in samples:
-            console.print(f"  [bold]{prompt}[/bold]{text}")
-    run_dir.write_card(
-        "sft", cfg, {**{k: v for k, v in metrics.items() if k != "step"}, **final},
-        notes=["## Samples", "", *[f"- **{p}**{t}" for p, t in samples]],
-    )
+    finish_card(run_dir, "sft", cfg, metrics, final, samples, dist)
     close_distributed()
     return run_dir.model
 

@@ -92,3 +92,14 @@ def sample_texts(model, tokenizer, prompts: list[str], sample: SampleConfig, dat
     )
     model.train(was_training)
     return [(p, tokenizer.decode(seq, skip_special_tokens=True)) for p, seq in zip(prompts, out.sequences)]
+
+
+def finish_card(run_dir, stage: str, cfg, metrics: dict, final: dict, samples: list[tuple[str, str]], dist: Dist) -> None:
+    """Print the samples and write the run's card with the last training and final metrics."""
+    if dist.is_main:
+        for prompt, text in samples:
+            console.print(f"  [bold]{prompt}[/bold]{text}")
+    run_dir.write_card(
+        stage, cfg, {**{k: v for k, v in metrics.items() if k != "step"}, **final},
+        notes=["## Samples", "", *[f"- **{p}**{t}" for p, t in samples]],
+    )

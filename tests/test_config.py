@@ -173,3 +173,8 @@ def test_a_missing_model_folder_is_a_config_error(tmp_path):
         load_config(SFTConfig, path)
     cfg = load_config(SFTConfig, write(tmp_path, "model: {name_or_path: gpt2}\n"))  # a hub id is not checked here
     assert cfg.model.name_or_path == "gpt2"
+
+
+def test_negative_periods_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.eval_every: must not be negative"):
+        load_config(SFTConfig, write(tmp_path, "train: {eval_every: -1}\n"))
