@@ -107,7 +107,8 @@ class Scorer:
                 self.models.append((model, stats))
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor], responses: list[str], finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, batch: dict[str, torch.Tensor], responses: list[str], finished: torch.Tensor,
+                 unsafe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores used for training, gold scores for logging), each (B,)."""
         gold = torch.tensor(self.gold(responses), dtype=torch.float32)
         if self.cfg.kind == "gold":
@@ -117,23 +118,24 @@ class Scorer:
             for model, (mean, std) in self.models:
                 raw = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float().cpu()
                 per_model.append((raw, (raw - mean) / std if self.cfg.normalize else raw))
-            scores = self._combine(per_model)
+            scores = self._combine(per_model, unsafe)
         if self.cfg.clip is not None:
             scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
         if self.cfg.missing_eos_penalty is not None:
             scores = scores + self.cfg.missing_eos_penalty * (~finished).float()
         return scores, gold
 
-    def _combine(self, per_model: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _combine(self, per_model: list[tuple[torch.Tensor, torch.Tensor]], unsafe: torch.Tensor) -> torch.Tensor:
         if len(per_model) == 1:
             return per_model[0][1]
         if self.cfg.combine == "weighted":
             weights = self.cfg.weights or [1.0 / len(per_model)] * len(per_model)
             return sum(w * normalised for w, (_, normalised) in zip(weights, per_model))
-        # Llama 2, Sec. 3.2.2: the safety score where the response looks unsafe
-        # (sigmoid of the raw safety score below the threshold), else the helpfulness score.
+        # Llama 2, Sec. 3.2.2: the safety score where the prompt is flagged unsafe or the response
+        # looks unsafe (sigmoid of the raw safety score below the threshold), else helpfulness.
         (_, helpful), (safety_raw, safety) = per_model
-        return torch.where(torch.sigmoid(safety_raw) < self.cfg.safety_threshold, safety, helpful)
+        use_safety = unsafe | (torch.sigmoid(safety_raw) < self.cfg.safety_threshold)
+        return torch.where(use_safety, safety, helpful)
 
 
 # ---------------------------------------------------------------------------------------- stage
@@ -149,8 +151,12 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     ledger = DropLedger(cfg.data.strict)
     tokenizer = load_tokenizer(cfg.model, str(checkpoint / "model") if checkpoint else None)
     train_prompts, _ = load_prompts(cfg.data, ledger, chat_renderer(tokenizer))
-    prompts = list(dict.fromkeys(p.prompt for p in train_prompts))
-    prompt_ids = tokenize_records(prompts, lambda p: encode_prompt(tokenizer, p, cfg.data), ledger, "ppo prompts")
+    unsafe: dict[str, bool] = {}  # prompt text -> flagged unsafe, over duplicates
+    for record in train_prompts:
+        unsafe[record.prompt] = unsafe.get(record.prompt, False) or record.unsafe
+    prompts = tokenize_records(
+        list(unsafe), lambda p: (encode_prompt(tokenizer, p, cfg.data), unsafe[p]), ledger, "ppo prompts"
+    )
     report_drops(ledger, dist)
 
     # ---- build: policy, reference, value model, scorer; optimizers; KL controller
@@ -164,7 +170,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     value_optimizer = build_optimizer(value, cfg.optim)
     value_lr_scale = (cfg.ppo.value_lr or cfg.optim.lr) / cfg.optim.lr
     kl_ctl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
-    plan = BatchPlan.build(len(prompt_ids), TrainConfig(
+    plan = BatchPlan.build(len(prompts), TrainConfig(
         batch_size=cfg.ppo.rollout_batch_size, micro_batch_size=cfg.ppo.rollout_batch_size,
         max_steps=cfg.iterations, seed=cfg.seed), dist.world_size)
     trainables = [Trainable("model", policy, policy_optimizer, tokenizer),
@@ -179,7 +185,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     run_dir.log({"step": start, "params/total": count_parameters(policy), "params/per_rank": per_rank})
     if dist.is_main:
         console.print(
-            f"ppo: {len(prompt_ids)} prompts, {cfg.iterations} iterations of {cfg.ppo.rollout_batch_size} rollouts, "
+            f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.ppo.rollout_batch_size} rollouts, "
             f"{cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.mini_batch_size}; score from "
             f"{cfg.reward.kind if cfg.reward.kind == 'gold' else ', '.join(cfg.reward.models)}"
         )
@@ -194,7 +200,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
             set_lr(policy_optimizer, lr)
             set_lr(value_optimizer, lr * value_lr_scale)
             rollout, stats, table = collect_rollout(
-                policy, reference, value, scorer, tokenizer, [prompt_ids[i] for i in ids], cfg, kl_ctl.value, dist, generator
+                policy, reference, value, scorer, tokenizer, [prompts[i] for i in ids], cfg, kl_ctl.value, dist, generator
             )
             stats |= ppo_update(policy, value, policy_optimizer, value_optimizer, rollout, cfg, dist, iteration)
             kl_ctl.update(stats["objective/kl"], cfg.ppo.rollout_batch_size)
@@ -217,9 +223,14 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
 
 
 @torch.no_grad()
-def collect_rollout(policy, reference, value, scorer, tokenizer, prompt_ids: list[list[int]], cfg: PPOConfig,
+def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[tuple[list[int], bool]], cfg: PPOConfig,
                     kl_coef: float, dist, generator) -> tuple[Rollout, dict, list]:
-    """Sample, score and compute advantages for this process's prompts; stats are over all processes."""
+    """Sample, score and compute advantages for this process's (prompt ids, unsafe flag) pairs.
+
+    The returned statistics are over all processes.
+    """
+    prompt_ids = [ids for ids, _ in prompts]
+    unsafe = torch.tensor([flag for _, flag in prompts])
     policy.eval()
     out = generate(
         policy, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -247,7 +258,7 @@ def collect_rollout(policy, reference, value, scorer, tokenizer, prompt_ids: lis
     mask, entropy = torch.cat(masks), torch.cat(entropies)
     old_values = old_values * mask
 
-    scores, gold = scorer(batch, responses, finished)
+    scores, gold = scorer(batch, responses, finished, unsafe)
     kl = kl_penalty(old_logps, ref_logps, cfg.kl.estimator) * mask  # (B, T-1)
     rewards = token_rewards(scores.to(dist.device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)

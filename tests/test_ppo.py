@@ -45,7 +45,7 @@ def tiny_setup():
         ppo=PPOAlgoConfig(rollout_batch_size=8, mini_batch_size=8, micro_batch_size=4, epochs=1),
         optim=OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0),
     )
-    prompts = [encode_prompt(tokenizer, " ".join(t.split()[:3]), cfg.data) for t in texts[:8]]
+    prompts = [(encode_prompt(tokenizer, " ".join(t.split()[:3]), cfg.data), False) for t in texts[:8]]
     return tokenizer, policy, value, cfg, prompts
 
 
@@ -98,10 +98,13 @@ def test_two_reward_models_combine_by_the_llama2_rule():
     scorer.cfg = cfg.reward
     helpful = torch.tensor([1.0, 2.0, 3.0])
     safety_raw = torch.tensor([-3.0, 0.0, 3.0])  # sigmoid: 0.047 (unsafe), 0.5, 0.95
-    combined = scorer._combine([(helpful, helpful), (safety_raw, safety_raw * 10)])
+    no_flags = torch.tensor([False, False, False])
+    combined = scorer._combine([(helpful, helpful), (safety_raw, safety_raw * 10)], no_flags)
     assert combined.tolist() == [-30.0, 2.0, 3.0]
+    flagged = scorer._combine([(helpful, helpful), (safety_raw, safety_raw * 10)], torch.tensor([False, False, True]))
+    assert flagged.tolist() == [-30.0, 2.0, 30.0]  # an unsafe prompt is scored by the safety model
     scorer.cfg = RewardSourceConfig(models=["h", "s"], combine="weighted", weights=[0.75, 0.25])
-    assert scorer._combine([(helpful, helpful), (safety_raw, safety_raw)]).tolist() == pytest.approx([0.0, 1.5, 3.0])
+    assert scorer._combine([(helpful, helpful), (safety_raw, safety_raw)], no_flags).tolist() == pytest.approx([0.0, 1.5, 3.0])
 
 
 # ------------------------------------------------------------------------- seeded runs end to end

@@ -100,3 +100,14 @@ def test_preference_loss_dispatch_by_hand():
 def test_rating_levels_are_llama2s_four():
     assert RATING_LEVELS == ("significantly better", "better", "slightly better", "negligibly better")
     assert math.isclose(RewardLossConfig().rating_margins["slightly better"], 1 / 3)
+
+
+def test_prompts_carry_an_optional_unsafe_flag():
+    from pipeline.config import SourceConfig
+    from pipeline.data.adapters import prompt_adapter
+
+    adapt = prompt_adapter(SourceConfig(path="x.jsonl", format="prompt_completion"), None, seed=0)
+    assert adapt({"_id": "1", "prompt": "how do I", "completion": " ok", "unsafe": True}).unsafe is True
+    assert adapt({"_id": "2", "prompt": "how do I", "completion": " ok"}).unsafe is False
+    renamed = prompt_adapter(SourceConfig(path="x.jsonl", format="prompt_completion", columns={"unsafe": "is_adversarial"}), None, seed=0)
+    assert renamed({"_id": "3", "prompt": "p", "completion": " c", "is_adversarial": 1}).unsafe is True

@@ -295,10 +295,12 @@ def prompt_adapter(source: SourceConfig, render: Render | None, seed: int) -> Ca
         lo, hi = source.prompt_words or DEFAULT_PROMPT_WORDS
         return _remapped(partial(review_prompt, words=(lo, hi), seed=seed), source.columns)
     to_example = sft_adapter(source, render)  # prompt_completion and every pair format
+    flag_column = source.columns.get("unsafe", "unsafe")  # optional: a boolean column
 
     def adapt(row: dict) -> PromptRecord:
         example = to_example(row)
-        return PromptRecord(prompt=example.prompt, source_id=example.source_id, reference=example.response)
+        return PromptRecord(prompt=example.prompt, source_id=example.source_id, reference=example.response,
+                            unsafe=bool(row.get(flag_column, False)))
 
     return adapt
 

@@ -42,6 +42,7 @@ class PromptRecord:
     prompt: str
     source_id: str
     reference: str | None = None
+    unsafe: bool = False  # flagged as adversarial/unsafe (Llama 2 then scores with the safety model)
 
 
 DROP_REASONS = (
