@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import DataConfig, SampleConfig
-from pipeline.data.tokenize import encode_prompt
+from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
+from pipeline.losses import sequence_logps
 from pipeline.sampling import generate
 
 
@@ -22,6 +23,7 @@ class Scored:
     prompts: list[str]
     completions: list[str]
     gold: list[float]
+    sequences: list[TokenizedExample]  # prompt + sampled response ids, for log-probs under other models
 
     @property
     def mean(self) -> float:
@@ -37,16 +39,39 @@ def sample_and_score(
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     completions: list[str] = []
+    sequences: list[TokenizedExample] = []
     for start in range(0, len(prompts), batch_size):
         part = prompts[start : start + batch_size]
+        prompt_ids = [encode_prompt(tokenizer, p, data) for p in part]
         out = generate(
-            model, [encode_prompt(tokenizer, p, data) for p in part],
+            model, prompt_ids,
             eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
             max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p,
             generator=generator,
         )
         completions += tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-    return Scored(list(prompts), completions, gold(completions))
+        sequences += [TokenizedExample(p + r, len(p)) for p, r in zip(prompt_ids, out.sequences)]
+    return Scored(list(prompts), completions, gold(completions), sequences)
+
+
+@torch.no_grad()
+def response_logps(model, sequences: list[TokenizedExample], pad_id: int, batch_size: int = 64) -> list[float]:
+    """Summed log-probability of each sequence's response under `model`."""
+    model.eval()
+    out: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        batch = collate(sequences[start : start + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out += sequence_logps(logits, batch["labels"])[0].tolist()
+    return out
+
+
+def kl_to_reference(policy, reference, sequences: list[TokenizedExample], pad_id: int) -> list[float]:
+    """Per-sample estimate of KL(pi || pi_ref): sum over response tokens of log pi - log pi_ref,
+    on responses sampled from pi (its mean over prompts is the sequence-level KL)."""
+    policy_logps = response_logps(policy, sequences, pad_id)
+    reference_logps = response_logps(reference, sequences, pad_id)
+    return [p - r for p, r in zip(policy_logps, reference_logps)]
 
 
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, seed: int = 0,

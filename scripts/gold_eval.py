@@ -1,10 +1,11 @@
 """Mean gold reward of policies on held-out built-in prompts, each against the first, with intervals.
 
-    python scripts/gold_eval.py runs/sft/model runs/dpo/model --prompts 500
+    python scripts/gold_eval.py runs/sft/model runs/dpo/model runs/ppo/model --prompts 500
 
 Every policy continues the same held-out prompts (disjoint from the training prompts) with the same
 sampling settings; the difference to the first policy is paired by prompt and gets a paired
-bootstrap 95% interval.
+bootstrap 95% interval. KL(pi || pi_first) is the mean over prompts of the summed log-ratio of
+each policy's own samples.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import DataConfig, ModelConfig, SampleConfig
 from pipeline.data.builtin_sentiment import heldout_prompts
-from pipeline.evaluation import paired_bootstrap, sample_and_score
+from pipeline.evaluation import kl_to_reference, paired_bootstrap, sample_and_score
 from pipeline.judges import gold_reward
 from pipeline.models import load_tokenizer
 
@@ -33,21 +34,23 @@ def main() -> None:
     sample = SampleConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     data = DataConfig(max_length=256, max_prompt_length=64)
     gold = gold_reward("vader")
-    results = {}
+    baseline = args.models[0]
+    reference = AutoModelForCausalLM.from_pretrained(baseline)
+    print(f"{len(prompts)} held-out prompts, temperature {args.temperature}, seed {args.seed}")
+    print(f"| policy | mean gold reward | difference to {baseline} (95% CI) | KL to {baseline} |")
+    print("| --- | --- | --- | --- |")
+    baseline_gold = None
     for path in args.models:
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = load_tokenizer(ModelConfig(name_or_path=path))
-        results[path] = sample_and_score(model, tokenizer, prompts, gold, sample, data, seed=args.seed)
-    baseline = args.models[0]
-    print(f"{len(prompts)} held-out prompts, temperature {args.temperature}, seed {args.seed}")
-    print(f"| policy | mean gold reward | difference to {baseline} (95% CI) |")
-    print("| --- | --- | --- |")
-    for path, scored in results.items():
-        if path == baseline:
-            print(f"| {path} | {scored.mean:+.3f} | |")
+        scored = sample_and_score(model, tokenizer, prompts, gold, sample, data, seed=args.seed)
+        kl = kl_to_reference(model, reference, scored.sequences, tokenizer.pad_token_id)
+        if baseline_gold is None:
+            baseline_gold = scored.gold
+            print(f"| {path} | {scored.mean:+.3f} | | {sum(kl) / len(kl):.2f} |")
             continue
-        diff, low, high = paired_bootstrap(scored.gold, results[baseline].gold, seed=args.seed)
-        print(f"| {path} | {scored.mean:+.3f} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] |")
+        diff, low, high = paired_bootstrap(scored.gold, baseline_gold, seed=args.seed)
+        print(f"| {path} | {scored.mean:+.3f} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] | {sum(kl) / len(kl):.2f} |")
 
 
 if __name__ == "__main__":

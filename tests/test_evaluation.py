@@ -1,0 +1,54 @@
+"""Evaluation helpers: paired bootstrap intervals and the sample-based KL to a reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.config import ArchitectureConfig, DataConfig, SampleConfig
+from pipeline.data.builtin_sentiment import load_rows
+from pipeline.evaluation import kl_to_reference, paired_bootstrap, sample_and_score
+from pipeline.models import create_scratch_model, train_tokenizer
+
+
+def test_paired_bootstrap_on_a_constant_difference_is_that_difference():
+    mean, low, high = paired_bootstrap([1.5, 2.5, 0.5], [1.0, 2.0, 0.0])
+    assert (mean, low, high) == (pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.5))
+
+
+def test_paired_bootstrap_interval_contains_the_mean_and_is_seeded():
+    a = [0.1 * i for i in range(50)]
+    b = [0.05 * i + (0.3 if i % 2 else -0.3) for i in range(50)]
+    first = paired_bootstrap(a, b, seed=3)
+    assert first == paired_bootstrap(a, b, seed=3)
+    mean, low, high = first
+    assert low < mean < high
+    assert mean == pytest.approx(sum(x - y for x, y in zip(a, b)) / 50)
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 2.0])
+
+
+@pytest.fixture(scope="module")
+def tiny_policy():
+    texts = [row["review"] for row in load_rows("train", 200)]
+    tokenizer = train_tokenizer(texts, vocab_size=350)
+    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64), tokenizer, seed=0)
+    return model, tokenizer
+
+
+def test_kl_to_itself_is_zero_and_to_another_model_is_positive(tiny_policy):
+    model, tokenizer = tiny_policy
+    prompts = ["i saw this", "the movie was", "we rented it", "my wife and i"] * 4
+    scored = sample_and_score(model, tokenizer, prompts, lambda texts: [0.0] * len(texts),
+                              SampleConfig(max_new_tokens=10), DataConfig(max_length=64, max_prompt_length=16), seed=0)
+    assert len(scored.sequences) == len(prompts)
+    assert all(abs(k) < 1e-5 for k in kl_to_reference(model, model, scored.sequences, tokenizer.pad_token_id))
+    other = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kl = kl_to_reference(model, other, scored.sequences, tokenizer.pad_token_id)
+    assert sum(kl) / len(kl) > 0  # a Monte Carlo estimate of a positive KL over 16 samples
