@@ -1,13 +1,13 @@
 # make sft      set up .venv (if needed) and run SFT on the built-in task
 # make test     set up .venv (if needed) and run the test suite
-# make pairs reward dpo   the next stages, each reading the previous one's runs/ folder
+# make pairs reward dpo ppo   the next stages, each reading the previous one's runs/ folder
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RLHFDPO := $(VENV)/bin/rlhfdpo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sft pairs reward dpo test test-fast clean
+.PHONY: setup sft pairs reward dpo ppo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ reward: setup
 
 dpo: setup
 	$(RLHFDPO) dpo configs/dpo.yaml
+
+ppo: setup
+	$(RLHFDPO) ppo configs/ppo.yaml
 
 test: setup
 	$(PYTHON) -m pytest
