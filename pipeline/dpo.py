@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DPOConfig, DPOLossConfig
+from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedPair, collate_pairs, tokenize_pair
@@ -75,6 +76,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.train.seed)
     run_dir = RunDir(cfg.output_dir, dist)
+    meter = CostMeter(dist)
     checkpoint = run_dir.latest_checkpoint() if resume else None
 
     # ---- load: pairs, tokenized once; reference log-probs from the cache or one pass
@@ -86,14 +88,14 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
     eval_set = tokenize_records(eval_pairs, tokenize, ledger, "dpo tokenize")
     report_drops(ledger, dist)
     ref_chosen, ref_rejected, cache_hit = reference_logps(
-        cfg.model, train_set + eval_set, cfg.reference.cache_dir, cfg.reference.batch_size, tokenizer.pad_token_id, dist
+        cfg.model, train_set + eval_set, cfg.reference.cache_dir, cfg.reference.batch_size, tokenizer.pad_token_id, dist, meter
     )
     reference = {"train": (ref_chosen[: len(train_set)], ref_rejected[: len(train_set)]),
                  "eval": (ref_chosen[len(train_set) :], ref_rejected[len(train_set) :])}
 
     # ---- build: the policy (SFT model or the checkpoint being resumed), shards, optimizer
     policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
-    policy = shard(policy, dist)
+    policy = meter.watch(shard(policy, dist), "policy")
     optimizer = build_optimizer(policy, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
     trainables = [Trainable("model", policy, optimizer, tokenizer)]
@@ -150,7 +152,8 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
     samples = sample_texts(policy, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
     if dist.is_main:
         console.print("dpo: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
-    finish_card(run_dir, "dpo", cfg, metrics, final, samples, dist)
+    cost = meter.write(run_dir.root)
+    finish_card(run_dir, "dpo", cfg, metrics, {**final, "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]}, samples, dist)
     close_distributed()
     return run_dir.model
 

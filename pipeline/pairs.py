@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RATING_LEVELS, PairingConfig, PairsConfig, write_resolved
+from pipeline.cost import CostMeter
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger, PromptRecord
 from pipeline.data.tokenize import encode_prompt
@@ -63,6 +64,7 @@ def run(cfg: PairsConfig, resume: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    meter = CostMeter(dist)
 
     # ---- load: prompts, tokenizer, gold reward, model
     ledger = DropLedger(cfg.data.strict)
@@ -74,7 +76,7 @@ def run(cfg: PairsConfig, resume: bool = False) -> Path:
         "test": _distinct(eval_prompts)[: cfg.num_eval_prompts],
     }
     gold = gold_reward(cfg.gold_reward)
-    model = shard(load_causal_lm(cfg.model), dist)
+    model = meter.watch(shard(load_causal_lm(cfg.model), dist), "policy")
     model.eval()
 
     # ---- loop: sample, score, pair, for each split
@@ -100,6 +102,7 @@ def run(cfg: PairsConfig, resume: bool = False) -> Path:
         }
 
     # ---- save: config and a card with the counts
+    meter.write(out_dir)
     if dist.is_main:
         write_resolved(cfg, out_dir)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -23,6 +23,7 @@ from rich.table import Table
 from transformers import AutoModelForSequenceClassification
 
 from pipeline.config import PPOConfig, TrainConfig
+from pipeline.cost import CostMeter
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
@@ -145,6 +146,7 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.seed)
     run_dir = RunDir(cfg.output_dir, dist)
+    meter = CostMeter(dist)
     checkpoint = run_dir.latest_checkpoint() if resume else None
 
     # ---- load: prompts as token ids
@@ -166,6 +168,11 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     value_hf = AutoModelForSequenceClassification.from_pretrained(value_source, num_labels=1, pad_token_id=tokenizer.pad_token_id)
     value = shard(TokenValueModel(value_hf), dist)
     scorer = Scorer(cfg, tokenizer, dist)
+    meter.watch(policy, "policy")
+    meter.watch(reference, "reference")
+    meter.watch(value, "value")
+    for i, (model, _) in enumerate(scorer.models):
+        meter.watch(model, f"reward_{i}")
     policy_optimizer = build_optimizer(policy, cfg.optim)
     value_optimizer = build_optimizer(value, cfg.optim)
     value_lr_scale = (cfg.ppo.value_lr or cfg.optim.lr) / cfg.optim.lr
@@ -217,7 +224,9 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     # ---- save: the policy (and the value model beside it), card
     run_dir.save_model(policy, tokenizer)
     save_pretrained(value, tokenizer, run_dir.root / "value", dist, hf_model=value_hf, prefix="model.")
-    run_dir.write_card("ppo", cfg, {k: v for k, v in metrics.items() if k != "step"})
+    cost = meter.write(run_dir.root)
+    run_dir.write_card("ppo", cfg, {**{k: v for k, v in metrics.items() if k != "step"},
+                                    "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]})
     close_distributed()
     return run_dir.model
 

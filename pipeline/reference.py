@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.cost import CostMeter
 from pipeline.data.tokenize import TokenizedPair, collate_pairs
 from pipeline.launch import Dist, barrier, gather_objects, shard
 from pipeline.losses import sequence_logps
@@ -59,7 +60,8 @@ def cache_path(cache_dir: str, model: ModelConfig, pairs: list[TokenizedPair]) -
 
 
 def reference_logps(
-    model: ModelConfig, pairs: list[TokenizedPair], cache_dir: str, batch_size: int, pad_id: int, dist: Dist
+    model: ModelConfig, pairs: list[TokenizedPair], cache_dir: str, batch_size: int, pad_id: int, dist: Dist,
+    meter: CostMeter | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(chosen, rejected) summed response log-probs under the reference, each (N,), and cache hit."""
     path = cache_path(cache_dir, model, pairs)
@@ -69,6 +71,8 @@ def reference_logps(
 
     reference = shard(load_causal_lm(model), dist)
     reference.eval()
+    if meter is not None:
+        meter.watch(reference, "reference")
     slots = padded_shard(len(pairs), dist)
     mine = {}
     batches = [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]

@@ -18,6 +18,7 @@ from rich.table import Table
 from transformers import AutoModelForSequenceClassification
 
 from pipeline.config import RATING_LEVELS, RewardConfig
+from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger, PreferencePair
 from pipeline.data.tokenize import TokenizedPair, collate_pairs, tokenize_pair
@@ -61,6 +62,7 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.train.seed)
     run_dir = RunDir(cfg.output_dir, dist)
+    meter = CostMeter(dist)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     source = str(checkpoint / "model") if checkpoint else cfg.model.name_or_path
 
@@ -79,7 +81,7 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
         revision=cfg.model.revision if not checkpoint else None, trust_remote_code=cfg.model.trust_remote_code,
     )
     model.config.pad_token_id = tokenizer.pad_token_id
-    model = shard(model, dist)
+    model = meter.watch(shard(model, dist), "reward")
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
     trainables = [Trainable("model", model, optimizer, tokenizer)]
@@ -141,6 +143,8 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
     if dist.is_main:
         (run_dir.root / "eval.json").write_text(json.dumps(report, indent=2))
         console.print(_tables(report))
+    cost = meter.write(run_dir.root)
+    final |= {"wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]}
     run_dir.write_card("reward", cfg, {k: v for k, v in final.items() if not isinstance(v, dict)},
                        notes=["## Held-out accuracy", "", *_markdown_tables(report)])
     close_distributed()

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import SFTConfig
+from pipeline.cost import CostMeter
 from pipeline.data.loading import load_sft_examples
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate, tokenize_sft
@@ -48,6 +49,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.train.seed)
     run_dir = RunDir(cfg.output_dir, dist)
+    meter = CostMeter(dist)
     checkpoint = run_dir.latest_checkpoint() if resume else None
     if resume and checkpoint is None and dist.is_main:
         console.print(f"[yellow]no checkpoint under {run_dir.checkpoints}; starting from step 0")
@@ -73,7 +75,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     else:
         model = load_causal_lm(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
-    model = shard(model, dist)
+    model = meter.watch(shard(model, dist), "policy")
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
     trainables = [Trainable("model", model, optimizer, tokenizer)]
@@ -136,7 +138,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     samples = sample_texts(model, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
     if dist.is_main:
         console.print(f"sft: eval loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}")
-    finish_card(run_dir, "sft", cfg, metrics, final, samples, dist)
+    cost = meter.write(run_dir.root)
+    finish_card(run_dir, "sft", cfg, metrics, {**final, "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]}, samples, dist)
     close_distributed()
     return run_dir.model
 

@@ -147,6 +147,10 @@ def test_reference_cache_is_reused_and_invalidated(small_pipeline, dpo_run, tmp_
     cache = root / "cache"
     files = set(cache.iterdir())
     assert len(files) == 1
+    # The first run computed the reference log-probs: one reference forward per batch of 32 pairs.
+    cost = json.loads((dpo_run / "cost.json").read_text())
+    n_pairs = sum(1 for _ in (root / "pairs" / "train.jsonl").open()) + sum(1 for _ in (root / "pairs" / "test.jsonl").open())
+    assert 0 < cost["forward_passes"]["reference"] <= -(-n_pairs // 32)
     quick = ["--set", "train.max_steps=1", "--set", f"output_dir={tmp_path / 'run'}"]
 
     run_ok("dpo", str(small_pipeline["dpo"]), *quick, "--set", "loss.beta=0.5")  # a beta sweep point

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,6 +42,10 @@ def test_sft_writes_a_loadable_model_and_its_run_directory(finished_run):
     evals = [m for m in metrics if "eval/loss" in m]
     assert [m["step"] for m in evals] == [3, 6]
     assert all(m["eval/perplexity"] > 1 for m in evals)
+    cost = json.loads((run_dir / "cost.json").read_text())
+    # 6 steps x 2 micro-batches, 2 evaluations x 3 batches of 16, then 2 prompts sampled for 8 tokens.
+    assert cost["forward_passes"]["policy"] == 12 + 6 + 8
+    assert cost["tokens"]["policy"] > 6 * 8 * 20 and cost["peak_rss_mb"] > 0 and cost["wall_s"] > 0
 
 
 def test_training_lowers_the_loss(finished_run):

@@ -1,0 +1,72 @@
+"""What a stage cost: wall-clock time, tokens and forward passes through each model, peak memory.
+
+`CostMeter.watch(model, name)` hooks a model's forward, so no training loop needs to count by hand:
+every call adds one forward pass and the tokens it saw (attended positions; new positions only
+when a KV cache is passed). The totals are summed over processes and written to `cost.json`, which
+the comparison reads to put a price beside each method.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from pipeline.launch import Dist, all_reduce_sum, gather_objects
+
+
+class CostMeter:
+    def __init__(self, dist: Dist):
+        self.dist = dist
+        self.start = time.perf_counter()
+        self.forward_passes: Counter[str] = Counter()
+        self.tokens: Counter[str] = Counter()
+
+    def watch(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
+        def count(_module, args, kwargs):
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                return
+            self.forward_passes[name] += 1
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            cached = kwargs.get("past_key_values") is not None
+            self.tokens[name] += int(input_ids.numel() if cached or mask is None else mask.sum())
+
+        model.register_forward_pre_hook(count, with_kwargs=True)
+        return model
+
+    def summary(self) -> dict:
+        """Totals over every process (call on all ranks); memory is the largest of any process."""
+        names = sorted(set(self.forward_passes) | set(self.tokens))
+        counts = all_reduce_sum(
+            self.dist, torch.tensor([[float(self.forward_passes[n]), float(self.tokens[n])] for n in names] or [[0.0, 0.0]])
+        )
+        peak_rss = max(gather_objects(self.dist, _peak_rss_mb()))
+        out = {
+            "wall_s": round(time.perf_counter() - self.start, 2),
+            "processes": self.dist.world_size,
+            "peak_rss_mb": round(peak_rss, 1),
+            "forward_passes": {n: int(c[0]) for n, c in zip(names, counts.tolist())},
+            "tokens": {n: int(c[1]) for n, c in zip(names, counts.tolist())},
+        }
+        if torch.cuda.is_available() and self.dist.device.type == "cuda":
+            out["peak_gpu_mb"] = round(max(gather_objects(self.dist, torch.cuda.max_memory_allocated() / 2**20)), 1)
+        return out
+
+    def write(self, run_root: Path) -> dict:
+        summary = self.summary()
+        if self.dist.is_main:
+            run_root.mkdir(parents=True, exist_ok=True)
+            (run_root / "cost.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
