@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import (
+    CompareConfig,
     ConfigError,
     DPOConfig,
     LaunchConfig,
@@ -67,7 +68,7 @@ def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, re
         cfg, overrides = _load(cls, config, overrides, num_processes)
         from pipeline.launch import inside_launch, relaunch
 
-        launch: LaunchConfig = cfg.launch
+        launch: LaunchConfig = getattr(cfg, "launch", LaunchConfig())  # compare runs in one process
         if launch.num_processes > 1 and not inside_launch():
             command = ["data", stage] if stage == "pairs" else [stage]
             args = [*command, str(config), *[a for o in overrides for a in ("--set", o)]]
@@ -102,6 +103,12 @@ def dpo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProce
 def ppo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
     """PPO against the reward model (or the gold reward: PPO-GT) with a KL penalty to the SFT model."""
     _run_stage("ppo", PPOConfig, config, overrides, num_processes, resume)
+
+
+@app.command()
+def compare(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Sample every policy on held-out prompts; win rates, the reward-vs-KL frontier, cost: report.md."""
+    _run_stage("compare", CompareConfig, config, overrides, None, resume=False)
 
 
 @data_app.command("pairs")

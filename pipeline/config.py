@@ -573,8 +573,70 @@ class PPOConfig:
         return self.reward.models[0] if self.reward.kind == "model" else self.model.name_or_path
 
 
+@dataclass
+class PolicySpec:
+    """One trained policy in the comparison: a run directory whose model/ (and checkpoints) are sampled."""
+
+    name: str = "dpo"
+    method: Literal["dpo", "ppo", "ppo_gt"] = "dpo"
+    run: str = "runs/dpo"
+
+    def check(self, at: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{at}.name: must not be empty")
+        check_model_path(f"{at}.run", str(Path(self.run) / "model"))
+
+
+@dataclass
+class CompareConfig:
+    """`rlhfdpo compare`: sample every policy on the same held-out prompts and score them all."""
+
+    output_dir: str = "runs/compare"
+    sft: str = "runs/sft"  # the SFT run: baseline, KL anchor and Best-of-N sampler
+    reward: str | None = "runs/reward"  # the reward run: Best-of-N ranking and the proxy's verdicts
+    policies: list[PolicySpec] = field(default_factory=lambda: [
+        PolicySpec("dpo", "dpo", "runs/dpo"), PolicySpec("ppo", "ppo", "runs/ppo"), PolicySpec("ppo-gt", "ppo_gt", "runs/ppo-gt"),
+    ])
+    best_of_n: list[int] = field(default_factory=lambda: [4, 16])  # Best-of-N from the SFT model, ranked by the reward model
+    num_prompts: int = 500  # held-out built-in prompts, disjoint from every training prompt
+    prompt_seed: int = 0
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # 0 is greedy
+    frontier_temperature: float = 1.0  # the reward-vs-KL frontier samples at this temperature
+    checkpoints: bool = True  # also put each run's saved checkpoints on the frontier
+    max_new_tokens: int = 48
+    gold: str = "vader"
+    bootstrap_resamples: int = 1000
+    batch_size: int = 64
+    seed: int = 0
+
+    def check(self, at: str = "") -> None:
+        check_model_path("sft", str(Path(self.sft) / "model"))
+        if self.reward is not None:
+            check_model_path("reward", str(Path(self.reward) / "model"))
+        elif self.best_of_n:
+            raise ConfigError("best_of_n: needs a reward model to rank the samples (reward is null)")
+        names = [p.name for p in self.policies]
+        for i, policy in enumerate(self.policies):
+            policy.check(f"policies.{i}")
+        if len(set(names)) != len(names) or "sft" in names:
+            raise ConfigError(f"policies: names must be distinct and not 'sft', got {names}")
+        if any(n < 2 for n in self.best_of_n):
+            raise ConfigError(f"best_of_n: each N must be at least 2, got {self.best_of_n}")
+        if not self.temperatures or any(t < 0 for t in self.temperatures):
+            raise ConfigError(f"temperatures: expected non-negative values, got {self.temperatures}")
+        if self.frontier_temperature not in self.temperatures:
+            raise ConfigError(f"frontier_temperature: {self.frontier_temperature} is not among temperatures {self.temperatures}")
+        _positive("", num_prompts=self.num_prompts, max_new_tokens=self.max_new_tokens,
+                  bootstrap_resamples=self.bootstrap_resamples, batch_size=self.batch_size)
+        from pipeline.judges import GOLD_REWARDS
+
+        if self.gold not in GOLD_REWARDS:
+            raise ConfigError(f"gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)}")
+
+
 STAGES: dict[str, type] = {
     "sft": SFTConfig, "pairs": PairsConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+    "compare": CompareConfig,
 }
 
 

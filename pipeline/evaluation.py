@@ -74,16 +74,36 @@ def kl_to_reference(policy, reference, sequences: list[TokenizedExample], pad_id
     return [p - r for p, r in zip(policy_logps, reference_logps)]
 
 
+def bootstrap_mean(values: Sequence[float], n_resamples: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-prompt values with a percentile bootstrap interval over prompts: (mean, low, high)."""
+    if not values:
+        raise ValueError("bootstrap_mean needs at least one value")
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_resamples))
+    tail = (1.0 - level) / 2.0
+    low = means[int(tail * n_resamples)]
+    high = means[min(n_resamples - 1, int((1.0 - tail) * n_resamples))]
+    return sum(values) / n, low, high
+
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, seed: int = 0,
                      level: float = 0.95) -> tuple[float, float, float]:
     """Mean of a - b over paired items, with a percentile bootstrap interval: (mean, low, high)."""
     if len(a) != len(b) or not a:
         raise ValueError("paired_bootstrap needs two equally long, non-empty lists")
-    diffs = [x - y for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    n = len(diffs)
-    means = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_resamples))
-    tail = (1.0 - level) / 2.0
-    low = means[int(tail * n_resamples)]
-    high = means[min(n_resamples - 1, int((1.0 - tail) * n_resamples))]
-    return sum(diffs) / n, low, high
+    return bootstrap_mean([x - y for x, y in zip(a, b)], n_resamples, seed, level)
+
+
+def win_indicators(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Per prompt: 1 where a beats b, 0.5 for a tie, 0 where b wins (the win rate is their mean)."""
+    if len(a) != len(b):
+        raise ValueError("win_indicators needs two equally long lists")
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of the texts (word level): a diversity measure."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -346,6 +346,20 @@ def heldout_prompts(n: int, seed: int = 0, min_words: int = 2, max_words: int = 
     Short prefixes ("i watched the new one") begin many train reviews and are skipped, so heldout
     prompts are longer on average than train prompts: the price of openings that are truly unseen.
     """
+    return [prompt for prompt, _ in heldout_prompts_with_references(n, seed, min_words, max_words)]
+
+
+def heldout_prompts_with_references(n: int, seed: int = 0, min_words: int = 2, max_words: int = 8) -> list[tuple[str, str]]:
+    """`heldout_prompts` with the rest of each prompt's review: the dataset's own completion."""
     stream, excluded = _stream("test", seed), _train_prefixes(seed, min_words, max_words)
-    prompts = (_prompt(stream, i, min_words, max_words) for i in range(50 * n + SPLIT_SIZES["test"]))
-    return _distinct((p for p in prompts if p not in excluded), n, f"heldout prompts of {min_words}-{max_words} words")
+    found: dict[str, str] = {}
+    for index in range(50 * n + SPLIT_SIZES["test"]):
+        if len(found) >= n:
+            break
+        prompt = _prompt(stream, index, min_words, max_words)
+        if prompt not in excluded and prompt not in found:
+            review = " ".join(_review(stream, index)[0].split())
+            found[prompt] = review[len(prompt) :]
+    if len(found) < n:
+        raise ValueError(f"only {len(found)} distinct heldout prompts of {min_words}-{max_words} words could be found, not {n}")
+    return list(found.items())

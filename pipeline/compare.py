@@ -1,0 +1,227 @@
+"""`rlhfdpo compare`: every policy on the same held-out prompts, scored the same way.
+
+For each method (SFT, Best-of-N from SFT ranked by the reward model, and each DPO/PPO/PPO-GT run)
+and each temperature: one completion per held-out prompt, its gold reward, the reward model's
+score (the proxy), its length, the KL to the SFT model estimated from the sample, and
+distinct-n over all completions. Win rates are per prompt (ties count half) with paired bootstrap
+intervals over prompts: against SFT, against the dataset's own completion, and DPO against PPO.
+The frontier puts every run and saved checkpoint at (KL, gold reward). report.py writes it all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from pipeline.config import CompareConfig, DataConfig, ModelConfig, SampleConfig
+from pipeline.data.builtin_sentiment import heldout_prompts_with_references
+from pipeline.data.tokenize import TokenizedExample, collate
+from pipeline.evaluation import bootstrap_mean, distinct_n, kl_to_reference, sample_and_score, win_indicators
+from pipeline.judges import gold_reward
+from pipeline.models import load_tokenizer
+from pipeline.training import console, seed_everything
+
+PROMPT_DATA = DataConfig(max_length=256, max_prompt_length=64)
+
+
+@dataclass
+class MethodSamples:
+    """One method at one temperature: a completion per prompt and its scores, in prompt order."""
+
+    name: str
+    method: str
+    temperature: float
+    completions: list[str]
+    gold: list[float]
+    proxy: list[float] | None
+    kl: list[float]
+    lengths: list[int]
+    extra: dict = field(default_factory=dict)
+
+
+def run(cfg: CompareConfig, resume: bool = False) -> Path:
+    seed_everything(cfg.seed)
+    out_dir = Path(cfg.output_dir)
+    prompts, references = zip(*heldout_prompts_with_references(cfg.num_prompts, cfg.prompt_seed))
+    prompts, references = list(prompts), list(references)
+    gold = gold_reward(cfg.gold)
+    reference_gold = gold(references)
+
+    sft_path = Path(cfg.sft) / "model"
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(sft_path)))
+    sft = AutoModelForCausalLM.from_pretrained(sft_path).eval()
+    proxy = None
+    if cfg.reward is not None:
+        proxy = AutoModelForSequenceClassification.from_pretrained(Path(cfg.reward) / "model").eval()
+
+    samples: list[MethodSamples] = []
+    for temperature in cfg.temperatures:
+        samples.append(sample_method(sft, "sft", "sft", temperature, prompts, tokenizer, gold, proxy, sft, cfg))
+        for n in cfg.best_of_n if temperature > 0 else []:  # N greedy samples are one sample N times
+            samples.append(best_of_n(sft, n, temperature, prompts, tokenizer, gold, proxy, cfg))
+    frontier = []
+    for policy in cfg.policies:
+        model = AutoModelForCausalLM.from_pretrained(Path(policy.run) / "model").eval()
+        for temperature in cfg.temperatures:
+            samples.append(sample_method(model, policy.name, policy.method, temperature, prompts, tokenizer, gold, proxy, sft, cfg))
+        for step, path in _checkpoints(Path(policy.run)) if cfg.checkpoints else []:
+            checkpoint = AutoModelForCausalLM.from_pretrained(path).eval()
+            point = sample_method(checkpoint, policy.name, policy.method, cfg.frontier_temperature, prompts, tokenizer, gold, None, sft, cfg)
+            frontier.append(_frontier_point(point, step))
+        final = next(s for s in samples if s.name == policy.name and s.temperature == cfg.frontier_temperature)
+        frontier.append(_frontier_point(final, "final"))
+
+    results = summarize(samples, reference_gold, frontier, cfg)
+    results["cost"] = collect_costs(cfg)
+    results["prompts"] = {"count": len(prompts), "seed": cfg.prompt_seed, "reference_gold_mean": sum(reference_gold) / len(reference_gold)}
+
+    from pipeline.report import print_tables, write_report
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    _write_samples(out_dir / "samples.jsonl", samples, prompts)
+    write_report(out_dir, results, cfg)
+    print_tables(results)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_method(model, name: str, method: str, temperature: float, prompts: list[str], tokenizer, gold, proxy,
+                  sft, cfg: CompareConfig) -> MethodSamples:
+    sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
+    scored = sample_and_score(model, tokenizer, prompts, gold, sample, PROMPT_DATA, seed=cfg.seed, batch_size=cfg.batch_size)
+    kl = [0.0] * len(prompts) if model is sft else kl_to_reference(model, sft, scored.sequences, tokenizer.pad_token_id)
+    return MethodSamples(
+        name=name, method=method, temperature=temperature, completions=scored.completions, gold=scored.gold,
+        proxy=proxy_scores(proxy, scored.sequences, tokenizer.pad_token_id, cfg.batch_size) if proxy is not None else None,
+        kl=kl, lengths=[len(s.input_ids) - s.prompt_length for s in scored.sequences],
+    )
+
+
+def best_of_n(sft, n: int, temperature: float, prompts: list[str], tokenizer, gold, proxy, cfg: CompareConfig) -> MethodSamples:
+    """N samples per prompt from the SFT model; the one the reward model ranks highest is kept.
+
+    Its KL to the SFT model is the analytic log N - (N - 1) / N (Stiennon et al. 2020, App. G.3).
+    """
+    repeated = [p for p in prompts for _ in range(n)]
+    sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
+    scored = sample_and_score(sft, tokenizer, repeated, gold, sample, PROMPT_DATA, seed=cfg.seed + n, batch_size=cfg.batch_size)
+    ranks = proxy_scores(proxy, scored.sequences, tokenizer.pad_token_id, cfg.batch_size)
+    picks = [max(range(i * n, (i + 1) * n), key=lambda j: ranks[j]) for i in range(len(prompts))]
+    kl = math.log(n) - (n - 1) / n
+    return MethodSamples(
+        name=f"best-of-{n}", method="best_of_n", temperature=temperature,
+        completions=[scored.completions[j] for j in picks], gold=[scored.gold[j] for j in picks],
+        proxy=[ranks[j] for j in picks], kl=[kl] * len(prompts),
+        lengths=[len(scored.sequences[j].input_ids) - scored.sequences[j].prompt_length for j in picks],
+        extra={"n": n},
+    )
+
+
+@torch.no_grad()
+def proxy_scores(proxy, sequences: list[TokenizedExample], pad_id: int, batch_size: int) -> list[float]:
+    """The reward model's score of each prompt + response, as PPO sees it."""
+    out: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        batch = collate(sequences[start : start + batch_size], pad_id)
+        out += proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------------------- stats
+
+
+def summarize(samples: list[MethodSamples], reference_gold: list[float], frontier: list[dict], cfg: CompareConfig) -> dict:
+    boot = {"n_resamples": cfg.bootstrap_resamples, "seed": cfg.seed}
+    by_key = {(s.name, s.temperature): s for s in samples}
+    rows = []
+    for s in samples:
+        baseline = by_key[("sft", s.temperature)]
+        row = {
+            "name": s.name, "method": s.method, "temperature": s.temperature,
+            "gold": _interval(bootstrap_mean(s.gold, **boot)),
+            "kl": sum(s.kl) / len(s.kl),
+            "length": sum(s.lengths) / len(s.lengths),
+            "distinct_1": distinct_n(s.completions, 1), "distinct_2": distinct_n(s.completions, 2),
+            "win_vs_reference": _interval(bootstrap_mean(win_indicators(s.gold, reference_gold), **boot)),
+        }
+        if s.name != "sft":
+            row["win_vs_sft"] = _interval(bootstrap_mean(win_indicators(s.gold, baseline.gold), **boot))
+            if s.proxy is not None and baseline.proxy is not None:
+                row["proxy_win_vs_sft"] = _interval(bootstrap_mean(win_indicators(s.proxy, baseline.proxy), **boot))
+        if s.proxy is not None:
+            row["proxy"] = sum(s.proxy) / len(s.proxy)
+        rows.append(row | s.extra)
+    head_to_head = []
+    dpo_names = [p.name for p in cfg.policies if p.method == "dpo"]
+    ppo_names = [p.name for p in cfg.policies if p.method in ("ppo", "ppo_gt")]
+    for temperature in cfg.temperatures:
+        for a in dpo_names:
+            for b in ppo_names:
+                wins = win_indicators(by_key[(a, temperature)].gold, by_key[(b, temperature)].gold)
+                head_to_head.append({"dpo": a, "ppo": b, "temperature": temperature,
+                                     "dpo_win_rate": _interval(bootstrap_mean(wins, **boot))})
+    return {"methods": rows, "head_to_head": head_to_head, "frontier": frontier}
+
+
+def _interval(stats: tuple[float, float, float]) -> dict:
+    mean, low, high = stats
+    return {"mean": mean, "low": low, "high": high}
+
+
+def _frontier_point(s: MethodSamples, step) -> dict:
+    return {"name": s.name, "method": s.method, "step": step, "kl": sum(s.kl) / len(s.kl), "gold": sum(s.gold) / len(s.gold)}
+
+
+def _checkpoints(run: Path) -> list[tuple[int, Path]]:
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(p.name.split("-")[1]), p / "model") for p in folder.iterdir() if p.name.startswith("step-") and (p / "model").is_dir()]
+    return sorted(found)
+
+
+# ------------------------------------------------------------------------------------------ cost
+
+
+def collect_costs(cfg: CompareConfig) -> list[dict]:
+    """Each run's cost.json; RLHF methods also pay for the pairs and the reward model."""
+    def read(run: str | None) -> dict | None:
+        path = Path(run) / "cost.json" if run else None
+        return json.loads(path.read_text()) if path and path.is_file() else None
+
+    pairs_run = str(Path(cfg.sft).parent / "pairs")
+    shared = {"sft": read(cfg.sft), "pairs": read(pairs_run), "reward": read(cfg.reward)}
+    rows = [{"name": name, "method": name, **_cost_row(cost)} for name, cost in shared.items() if cost]
+    for policy in cfg.policies:
+        cost = read(policy.run)
+        if cost:
+            needs = ["pairs"] + (["reward"] if policy.method == "ppo" else [])
+            total = _cost_row(cost)["wall_s"] + sum(_cost_row(shared[n])["wall_s"] for n in needs if shared[n])
+            rows.append({"name": policy.name, "method": policy.method, **_cost_row(cost),
+                         "wall_s_with_inputs": total, "inputs": needs})
+    return rows
+
+
+def _cost_row(cost: dict) -> dict:
+    return {"wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"],
+            "tokens": sum(cost["tokens"].values()), "forward_passes": sum(cost["forward_passes"].values())}
+
+
+def _write_samples(path: Path, samples: list[MethodSamples], prompts: list[str]) -> None:
+    with path.open("w") as handle:
+        for s in samples:
+            for i, prompt in enumerate(prompts):
+                handle.write(json.dumps({
+                    "method": s.name, "temperature": s.temperature, "prompt": prompt, "completion": s.completions[i],
+                    "gold": s.gold[i], "proxy": s.proxy[i] if s.proxy is not None else None,
+                    "kl": s.kl[i], "length": s.lengths[i],
+                }) + "\n")

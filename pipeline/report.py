@@ -1,0 +1,148 @@
+"""The comparison's report: report.md with its tables and pictures, and the same tables in the terminal."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+from pipeline.config import CompareConfig, digest
+from pipeline.training import console
+
+COLOURS = {"sft": "black", "best_of_n": "grey", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:green"}
+
+
+def _ci(interval: dict | None, percent: bool = False) -> str:
+    """'mean [low, high]', as a percentage for win rates."""
+    if not interval:
+        return ""
+    if percent:
+        return f"{100 * interval['mean']:.1f}% [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"
+    return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
+
+
+def main_rows(results: dict, temperature: float) -> list[list[str]]:
+    rows = []
+    for m in results["methods"]:
+        if m["temperature"] != temperature:
+            continue
+        rows.append([
+            m["name"], f"{m['gold']['mean']:+.3f}", f"{m['kl']:.2f}", _ci(m.get("win_vs_sft"), percent=True),
+            _ci(m.get("proxy_win_vs_sft"), percent=True), _ci(m.get("win_vs_reference"), percent=True),
+            f"{m['length']:.1f}", f"{m['distinct_2']:.3f}",
+        ])
+    return rows
+
+
+MAIN_HEADER = ["method", "gold reward", "KL to SFT", "gold win rate vs SFT (95% CI)",
+               "reward-model win rate vs SFT", "win rate vs dataset completion", "length", "distinct-2"]
+
+
+def print_tables(results: dict) -> None:
+    for temperature in sorted({m["temperature"] for m in results["methods"]}):
+        table = Table(title=f"temperature {temperature:g}")
+        for column in MAIN_HEADER:
+            table.add_column(column)
+        for row in main_rows(results, temperature):
+            table.add_row(*row)
+        console.print(table)
+    if results["head_to_head"]:
+        table = Table(title="DPO against PPO (gold reward, per prompt)")
+        for column in ("DPO", "PPO", "temperature", "DPO win rate (95% CI)"):
+            table.add_column(column)
+        for h in results["head_to_head"]:
+            table.add_row(h["dpo"], h["ppo"], f"{h['temperature']:g}", _ci(h["dpo_win_rate"], percent=True))
+        console.print(table)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
+            *["| " + " | ".join(row) + " |" for row in rows]]
+
+
+def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
+    frontier_png = plot_frontier(out_dir / "frontier.png", results["frontier"], cfg.frontier_temperature)
+    temperature_png = plot_win_rate_vs_temperature(out_dir / "win_rate_vs_temperature.png", results["methods"])
+    lines = [
+        "# RLHF vs DPO on the same footing",
+        "",
+        f"{results['prompts']['count']} held-out prompts (seed {results['prompts']['seed']}), one completion each per "
+        f"method and temperature, scored by the `{cfg.gold}` gold reward. Win rates count ties as half and carry "
+        f"95% paired bootstrap intervals over prompts ({cfg.bootstrap_resamples} resamples). The dataset's own "
+        f"completions score {results['prompts']['reference_gold_mean']:+.3f} on average.",
+        "",
+    ]
+    for temperature in cfg.temperatures:
+        lines += [f"## Temperature {temperature:g}{' (greedy)' if temperature == 0 else ''}", "",
+                  *_markdown_table(MAIN_HEADER, main_rows(results, temperature)), ""]
+    if results["head_to_head"]:
+        lines += ["## DPO against PPO", "", *_markdown_table(
+            ["DPO", "PPO", "temperature", "DPO win rate (95% CI)"],
+            [[h["dpo"], h["ppo"], f"{h['temperature']:g}", _ci(h["dpo_win_rate"], percent=True)] for h in results["head_to_head"]],
+        ), ""]
+    lines += ["## Reward against KL", "", f"![frontier]({frontier_png.name})", "",
+              *_markdown_table(["run", "method", "step", "KL to SFT", "gold reward"],
+                               [[p["name"], p["method"], str(p["step"]), f"{p['kl']:.2f}", f"{p['gold']:+.3f}"] for p in results["frontier"]]),
+              "", "## Win rate against temperature", "", f"![win rate]({temperature_png.name})", ""]
+    if results["cost"]:
+        lines += ["## Cost", "", "RLHF's PPO also pays for the preference pairs and the reward model; DPO for the pairs.", "",
+                  *_markdown_table(["run", "wall time (s)", "with its inputs (s)", "peak memory (MB)", "tokens", "forward passes"],
+                                   [[c["name"], f"{c['wall_s']:.0f}", f"{c.get('wall_s_with_inputs', c['wall_s']):.0f}",
+                                     f"{c['peak_rss_mb']:.0f}", f"{c['tokens']:,}", f"{c['forward_passes']:,}"] for c in results["cost"]]), ""]
+    lines += ["## How this was made", "", f"- command: `{' '.join(['rlhfdpo', *sys.argv[1:]])}`",
+              f"- compare config digest: `{digest(cfg)}`"]
+    for run in [cfg.sft, cfg.reward, *[p.run for p in cfg.policies]]:
+        config = Path(run) / "config.yaml" if run else None
+        if config and config.is_file():
+            lines.append(f"- `{run}`: config digest `{hashlib.sha256(config.read_bytes()).hexdigest()[:12]}`")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
+    """Gold reward against KL to SFT, one point per run and checkpoint (DPO paper, Fig. 2 left)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method in sorted({p["method"] for p in points}):
+        mine = [p for p in points if p["method"] == method]
+        ax.scatter([p["kl"] for p in mine], [p["gold"] for p in mine], label=method.replace("_", "-").upper(),
+                   color=COLOURS.get(method), alpha=0.8)
+    ax.set_xlabel("KL(π ‖ π_SFT), summed over the response")
+    ax.set_ylabel("mean gold reward")
+    ax.set_title(f"Reward against KL (temperature {temperature:g})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
+    """Gold win rate against SFT per method and temperature (DPO paper, Fig. 2 right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name in dict.fromkeys(m["name"] for m in methods if "win_vs_sft" in m):
+        mine = sorted((m for m in methods if m["name"] == name), key=lambda m: m["temperature"])
+        ax.errorbar([m["temperature"] for m in mine], [m["win_vs_sft"]["mean"] for m in mine],
+                    yerr=[[m["win_vs_sft"]["mean"] - m["win_vs_sft"]["low"] for m in mine],
+                          [m["win_vs_sft"]["high"] - m["win_vs_sft"]["mean"] for m in mine]],
+                    label=name, marker="o", capsize=3, color=COLOURS.get(mine[0]["method"]) if mine[0]["method"] != "best_of_n" else None)
+    ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("sampling temperature")
+    ax.set_ylabel("gold win rate against SFT")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
