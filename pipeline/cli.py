@@ -16,6 +16,7 @@ from pipeline.config import (
     CompareConfig,
     ConfigError,
     DPOConfig,
+    ExperimentConfig,
     LaunchConfig,
     PairsConfig,
     PPOConfig,
@@ -109,6 +110,12 @@ def ppo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProce
 def compare(config: ConfigPath, overrides: Overrides = None) -> None:
     """Sample every policy on held-out prompts; win rates, the reward-vs-KL frontier, cost: report.md."""
     _run_stage("compare", CompareConfig, config, overrides, None, resume=False)
+
+
+@app.command()
+def experiment(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Run a list of stages in order (make compare), reusing those whose config and inputs are unchanged."""
+    _run_stage("experiment", ExperimentConfig, config, overrides, None, resume=False)
 
 
 @data_app.command("pairs")

@@ -634,9 +634,44 @@ class CompareConfig:
             raise ConfigError(f"gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)}")
 
 
+@dataclass
+class StepSpec:
+    """One stage run of an experiment: a shipped config plus overrides, and the steps it reads."""
+
+    name: str = "sft"
+    stage: Literal["sft", "pairs", "reward", "dpo", "ppo", "compare"] = "sft"
+    config: str = "configs/sft.yaml"
+    set: list[str] = field(default_factory=list)  # --set overrides, e.g. ["loss.beta=0.5", "output_dir=runs/dpo-b0.5"]
+    after: list[str] = field(default_factory=list)  # names of earlier steps whose outputs this one reads
+
+    def check(self, at: str) -> None:
+        if not Path(self.config).is_file():
+            raise ConfigError(f"{at}.config: no such file: {self.config}")
+
+
+@dataclass
+class ExperimentConfig:
+    """`rlhfdpo experiment`: run stages in order, reusing any whose config and inputs are unchanged."""
+
+    steps: list[StepSpec] = field(default_factory=list)
+
+    def check(self, at: str = "") -> None:
+        if not self.steps:
+            raise ConfigError("steps: at least one step is needed")
+        seen: set[str] = set()
+        for i, step in enumerate(self.steps):
+            step.check(f"steps.{i}")
+            if step.name in seen:
+                raise ConfigError(f"steps.{i}.name: '{step.name}' is used twice")
+            for name in step.after:
+                if name not in seen:
+                    raise ConfigError(f"steps.{i}.after: '{name}' is not an earlier step")
+            seen.add(step.name)
+
+
 STAGES: dict[str, type] = {
     "sft": SFTConfig, "pairs": PairsConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
-    "compare": CompareConfig,
+    "compare": CompareConfig, "experiment": ExperimentConfig,
 }
 
 

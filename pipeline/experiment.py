@@ -1,0 +1,57 @@
+"""`rlhfdpo experiment`: the whole comparison as one command, redoing only what changed.
+
+Each step is a stage run (`rlhfdpo <stage> <config> --set ...`) in its own process. A step is
+reused when its output exists and its stamp matches: the hash of its resolved config and of the
+stamps of the steps it reads (`after`). So editing the DPO sweep re-runs the DPO runs and the
+comparison, not the SFT model, the pairs or PPO.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.config import STAGES, ConfigError, ExperimentConfig, StepSpec, load_config, to_dict
+from pipeline.training import console
+
+STAMP = ".experiment-stamp"
+COMMANDS = {"pairs": ["data", "pairs"]}
+
+
+def step_stamp(step: StepSpec, upstream: dict[str, str]) -> tuple[str, Path]:
+    """(stamp, output directory) of a step, from its resolved config and its inputs' stamps.
+
+    The config is resolved with model-path checks as the stage will see them; a step whose inputs
+    are not there yet is always run (its stamp cannot match).
+    """
+    cfg = load_config(STAGES[step.stage], step.config, step.set)
+    text = json.dumps({"config": to_dict(cfg), "inputs": [upstream[name] for name in step.after]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], Path(cfg.output_dir)
+
+
+def finished(output: Path, stage: str) -> bool:
+    marker = {"pairs": "train.jsonl", "compare": "report.md"}.get(stage, "model/config.json")
+    return (output / marker).is_file()
+
+
+def run(cfg: ExperimentConfig, resume: bool = False) -> Path:
+    stamps: dict[str, str] = {}
+    output = Path(".")
+    for step in cfg.steps:
+        stamp, output = step_stamp(step, stamps)
+        stamps[step.name] = stamp
+        stamp_file = output / STAMP
+        if finished(output, step.stage) and stamp_file.is_file() and stamp_file.read_text() == stamp:
+            console.print(f"[green]reused[/green] {step.name} ({output})")
+            continue
+        console.print(f"[bold]running[/bold] {step.name}: rlhfdpo {step.stage} {step.config} {' '.join(step.set)}")
+        command = [sys.executable, "-m", "pipeline.cli", *COMMANDS.get(step.stage, [step.stage]), step.config]
+        command += [arg for override in step.set for arg in ("--set", override)]
+        code = subprocess.run(command, check=False).returncode
+        if code != 0:
+            raise ConfigError(f"step {step.name} failed with exit status {code}; finished steps are kept and reused")
+        stamp_file.write_text(stamp)
+    return output
