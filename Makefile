@@ -1,13 +1,14 @@
 # make sft      set up .venv (if needed) and run SFT on the built-in task
 # make test     set up .venv (if needed) and run the test suite
 # make pairs reward dpo ppo   the next stages, each reading the previous one's runs/ folder
+# make compare  every stage, the sweeps and the RLHF-vs-DPO report (make compare-quick: a small one)
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RLHFDPO := $(VENV)/bin/rlhfdpo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sft pairs reward dpo ppo test test-fast clean
+.PHONY: setup sft pairs reward dpo ppo compare compare-quick test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +33,12 @@ dpo: setup
 
 ppo: setup
 	$(RLHFDPO) ppo configs/ppo.yaml
+
+compare: setup
+	$(RLHFDPO) experiment configs/experiment.yaml
+
+compare-quick: setup
+	$(RLHFDPO) experiment configs/experiment-quick.yaml
 
 test: setup
 	$(PYTHON) -m pytest

@@ -178,3 +178,20 @@ def test_a_missing_model_folder_is_a_config_error(tmp_path):
 def test_negative_periods_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.eval_every: must not be negative"):
         load_config(SFTConfig, write(tmp_path, "train: {eval_every: -1}\n"))
+
+
+@pytest.mark.parametrize("name", ["experiment.yaml", "experiment-quick.yaml"])
+def test_experiment_plans_load_and_name_only_earlier_steps(name):
+    from pipeline.config import ExperimentConfig
+
+    cfg = load_config(ExperimentConfig, ROOT / "configs" / name)
+    assert cfg.steps[-1].stage == "compare"
+
+
+def test_experiment_rejects_a_step_that_reads_a_later_one(tmp_path):
+    from pipeline.config import ExperimentConfig
+
+    path = tmp_path / "experiment.yaml"
+    path.write_text(f"steps:\n  - {{name: dpo, stage: dpo, config: {ROOT / 'configs' / 'dpo.yaml'}, after: [sft]}}\n")
+    with pytest.raises(ConfigError, match=r"steps\.0\.after: 'sft' is not an earlier step"):
+        load_config(ExperimentConfig, path)
