@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pipeline.config import CompareConfig, DataConfig, ModelConfig, SampleConfig
 from pipeline.data.builtin_sentiment import heldout_prompts_with_references
+from pipeline.data.loading import load_prompts
+from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate
 from pipeline.evaluation import bootstrap_mean, distinct_n, kl_to_reference, sample_and_score, win_indicators
 from pipeline.judges import gold_reward
@@ -47,8 +49,7 @@ class MethodSamples:
 def run(cfg: CompareConfig, resume: bool = False) -> Path:
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
-    prompts, references = zip(*heldout_prompts_with_references(cfg.num_prompts, cfg.prompt_seed))
-    prompts, references = list(prompts), list(references)
+    prompts, references = held_out_prompts(cfg)
     gold = gold_reward(cfg.gold)
     reference_gold = gold(references)
 
@@ -79,6 +80,7 @@ def run(cfg: CompareConfig, resume: bool = False) -> Path:
     results = summarize(samples, reference_gold, frontier, cfg)
     results["cost"] = collect_costs(cfg)
     results["prompts"] = {"count": len(prompts), "seed": cfg.prompt_seed, "reference_gold_mean": sum(reference_gold) / len(reference_gold)}
+    results["gold"] = getattr(gold, "name", cfg.gold)  # what actually scored (a classifier may fall back to vader)
 
     from pipeline.report import print_tables, write_report
 
@@ -91,6 +93,18 @@ def run(cfg: CompareConfig, resume: bool = False) -> Path:
 
 
 # --------------------------------------------------------------------------------------- sampling
+
+
+def held_out_prompts(cfg: CompareConfig) -> tuple[list[str], list[str]]:
+    """(prompts, the dataset's own completions): built-in held-out prompts, or a data section's eval split."""
+    if cfg.prompt_data is None:
+        pairs = heldout_prompts_with_references(cfg.num_prompts, cfg.prompt_seed)
+    else:
+        _, evaluation = load_prompts(cfg.prompt_data, DropLedger(cfg.prompt_data.strict))
+        distinct = {record.prompt: record.reference or "" for record in evaluation}
+        pairs = list(distinct.items())[: cfg.num_prompts]
+    return [p for p, _ in pairs], [r for _, r in pairs]
+
 
 
 @torch.no_grad()

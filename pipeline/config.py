@@ -329,10 +329,10 @@ class PairsConfig:
         _positive("", num_train_prompts=self.num_train_prompts, batch_size=self.batch_size)
         if self.num_eval_prompts < 0:
             raise ConfigError("num_eval_prompts: must not be negative")
-        from pipeline.judges import GOLD_REWARDS
+        from pipeline.judges import GOLD_REWARDS, is_known_gold
 
-        if self.gold_reward not in GOLD_REWARDS:
-            raise ConfigError(f"gold_reward: unknown '{self.gold_reward}'; known: {', '.join(GOLD_REWARDS)}")
+        if not is_known_gold(self.gold_reward):
+            raise ConfigError(f"gold_reward: unknown '{self.gold_reward}'; known: {', '.join(GOLD_REWARDS)} or hf:<classifier id>")
 
 
 def _pair_files() -> DataConfig:
@@ -471,10 +471,10 @@ class RewardSourceConfig:
                     raise ConfigError(f"{at}.weights: {len(self.weights)} weights for {len(self.models)} models")
         if self.clip is not None and self.clip <= 0:
             raise ConfigError(f"{at}.clip: must be positive")
-        from pipeline.judges import GOLD_REWARDS
+        from pipeline.judges import GOLD_REWARDS, is_known_gold
 
-        if self.gold not in GOLD_REWARDS:
-            raise ConfigError(f"{at}.gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)}")
+        if not is_known_gold(self.gold):
+            raise ConfigError(f"{at}.gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)} or hf:<classifier id>")
 
 
 @dataclass
@@ -598,8 +598,11 @@ class CompareConfig:
         PolicySpec("dpo", "dpo", "runs/dpo"), PolicySpec("ppo", "ppo", "runs/ppo"), PolicySpec("ppo-gt", "ppo_gt", "runs/ppo-gt"),
     ])
     best_of_n: list[int] = field(default_factory=lambda: [4, 16])  # Best-of-N from the SFT model, ranked by the reward model
-    num_prompts: int = 500  # held-out built-in prompts, disjoint from every training prompt
+    num_prompts: int = 500  # held-out prompts (the first num_prompts distinct ones)
     prompt_seed: int = 0
+    # Where the prompts come from: None means the built-in task's held-out prompts (disjoint from
+    # every training prompt); otherwise the eval split of this data section (e.g. IMDb test reviews).
+    prompt_data: DataConfig | None = None
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])  # 0 is greedy
     frontier_temperature: float = 1.0  # the reward-vs-KL frontier samples at this temperature
     checkpoints: bool = True  # also put each run's saved checkpoints on the frontier
@@ -628,10 +631,10 @@ class CompareConfig:
             raise ConfigError(f"frontier_temperature: {self.frontier_temperature} is not among temperatures {self.temperatures}")
         _positive("", num_prompts=self.num_prompts, max_new_tokens=self.max_new_tokens,
                   bootstrap_resamples=self.bootstrap_resamples, batch_size=self.batch_size)
-        from pipeline.judges import GOLD_REWARDS
+        from pipeline.judges import GOLD_REWARDS, is_known_gold
 
-        if self.gold not in GOLD_REWARDS:
-            raise ConfigError(f"gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)}")
+        if not is_known_gold(self.gold):
+            raise ConfigError(f"gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)} or hf:<classifier id>")
 
 
 @dataclass

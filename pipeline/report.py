@@ -69,7 +69,7 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
         "# RLHF vs DPO on the same footing",
         "",
         f"{results['prompts']['count']} held-out prompts (seed {results['prompts']['seed']}), one completion each per "
-        f"method and temperature, scored by the `{cfg.gold}` gold reward. Win rates count ties as half and carry "
+        f"method and temperature, scored by the `{results['gold']}` gold reward. Win rates count ties as half and carry "
         f"95% paired bootstrap intervals over prompts ({cfg.bootstrap_resamples} resamples). The dataset's own "
         f"completions score {results['prompts']['reference_gold_mean']:+.3f} on average.",
         "",

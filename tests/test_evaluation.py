@@ -52,3 +52,12 @@ def test_kl_to_itself_is_zero_and_to_another_model_is_positive(tiny_policy):
             p.add_(0.05 * torch.randn_like(p))
     kl = kl_to_reference(model, other, scored.sequences, tokenizer.pad_token_id)
     assert sum(kl) / len(kl) > 0  # a Monte Carlo estimate of a positive KL over 16 samples
+
+
+def test_gold_reward_names():
+    from pipeline.judges import gold_reward, is_known_gold
+
+    assert is_known_gold("vader") and is_known_gold("hf:org/classifier")
+    assert not is_known_gold("hf:") and not is_known_gold("sentiment")
+    with pytest.raises(ValueError, match="hf:<classifier id>"):
+        gold_reward("sentiment")
