@@ -43,10 +43,6 @@ NumProcesses = Annotated[
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")]
 
 
-class UsageError(Exception):
-    """A problem the user can fix from the message alone."""
-
-
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
@@ -76,7 +72,7 @@ def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, re
             code = relaunch(launch, args + (["--resume"] if resume else []))
             raise typer.Exit(code)
         importlib.import_module(f"pipeline.{stage}").run(cfg, resume=resume)
-    except (ConfigError, DataError, UsageError) as err:
+    except (ConfigError, DataError) as err:
         _fail(str(err))
     except OSError as err:  # a model folder or data file that is not there, a hub that cannot be reached
         _fail(f"{type(err).__name__}: {err}")
@@ -136,17 +132,18 @@ def data_inspect(
     try:
         cfg = _load_any_stage(config, overrides)
         inspect_data(cfg, examples)
-    except (ConfigError, DataError, UsageError) as err:
+    except (ConfigError, DataError) as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"{type(err).__name__}: {err}")
 
 
 def _load_any_stage(config: Path, overrides: list[str] | None):
-    """The config as whichever stage it is written for: the stage named like the file, then the others."""
+    """The config as whichever training stage it is written for: the one named like the file first."""
     from pipeline.config import STAGES
 
-    order = sorted(STAGES, key=lambda name: name not in config.stem)
+    with_data = [name for name in STAGES if name not in ("compare", "experiment")]
+    order = sorted(with_data, key=lambda name: name not in config.stem)
     first_error = None
     for name in order:
         try:
