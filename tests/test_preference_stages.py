@@ -147,19 +147,20 @@ def test_reference_cache_is_reused_and_invalidated(small_pipeline, dpo_run, tmp_
     cache = root / "cache"
     files = set(cache.iterdir())
     assert len(files) == 1
-    # The first run computed the reference log-probs: one reference forward per batch of 32 pairs.
-    cost = json.loads((dpo_run / "cost.json").read_text())
-    n_pairs = sum(1 for _ in (root / "pairs" / "train.jsonl").open()) + sum(1 for _ in (root / "pairs" / "test.jsonl").open())
-    assert 0 < cost["forward_passes"]["reference"] <= -(-n_pairs // 32)
     quick = ["--set", "train.max_steps=1", "--set", f"output_dir={tmp_path / 'run'}"]
+    reference_passes = lambda: json.loads((tmp_path / "run" / "cost.json").read_text())["forward_passes"].get("reference", 0)  # noqa: E731
 
     run_ok("dpo", str(small_pipeline["dpo"]), *quick, "--set", "loss.beta=0.5")  # a beta sweep point
     assert read_metrics(tmp_path / "run")[0]["reference_cache_hit"] is True
     assert set(cache.iterdir()) == files
+    assert reference_passes() == 0  # the reference model never ran
 
     run_ok("dpo", str(small_pipeline["dpo"]), *quick, "--set", "data.train.0.max_rows=2000")  # other data
     assert read_metrics(tmp_path / "run")[0]["reference_cache_hit"] is False
     assert len(set(cache.iterdir())) == 2
+    # One reference forward per batch of 32 pairs (train and eval together), no more.
+    n_pairs = 2000 + sum(1 for _ in (root / "pairs" / "test.jsonl").open())
+    assert 0 < reference_passes() <= -(-n_pairs // 32)
 
     changed = tmp_path / "reference"
     shutil.copytree(root / "sft" / "model", changed)
