@@ -100,14 +100,20 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
-    """Gold reward against KL to SFT, one point per run and checkpoint (DPO paper, Fig. 2 left)."""
+def _figure():
+    """A headless matplotlib figure of the report's size: (pyplot, figure, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    return plt, fig, ax
+
+
+def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
+    """Gold reward against KL to SFT, one point per run and checkpoint (DPO paper, Fig. 2 left)."""
+    plt, fig, ax = _figure()
     for method in sorted({p["method"] for p in points}):
         mine = [p for p in points if p["method"] == method]
         ax.scatter([p["kl"] for p in mine], [p["gold"] for p in mine], label=method.replace("_", "-").upper(),
@@ -125,12 +131,7 @@ def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
 
 def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
     """Gold win rate against SFT per method and temperature (DPO paper, Fig. 2 right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    plt, fig, ax = _figure()
     for name in dict.fromkeys(m["name"] for m in methods if "win_vs_sft" in m):
         mine = sorted((m for m in methods if m["name"] == name), key=lambda m: m["temperature"])
         ax.errorbar([m["temperature"] for m in mine], [m["win_vs_sft"]["mean"] for m in mine],
