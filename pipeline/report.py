@@ -111,6 +111,15 @@ def _figure():
     return plt, fig, ax
 
 
+def _save(plt, fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
     """Gold reward against KL to SFT, one point per run and checkpoint (DPO paper, Fig. 2 left)."""
     plt, fig, ax = _figure()
@@ -121,12 +130,7 @@ def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
     ax.set_xlabel("KL(π ‖ π_SFT), summed over the response")
     ax.set_ylabel("mean gold reward")
     ax.set_title(f"Reward against KL (temperature {temperature:g})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
@@ -141,9 +145,4 @@ def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel("gold win rate against SFT")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
