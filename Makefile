@@ -2,13 +2,14 @@
 # make test     set up .venv (if needed) and run the test suite
 # make pairs reward dpo ppo   the next stages, each reading the previous one's runs/ folder
 # make compare  every stage, the sweeps and the RLHF-vs-DPO report (make compare-quick: a small one)
+# make bench    our stages against TRL's trainers (installs the 'bench' extra), runs/bench/bench.md
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RLHFDPO := $(VENV)/bin/rlhfdpo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sft pairs reward dpo ppo compare compare-quick test test-fast clean
+.PHONY: setup sft pairs reward dpo ppo compare compare-quick bench test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +40,10 @@ compare: setup
 
 compare-quick: setup
 	$(RLHFDPO) experiment configs/experiment-quick.yaml
+
+bench: setup
+	$(PYTHON) -m pip install -q -e '.[bench]'
+	$(PYTHON) -m benchmarks.run
 
 test: setup
 	$(PYTHON) -m pytest

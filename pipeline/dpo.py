@@ -16,10 +16,10 @@ from pipeline.config import DPOConfig, DPOLossConfig
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger
-from pipeline.data.tokenize import TokenizedPair, collate_pairs, tokenize_pair
+from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
 from pipeline.launch import all_reduce_sum, close_distributed, init_distributed, shard
-from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss, sequence_logps
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss
+from pipeline.models import load_causal_lm, load_tokenizer, response_token_logps
 from pipeline.reference import reference_logps
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import chat_renderer, finish_card, padded_shard, report_drops, sample_texts, tokenize_records
@@ -56,8 +56,8 @@ def preference_loss(loss: DPOLossConfig, pc, pr, rc, rr, chosen_lengths) -> torc
 
 def forward_pairs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """One forward over chosen+rejected rows (2B, T): (policy chosen, policy rejected, chosen lengths)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (2B, T, V)
-    logps, lengths = sequence_logps(logits, batch["labels"])  # (2B,), (2B,)
+    token_logps, mask = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    logps, lengths = token_logps.sum(-1), mask.sum(-1)  # (2B,): log pi(y|x) over the response only
     half = logps.shape[0] // 2
     return logps[:half], logps[half:], lengths[:half]
 
@@ -97,7 +97,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
     policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
     policy = meter.watch(shard(policy, dist), "policy")
     optimizer = build_optimizer(policy, cfg.optim)
-    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
+    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])
     trainables = [Trainable("model", policy, optimizer, tokenizer)]
     start_step = run_dir.load_trainer_state(checkpoint, trainables)["step"] if checkpoint else 0
     run_dir.write_config(cfg)

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import DataConfig, SampleConfig
 from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
-from pipeline.losses import sequence_logps
+from pipeline.models import response_token_logps
 from pipeline.sampling import generate
 
 
@@ -61,8 +61,8 @@ def response_logps(model, sequences: list[TokenizedExample], pad_id: int, batch_
     out: list[float] = []
     for start in range(0, len(sequences), batch_size):
         batch = collate(sequences[start : start + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out += sequence_logps(logits, batch["labels"])[0].tolist()
+        logps, _ = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        out += logps.sum(-1).tolist()
     return out
 
 

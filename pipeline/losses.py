@@ -12,6 +12,16 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
+def selected_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for each row, without a (N, V) log-softmax kept for backward.
+
+    logits: (N, V); targets: (N,). Returns (N,). log p(y) = z_y - logsumexp(z): autograd keeps only
+    the logits (already held) and the (N,) normaliser.
+    """
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next token under the model.
 
@@ -19,15 +29,22 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     -100 where no loss is wanted. Position t's logits predict token t+1, so both are shifted.
     Returns (logps, mask), each (B, T-1); logps is 0 where mask is False.
     """
-    logits = logits[:, :-1, :]  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE
-    safe_targets = targets.masked_fill(~mask, 0)
-    # cross_entropy gathers the target's log-probability without keeping a (B, T, V) log-softmax.
-    logps = -F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), safe_targets.reshape(-1), reduction="none"
-    ).view_as(targets)
+    logps = selected_logps(logits[:, :-1, :], targets.masked_fill(~mask, 0))  # a view: no (B, T-1, V) copy
     return logps * mask, mask
+
+
+def scatter_response_logps(kept_logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (B, T-1) from those of the response positions only.
+
+    kept_logps: (N,), the log-probs of the N labelled next tokens in row-major order (what a model
+    run with logits_to_keep = the labelled positions gives); labels: (B, T). Returns (logps, mask)
+    exactly as token_logps would, 0 off the mask.
+    """
+    mask = labels[:, 1:] != IGNORE
+    logps = torch.zeros(mask.shape, dtype=kept_logps.dtype, device=kept_logps.device)
+    return logps.masked_scatter(mask, kept_logps), mask
 
 
 def masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

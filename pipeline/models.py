@@ -8,7 +8,9 @@ the next stage names the folder and never needs to know which it was.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from transformers import (
 )
 
 from pipeline.config import ArchitectureConfig, ModelConfig
+from pipeline.losses import IGNORE, scatter_response_logps, selected_logps, token_logps
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -105,3 +108,31 @@ def local_parameter_count(model: torch.nn.Module) -> int:
 
 def is_model_folder(path: str) -> bool:
     return (Path(path) / "config.json").is_file()
+
+
+def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps, mask), each (B, T-1): the log-probability of every labelled next token.
+
+    The LM head runs on the labelled positions only (the response, not the prompt or padding)
+    where the model takes a boolean `logits_to_keep` (transformers 5); on the rest, the full
+    logits are computed and gathered. Both give the same numbers as `token_logps` on full logits.
+    """
+    kept = labels[:, 1:] != IGNORE  # position t predicts token t+1
+    if keeps_logit_positions(type(model)):
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = kept
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        if logits.dim() == 2 and logits.shape[0] == int(kept.sum()):
+            return scatter_response_logps(selected_logps(logits, labels[:, 1:][kept]), labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return token_logps(logits, labels)
+
+
+@cache
+def keeps_logit_positions(model_class: type) -> bool:
+    """Whether the model's forward can run its LM head on chosen positions only (`logits_to_keep`)."""
+    from transformers import modeling_utils
+
+    accepts = "logits_to_keep" in inspect.signature(model_class.forward).parameters
+    return accepts and hasattr(modeling_utils, "slice_logits_to_keep")

@@ -15,6 +15,7 @@ The implementation details follow "The N+ Implementation Details of RLHF with PP
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,14 @@ from pipeline.losses import (
     token_logps,
     token_rewards,
 )
-from pipeline.models import DTYPES, count_parameters, load_causal_lm, load_tokenizer, local_parameter_count
+from pipeline.models import (
+    DTYPES,
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    local_parameter_count,
+    response_token_logps,
+)
 from pipeline.runs import RunDir, Trainable
 from pipeline.sampling import generate
 from pipeline.stage_common import chat_renderer, report_drops, tokenize_records
@@ -209,7 +217,9 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
             rollout, stats, table = collect_rollout(
                 policy, reference, value, scorer, tokenizer, [prompts[i] for i in ids], cfg, kl_ctl.value, dist, generator
             )
+            clock = time.perf_counter()
             stats |= ppo_update(policy, value, policy_optimizer, value_optimizer, rollout, cfg, dist, iteration)
+            stats["time/update"] = time.perf_counter() - clock
             kl_ctl.update(stats["objective/kl"], cfg.ppo.rollout_batch_size)
             done = iteration + 1
             metrics = {"step": done, **stats, "objective/kl_coef": kl_ctl.value, "lr": lr}
@@ -240,6 +250,7 @@ def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[t
     """
     prompt_ids = [ids for ids, _ in prompts]
     unsafe = torch.tensor([flag for _, flag in prompts])
+    clock = time.perf_counter()
     policy.eval()
     out = generate(
         policy, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
@@ -251,6 +262,7 @@ def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[t
     batch = {k: v.to(dist.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
     responses = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
     finished = torch.tensor(out.finished)
+    generate_s, clock = time.perf_counter() - clock, time.perf_counter()
 
     old_logps, ref_logps, old_values, entropies, masks = [], [], [], [], []
     for rows in _row_chunks(len(examples), cfg.ppo.micro_batch_size):
@@ -260,14 +272,14 @@ def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[t
         old_logps.append(logps)
         masks.append(mask)
         entropies.append(entropy_from_logits(logits[:, :-1]) * mask)
-        ref_logits = reference(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-        ref_logps.append(token_logps(ref_logits, part["labels"])[0])
+        ref_logps.append(response_token_logps(reference, part["input_ids"], part["attention_mask"], part["labels"])[0])
         old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
     old_logps, ref_logps, old_values = torch.cat(old_logps), torch.cat(ref_logps), torch.cat(old_values)
     mask, entropy = torch.cat(masks), torch.cat(entropies)
     old_values = old_values * mask
 
     scores, gold = scorer(batch, responses, finished, unsafe)
+    score_s, clock = time.perf_counter() - clock, time.perf_counter()
     kl = kl_penalty(old_logps, ref_logps, cfg.kl.estimator) * mask  # (B, T-1)
     rewards = token_rewards(scores.to(dist.device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
@@ -276,6 +288,7 @@ def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[t
         mean = all_reduce_sum(dist, (advantages * mask).sum()) / n
         var = all_reduce_sum(dist, (((advantages - mean) * mask) ** 2).sum()) / n
         advantages = masked_whiten(advantages, mask, mean, var)
+    advantages_s = time.perf_counter() - clock
 
     k1_kl = ((old_logps - ref_logps) * mask).sum(-1)  # per-sequence KL, the k1 estimate, for logging
     sums = torch.stack([
@@ -289,6 +302,8 @@ def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[t
         "gold/mean": gold_sum / n_rollouts, "rollout/response_length": length_sum / n_rollouts,
         "rollout/finished": finished_sum / n_rollouts,
         "val/explained_variance": explained_variance(old_values, returns, mask),
+        # this process's seconds per phase (rank 0's are logged): where an iteration's time goes
+        "time/generate": generate_s, "time/score": score_s, "time/advantages": advantages_s,
     }
     table = [(tokenizer.decode(p, skip_special_tokens=True), r, float(s), float(g))
              for p, r, s, g in list(zip(prompt_ids, responses, scores, gold))[:4]]
@@ -314,9 +329,12 @@ def ppo_update(policy, value, policy_optimizer, value_optimizer, rollout: Rollou
                     policy.set_requires_gradient_sync(last)
                     value.set_requires_gradient_sync(last)
                 mask = rollout.mask[rows]
-                logits = policy(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows]).logits
                 labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
-                logps, _ = token_logps(logits, labels)
+                if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
+                    logits = policy(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows]).logits
+                    logps, _ = token_logps(logits, labels)
+                else:
+                    logps, _ = response_token_logps(policy, rollout.input_ids[rows], rollout.attention_mask[rows], labels)
                 policy_loss, policy_stats = ppo_policy_loss(logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range)
                 values = value(rollout.input_ids[rows], rollout.attention_mask[rows])[:, :-1]
                 value_loss, value_clipped = ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range)

@@ -19,8 +19,7 @@ from pipeline.config import ModelConfig
 from pipeline.cost import CostMeter
 from pipeline.data.tokenize import TokenizedPair, collate_pairs
 from pipeline.launch import Dist, barrier, gather_objects, shard
-from pipeline.losses import sequence_logps
-from pipeline.models import load_causal_lm
+from pipeline.models import load_causal_lm, response_token_logps
 from pipeline.stage_common import padded_shard
 from pipeline.training import StepProgress, console
 
@@ -79,10 +78,9 @@ def reference_logps(
     with torch.no_grad(), StepProgress(dist, len(batches), 0, "reference log-probs") as progress:
         for done, part in enumerate(batches, start=1):
             batch = collate_pairs([pairs[i if i is not None else 0] for i in part], pad_id)
-            logits = reference(
-                input_ids=batch["input_ids"].to(dist.device), attention_mask=batch["attention_mask"].to(dist.device)
-            ).logits
-            logps, _ = sequence_logps(logits, batch["labels"].to(dist.device))  # (2B,)
+            batch = {k: v.to(dist.device) for k, v in batch.items()}
+            token_logps, _ = response_token_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            logps = token_logps.sum(-1)  # (2B,)
             half = len(part)
             for j, index in enumerate(part):
                 if index is not None:

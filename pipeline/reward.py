@@ -21,7 +21,7 @@ from pipeline.config import RATING_LEVELS, RewardConfig
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger, PreferencePair
-from pipeline.data.tokenize import TokenizedPair, collate_pairs, tokenize_pair
+from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
 from pipeline.losses import bradley_terry_loss, reward_centering_penalty
 from pipeline.models import DTYPES, load_tokenizer
@@ -83,7 +83,7 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
     model.config.pad_token_id = tokenizer.pad_token_id
     model = meter.watch(shard(model, dist), "reward")
     optimizer = build_optimizer(model, cfg.optim)
-    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
+    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])
     trainables = [Trainable("model", model, optimizer, tokenizer)]
     start_step = run_dir.load_trainer_state(checkpoint, trainables)["step"] if checkpoint else 0
     run_dir.write_config(cfg)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from pipeline.models import keeps_logit_positions
+
 
 @dataclass
 class Generation:
@@ -63,7 +65,9 @@ def generate(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    # The prompt's logits are never used, only the last position's: skip the LM head on the rest.
+    last_only = {"logits_to_keep": 1} if keeps_logit_positions(type(model)) else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **last_only)
     cache, logits = out.past_key_values, out.logits[:, -1, :]
     next_position = position_ids[:, -1] + 1  # (B,)
     done = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -17,8 +17,14 @@ from pipeline.data.loading import load_sft_examples
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate, tokenize_sft
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
-from pipeline.losses import masked_nll
-from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, load_tokenizer, local_parameter_count
+from pipeline.models import (
+    create_scratch_model,
+    is_scratch,
+    load_causal_lm,
+    load_tokenizer,
+    local_parameter_count,
+    response_token_logps,
+)
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
     chat_renderer,
@@ -77,7 +83,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     n_params = sum(p.numel() for p in model.parameters())
     model = meter.watch(shard(model, dist), "policy")
     optimizer = build_optimizer(model, cfg.optim)
-    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size)
+    plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [len(e.input_ids) for e in train_set])
     trainables = [Trainable("model", model, optimizer, tokenizer)]
     start_step = run_dir.load_trainer_state(checkpoint, trainables)["step"] if checkpoint else 0
     run_dir.write_config(cfg)
@@ -107,8 +113,8 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
             for i, batch in enumerate(batches):
                 sync_on_last(model, dist, i, len(batches))
                 batch = {k: v.to(dist.device) for k, v in batch.items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                nll, _ = masked_nll(logits, batch["labels"])
+                logps, _ = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                nll = -logps.sum()  # Llama 2, Sec. 3.1: the loss on answer tokens only
                 # FSDP2 averages gradients over ranks; scaling by world size makes it a sum, so the
                 # step's gradient is that of the mean over every response token of the global batch.
                 (nll * dist.world_size / step_tokens).backward()
@@ -156,10 +162,9 @@ def evaluate(model, eval_set: list[TokenizedExample], cfg: SFTConfig, dist, pad_
     nll_sum, n_tokens = torch.zeros(()), torch.zeros(())
     for start in range(0, len(examples), cfg.train.eval_batch_size):
         batch = {k: v.to(dist.device) for k, v in collate(examples[start : start + cfg.train.eval_batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll, count = masked_nll(logits, batch["labels"])
-        nll_sum += nll.cpu()
-        n_tokens += count.cpu()
+        logps, mask = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        nll_sum -= logps.sum().cpu()
+        n_tokens += mask.sum().cpu()
     model.train()
     loss = float(all_reduce_sum(dist, nll_sum) / all_reduce_sum(dist, n_tokens).clamp(min=1))
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}

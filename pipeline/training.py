@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.config import OptimConfig, TrainConfig
+
+GROUP_BATCHES = 64  # batches per length-sorted megabatch under train.group_by_length (as transformers)
 from pipeline.launch import Dist
 
 console = Console(stderr=True)
@@ -90,9 +92,13 @@ class BatchPlan:
     steps_per_epoch: int
     total_steps: int
     seed: int
+    # Token length of each example: micro-batches are cut from length-sorted shares, and with
+    # train.group_by_length whole batches are formed from examples of similar length.
+    lengths: tuple[int, ...] | None = None
+    group_by_length: bool = False
 
     @classmethod
-    def build(cls, n_examples: int, train: TrainConfig, world_size: int) -> BatchPlan:
+    def build(cls, n_examples: int, train: TrainConfig, world_size: int, lengths: Sequence[int] | None = None) -> BatchPlan:
         micro, accumulation = train.accumulation_steps(world_size)
         steps_per_epoch = n_examples // train.batch_size
         if steps_per_epoch == 0:
@@ -100,11 +106,27 @@ class BatchPlan:
                 f"{n_examples} training examples make no full batch of train.batch_size={train.batch_size}"
             )
         total = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
-        return cls(n_examples, train.batch_size, micro, accumulation, steps_per_epoch, total, train.seed)
+        if lengths is not None and len(lengths) != n_examples:
+            raise ValueError(f"{len(lengths)} lengths for {n_examples} examples")
+        return cls(n_examples, train.batch_size, micro, accumulation, steps_per_epoch, total, train.seed,
+                   tuple(lengths) if lengths is not None else None, train.group_by_length and lengths is not None)
 
     def _permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(self.n_examples, generator=generator).tolist()
+        order = torch.randperm(self.n_examples, generator=generator).tolist()
+        if not self.group_by_length:
+            return order
+        # Megabatches of GROUP_BATCHES random batches are sorted by length and cut into batches,
+        # whose order is then shuffled: batches are homogeneous, the epoch is still random.
+        span = self.batch_size * GROUP_BATCHES
+        batches = []
+        for start in range(0, len(order), span):
+            mega = sorted(order[start : start + span], key=lambda i: -self.lengths[i])
+            batches += [mega[i : i + self.batch_size] for i in range(0, len(mega), self.batch_size)]
+        full = [b for b in batches if len(b) == self.batch_size]
+        rest = [i for b in batches if len(b) < self.batch_size for i in b]
+        shuffled = torch.randperm(len(full), generator=generator).tolist()
+        return [i for k in shuffled for i in full[k]] + rest
 
     def micro_batches(self, step: int, dist: Dist) -> list[list[int]]:
         epoch, index = divmod(step, self.steps_per_epoch)
@@ -112,6 +134,9 @@ class BatchPlan:
         global_batch = order[index * self.batch_size : (index + 1) * self.batch_size]
         share = len(global_batch) // dist.world_size
         mine = global_batch[dist.rank * share : (dist.rank + 1) * share]
+        if self.lengths is not None and self.accumulation > 1:
+            # The step's gradient is the same sum in any order; similar lengths pad less.
+            mine = sorted(mine, key=lambda i: -self.lengths[i])
         return [mine[i : i + self.micro_batch_size] for i in range(0, len(mine), self.micro_batch_size)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.launch import Dist
@@ -58,3 +59,43 @@ def test_batch_plan_is_the_same_global_batch_for_one_or_two_processes():
 def test_batch_plan_rejects_too_little_data():
     with pytest.raises(ValueError, match="no full batch"):
         BatchPlan.build(3, TrainConfig(batch_size=8), 1)
+
+
+def _padding(plan: BatchPlan, lengths: list[int], dist) -> int:
+    """Padded positions over an epoch: each micro-batch pads to its longest example."""
+    waste = 0
+    for step in range(plan.steps_per_epoch):
+        for micro in plan.micro_batches(step, dist):
+            waste += sum(max(lengths[i] for i in micro) - lengths[i] for i in micro)
+    return waste
+
+
+def test_group_by_length_sees_every_example_once_with_less_padding():
+    lengths = [int(x) for x in torch.randint(8, 200, (512,), generator=torch.Generator().manual_seed(0))]
+    dist = Dist(0, 1, 0, torch.device("cpu"))
+    plain = BatchPlan.build(512, TrainConfig(batch_size=8, micro_batch_size=8), 1, lengths)
+    grouped = BatchPlan.build(512, TrainConfig(batch_size=8, micro_batch_size=8, group_by_length=True), 1, lengths)
+    seen = sorted(i for step in range(grouped.steps_per_epoch) for m in grouped.micro_batches(step, dist) for i in m)
+    assert seen == list(range(512))
+    assert _padding(grouped, lengths, dist) < 0.2 * _padding(plain, lengths, dist)
+    # Batches are still in random order: not sorted by length over the epoch.
+    firsts = [lengths[grouped.micro_batches(s, dist)[0][0]] for s in range(grouped.steps_per_epoch)]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    # The same seed gives the same plan; grouping without lengths is plain order.
+    again = BatchPlan.build(512, TrainConfig(batch_size=8, micro_batch_size=8, group_by_length=True), 1, lengths)
+    assert again.micro_batches(5, dist) == grouped.micro_batches(5, dist)
+    no_lengths = BatchPlan.build(512, TrainConfig(batch_size=8, micro_batch_size=8, group_by_length=True), 1)
+    assert no_lengths.micro_batches(5, dist) == plain.micro_batches(5, dist)
+
+
+def test_micro_batches_of_a_step_are_cut_from_its_examples_sorted_by_length():
+    """With accumulation, a step holds the same examples as without lengths, cut by length."""
+    lengths = list(range(100, 0, -1))
+    dist = Dist(0, 1, 0, torch.device("cpu"))
+    known = BatchPlan.build(100, TrainConfig(batch_size=16, micro_batch_size=4), 1, lengths)
+    unknown = BatchPlan.build(100, TrainConfig(batch_size=16, micro_batch_size=4), 1)
+    for step in range(3):
+        sorted_micro, plain_micro = known.micro_batches(step, dist), unknown.micro_batches(step, dist)
+        assert sorted(i for m in sorted_micro for i in m) == sorted(i for m in plain_micro for i in m)
+        widths = [[lengths[i] for i in m] for m in sorted_micro]
+        assert all(min(a) >= max(b) for a, b in zip(widths, widths[1:]))

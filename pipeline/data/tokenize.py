@@ -99,6 +99,11 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pair_length(pair: TokenizedPair) -> int:
+    """The row width a pair needs in a concatenated batch: its longer side."""
+    return max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+
+
 def collate_pairs(pairs: list[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
     """Chosen rows then rejected rows in one (2B, T) batch, for a single concatenated forward."""
     batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)

@@ -1,0 +1,205 @@
+"""`make bench` (`python -m benchmarks.run`): our stages against TRL, our sampler against `generate`.
+
+Writes <out>/bench.json (every number, with the settings that made it) and <out>/bench.md (the
+tables), and prints the tables. Each training run is its own process (benchmarks/worker.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks import fixtures as fixture_module
+from benchmarks.hardware import matmul_params, matmul_peak_gflops, training_flops_per_token
+from benchmarks.stats import summarize
+
+FULL = {"sizes": ["3M", "25M"], "steps": 16, "warmup": 3, "window": 3, "batch_size": 8,
+        "seq_lens": [128, 256, 512, 1024], "batch_sizes": [2, 4, 8, 16], "sweep_steps": 10,
+        "rollout": {"batch": 32, "prompt_len": 32, "new_tokens": 96}, "ppo_iterations": 4}
+QUICK = {"sizes": ["3M"], "steps": 6, "warmup": 2, "window": 2, "batch_size": 4,
+         "seq_lens": [64, 128], "batch_sizes": [2, 4], "sweep_steps": 6,
+         "rollout": {"batch": 4, "prompt_len": 8, "new_tokens": 8}, "ppo_iterations": 2}
+STAGES = ("sft", "reward", "dpo")
+# (label, framework, settings). The first and last run at equal settings: same random batches.
+# "ours+grouped" adds train.group_by_length, which TRL's pair trainers cannot use (their datasets
+# have no input_ids column for transformers' LengthGroupedSampler).
+VARIANTS = [("ours", "ours", {}), ("ours+grouped", "ours", {"ours": {"group_by_length": True}}), ("trl", "trl", {})]
+
+
+def run_worker(spec: dict, out: Path) -> dict:
+    """One training run in a fresh process; returns its recorded step times and memory."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec_path, result_path = out / "spec.json", out / "result.json"
+    spec_path.write_text(json.dumps(spec))
+    log = out / "log.txt"
+    with log.open("w") as handle:
+        code = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(result_path)],
+                              stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+    if code != 0:
+        raise RuntimeError(f"{spec['framework']} {spec['stage']} {spec['size']} failed (exit {code}); see {log}")
+    return json.loads(result_path.read_text())
+
+
+def flops_per_token(stage: str, model_folder: str, seq_len: float) -> float:
+    n, layers, d = matmul_params(model_folder, with_lm_head=stage != "reward")
+    return training_flops_per_token(n, layers, d, seq_len)
+
+
+def training_rows(plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, frameworks: list[str]) -> list[dict]:
+    rows = []
+    for size in plan["sizes"]:
+        for stage in STAGES:
+            for label, framework, settings in VARIANTS:
+                if framework not in frameworks:
+                    continue
+                spec = {"framework": framework, "stage": stage, "size": size, "batch_size": plan["batch_size"],
+                        "steps": plan["steps"], "max_length": fixture_module.MAX_LENGTH, "lr": 1e-4,
+                        "warmup_steps": 2, "seed": 0, "reference_batch_size": 32, "fixtures": str(fx_path),
+                        "out": str(out / "runs" / f"{label}-{stage}-{size}"), **settings}
+                result = run_worker(spec, Path(spec["out"]))
+                per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair"]
+                seq_len = per_example if stage == "sft" else per_example / 2
+                row = summarize(result, fx, peak, flops_per_token(stage, fx["models"][size], seq_len), per_example,
+                                plan["warmup"], plan["window"])
+                row["framework"] = label
+                rows.append(row)
+                print(f"  {label:12s} {stage:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
+                      f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB  MFU {row['mfu']:.0%}", flush=True)
+    return rows
+
+
+def scaling_rows(plan: dict, fx: dict, out: Path, peak: float) -> list[dict]:
+    """Our DPO step on the 3M model against sequence length and batch size."""
+    rows = []
+    points = [(length, plan["batch_size"]) for length in plan["seq_lens"]]
+    points += [(plan["seq_lens"][1], batch) for batch in plan["batch_sizes"] if batch != plan["batch_size"]]
+    for length, batch in points:
+        folder = out / "scaling" / f"len{length}"
+        fx_path = folder / "fixtures.json"
+        if not fx_path.is_file():  # fixed-length rows: a quarter prompt, the rest response
+            words = max(4, length // 4 - 1), max(4, length - length // 4 - 2)
+            rows_ = fixture_module.pair_rows(256, 1, prompt_words=(words[0], words[0]), response_words=(words[1], words[1]))
+            sub = {**fx, "data": {
+                "pairs": str(fixture_module.write_jsonl(rows_, folder / "pairs.jsonl")),
+                "sft": str(fixture_module.write_jsonl([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows_], folder / "sft.jsonl")),
+                "pairs_eval": fx["data"]["pairs_eval"], "sft_eval": fx["data"]["sft_eval"]}}
+            fx_path.write_text(json.dumps(sub))
+        for stage in ("dpo",):
+            spec = {"framework": "ours", "stage": stage, "size": "3M", "batch_size": batch, "steps": plan["sweep_steps"],
+                    "max_length": length + 8, "lr": 1e-4, "warmup_steps": 2, "seed": 0, "reference_batch_size": 32,
+                    "fixtures": str(fx_path), "out": str(folder / f"{stage}-b{batch}")}
+            result = run_worker(spec, Path(spec["out"]))
+            per_example = length if stage == "sft" else 2 * length
+            row = summarize(result, fx, peak, flops_per_token(stage, fx["models"]["3M"], length), per_example,
+                            plan["warmup"], plan["window"])
+            rows.append({**row, "seq_len": length})
+            print(f"  scaling {stage:4s} len {length:5d} batch {batch:3d}: {row['tokens_per_s']:9.0f} tok/s "
+                  f"{row['peak_rss_mb']:6.0f} MB  MFU {row['mfu']:.0%}", flush=True)
+    return rows
+
+
+def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path) -> tuple[list[dict], dict]:
+    from benchmarks.rollout import rollout_speed
+
+    rollouts = []
+    for size in plan["sizes"]:
+        row = {"size": size, **rollout_speed(fx["models"][size], **plan["rollout"])}
+        rollouts.append(row)
+        print(f"  rollout {size}: ours {row['ours_tokens_per_s']:.0f} tok/s, generate {row['generate_tokens_per_s']:.0f} "
+              f"tok/s ({row['speedup']:.2f}x), same greedy outputs: {row['same_greedy_outputs']}", flush=True)
+    spec = {"framework": "ours", "stage": "ppo", "size": plan["sizes"][-1], "iterations": plan["ppo_iterations"],
+            "rollout_batch_size": plan["rollout"]["batch"], "new_tokens": plan["rollout"]["new_tokens"],
+            "batch_size": plan["rollout"]["batch"], "steps": plan["ppo_iterations"], "max_length": fixture_module.MAX_LENGTH,
+            "lr": 1e-5, "warmup_steps": 0, "seed": 0, "fixtures": str(fx_path), "out": str(out / "runs" / "ours-ppo")}
+    result = run_worker(spec, Path(spec["out"]))
+    split = result["ppo_phases"]
+    print("  ppo iteration: " + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()), flush=True)
+    return rollouts, {"size": spec["size"], "rollout_batch_size": spec["rollout_batch_size"], "seconds": split}
+
+
+def markdown(bench: dict) -> str:
+    lines = [f"Measured fp32 matmul peak: **{bench['matmul_peak_gflops']:.0f} GFLOP/s** "
+             f"({bench['machine']}); command: `{bench['command']}`", ""]
+    lines += ["| stage | size | framework | examples/s | tokens/s | peak RSS (MB) | time to first step (s) | MFU |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    by_key = {(r["stage"], r["size"], r["framework"]): r for r in bench["training"]}
+    for r in bench["training"]:
+        lines.append(f"| {r['stage']} | {r['size']} | {r['framework']} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['time_to_first_step_s']:.1f} | {r['mfu']:.0%} |")
+    ratios = []
+    for (stage, size, framework), r in by_key.items():
+        other = by_key.get((stage, size, "trl"))
+        if framework.startswith("ours") and other:
+            ratios.append(f"| {stage} | {size} | {framework} | {r['examples_per_s'] / other['examples_per_s']:.2f}x | "
+                          f"{r['peak_rss_mb'] - other['peak_rss_mb']:+.0f} MB |")
+    if ratios:
+        lines += ["", "| stage | size | ours | ours / TRL throughput | ours − TRL peak RSS |", "|---|---|---|---:|---:|", *ratios]
+    lines += ["", "| rollouts | batch x new tokens | ours tok/s | generate tok/s | speedup | same greedy outputs |",
+              "|---|---|---:|---:|---:|---|"]
+    for r in bench["rollout"]:
+        lines.append(f"| {r['size']} | {r['batch']} x {r['new_tokens']} | {r['ours_tokens_per_s']:.0f} | "
+                     f"{r['generate_tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['same_greedy_outputs']} |")
+    phases = bench["ppo_iteration"]["seconds"]
+    total = sum(phases.values())
+    lines += ["", f"One PPO iteration ({bench['ppo_iteration']['size']}, {bench['ppo_iteration']['rollout_batch_size']} rollouts): "
+              + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in phases.items())]
+    lines += ["", "| scaling (ours, 3M) | seq len | batch | tokens/s | peak RSS (MB) | MFU |", "|---|---:|---:|---:|---:|---:|"]
+    for r in bench["scaling"]:
+        lines.append(f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['mfu']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--quick", action="store_true", help="one small size, a few steps: checks that everything runs")
+    parser.add_argument("--skip-trl", action="store_true", help="our stages only (TRL is in the optional 'bench' extra)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    frameworks = ["ours"] + ([] if args.skip_trl or importlib.util.find_spec("trl") is None else ["trl"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak: {peak:.0f} GFLOP/s", flush=True)
+    fx_path = out / "fixtures" / "fixtures.json"
+    fx = json.loads(fx_path.read_text()) if fx_path.is_file() else fixture_module.build(fx_path.parent)
+    training = training_rows(plan, fx, fx_path, out, peak, frameworks)
+    rollout, ppo_iteration = ppo_rows(plan, fx, fx_path, out)
+    scaling = scaling_rows(plan, fx, out, peak)
+
+    import torch
+
+    bench = {
+        "command": "python -m benchmarks.run" + (" --quick" if args.quick else "") + (" --skip-trl" if args.skip_trl else ""),
+        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "versions": {name: _version(name) for name in ("torch", "transformers", "trl")},
+        "plan": plan, "matmul_peak_gflops": peak, "fixtures": fx,
+        "training": training, "rollout": rollout, "ppo_iteration": ppo_iteration, "scaling": scaling,
+        "wall_s": time.time() - started,
+    }
+    (out / "bench.json").write_text(json.dumps(bench, indent=2))
+    table = markdown(bench)
+    (out / "bench.md").write_text(table)
+    print(table)
+    return bench
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

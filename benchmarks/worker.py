@@ -1,0 +1,162 @@
+"""One timed training run in a fresh process: `python -m benchmarks.worker SPEC.json RESULT.json`.
+
+A fresh process per run keeps peak memory per run. The same instrument times both frameworks: a
+global optimizer-step hook records when every optimizer step ends, so steady-state throughput
+and time to first step come from the same clock whatever the training loop.
+"""
+
+from __future__ import annotations
+
+import time
+
+PROCESS_START = time.time()  # before any heavy import: time to first step includes imports
+
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
+STEP_TIMES: list[float] = []
+
+
+def _record_step(_optimizer, _args, _kwargs) -> None:
+    STEP_TIMES.append(time.time())
+
+
+def training_rows(spec: dict, fixtures: dict) -> Path:
+    """The first steps x batch_size rows of the stage's data: every row is trained on once, and
+    the reference pass (part of time to first step) covers exactly the rows that are used."""
+    source = Path(fixtures["data"]["pairs" if spec["stage"] != "sft" else "sft"])
+    rows = source.read_text().splitlines()[: spec["steps"] * spec["batch_size"]]
+    path = Path(spec["out"]) / "train.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def run_ours(spec: dict, fixtures: dict) -> None:
+    import yaml
+
+    from pipeline.config import STAGES, load_config
+
+    stage, out = spec["stage"], Path(spec["out"])
+    pairs = stage != "sft"
+    data = {
+        "train": [{"path": str(training_rows(spec, fixtures)), "format": "prompt_chosen_rejected" if pairs else "prompt_completion"}],
+        "eval": [{"path": fixtures["data"]["pairs_eval" if pairs else "sft_eval"], "format": "prompt_chosen_rejected" if pairs else "prompt_completion"}],
+        "max_length": spec["max_length"], "max_prompt_length": spec["max_length"] // 2,
+        "max_eval_examples": 16,
+    }
+    config = {
+        "output_dir": str(out / "run"),
+        "model": {"name_or_path": fixtures["models"][spec["size"]]},
+        "data": data,
+        "optim": {"lr": spec["lr"], "min_warmup_steps": spec["warmup_steps"], "warmup_ratio": 0.0},
+        "train": {"max_steps": spec["steps"], "batch_size": spec["batch_size"], "micro_batch_size": spec["batch_size"],
+                  "eval_batch_size": 16, "eval_every": 0, "save_every": 0, "log_every": spec["steps"],
+                  "seed": spec["seed"], **spec.get("ours", {})},
+    }
+    if stage == "reward":
+        config["loss"] = {"margin": "none"}
+    else:
+        config["sample"] = {"num_prompts": 0}
+    if stage == "dpo":
+        config["reference"] = {"cache_dir": str(out / "reference-cache"), "batch_size": spec["reference_batch_size"]}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cfg = load_config(STAGES[stage], path, [])
+    module = __import__(f"pipeline.{stage}", fromlist=["run"])
+    module.run(cfg)
+
+
+def run_ppo(spec: dict, fixtures: dict) -> dict:
+    """A few PPO iterations; returns the mean seconds of each phase, the first iteration left out."""
+    import yaml
+
+    from pipeline import ppo
+    from pipeline.config import STAGES, load_config
+
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    folder = fixtures["models"][spec["size"]]
+    config = {
+        "output_dir": str(out / "run"),
+        "model": {"name_or_path": folder},
+        "reward": {"kind": "model", "models": [folder], "normalize": False},
+        "data": {"train": [{"path": fixtures["data"]["pairs"], "format": "prompt_chosen_rejected"}],
+                 "max_length": spec["max_length"], "max_prompt_length": 64},
+        "rollout": {"max_new_tokens": spec["new_tokens"], "temperature": 1.0},
+        "ppo": {"rollout_batch_size": spec["rollout_batch_size"], "mini_batch_size": 16, "micro_batch_size": 16},
+        "iterations": spec["iterations"], "save_every": 0, "sample_table_every": 0, "seed": spec["seed"],
+    }
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ppo.run(load_config(STAGES["ppo"], path, []))
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "time/generate" in r][1:]
+    phases = ("generate", "score", "advantages", "update")
+    return {phase: sum(r[f"time/{phase}"] for r in rows) / len(rows) for phase in phases}
+
+
+def run_trl(spec: dict, fixtures: dict) -> None:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    stage, out = spec["stage"], Path(spec["out"])
+    folder = fixtures["models"][spec["size"]]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train = datasets.load_dataset("json", data_files=str(training_rows(spec, fixtures)), split="train")
+    common = dict(
+        output_dir=str(out / "run"), per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+        max_steps=spec["steps"], learning_rate=spec["lr"], adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5,
+        weight_decay=0.1, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=spec["warmup_steps"], max_grad_norm=1.0, logging_steps=spec["steps"], save_strategy="no",
+        eval_strategy="no", report_to="none", use_cpu=True, seed=spec["seed"], disable_tqdm=True,
+        gradient_checkpointing=False, bf16=False, fp16=False,  # fp32 like ours (TRL defaults to bf16)
+        max_length=spec["max_length"], dataloader_num_workers=0,
+        **spec.get("trl", {}),
+    )
+    if stage == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=train, processing_class=tokenizer)
+    elif stage == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
+        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=train, processing_class=tokenizer)
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        args = DPOConfig(**common, precompute_ref_log_probs=True, precompute_ref_batch_size=spec["reference_batch_size"], beta=0.1)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
+    trainer.train()
+
+
+def main(spec_path: str, result_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    fixtures = json.loads(Path(spec["fixtures"]).read_text())
+    torch.manual_seed(spec["seed"])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    register_optimizer_step_post_hook(_record_step)
+    extra = {}
+    if spec["stage"] == "ppo":
+        extra["ppo_phases"] = run_ppo(spec, fixtures)
+    else:
+        {"ours": run_ours, "trl": run_trl}[spec["framework"]](spec, fixtures)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path(result_path).write_text(json.dumps({
+        "spec": spec, "process_start": PROCESS_START, "step_times": STEP_TIMES,
+        "peak_rss_mb": peak_kib / 1024, "end": time.time(), **extra,
+    }))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

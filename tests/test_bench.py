@@ -1,0 +1,79 @@
+"""The benchmark's arithmetic by hand, and one real timed run of our DPO stage through its worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import fixtures
+from benchmarks.hardware import matmul_params, training_flops_per_token
+from benchmarks.run import markdown
+from benchmarks.stats import steady_throughput, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_steady_throughput_skips_warmup_and_takes_the_median_window():
+    # Steps end at t = 0, 10 (slow first interval), 11, 12, 14, 15, 16: durations 10, 1, 1, 2, 1, 1.
+    times = [0.0, 10.0, 11.0, 12.0, 14.0, 15.0, 16.0]
+    # warmup 1 drops the 10 s interval; windows of 2: (1+1), (2+1) -> 8 examples / 2 s, / 3 s; one
+    # leftover interval is not a full window. Median of {4.0, 2.667} is their mean.
+    assert steady_throughput(times, examples_per_step=4, warmup=1, window=2) == pytest.approx((4.0 + 8 / 3) / 2)
+    with pytest.raises(ValueError, match="fewer than one window"):
+        steady_throughput(times[:3], 4, warmup=1, window=2)
+
+
+def test_flops_per_token_is_palm_formula():
+    # 6N + 12 L d T with N = 1000, L = 2, d = 8, T = 10: 6000 + 1920.
+    assert training_flops_per_token(1000, 2, 8, 10) == 7920
+
+
+def test_summary_mfu_and_time_to_first_step():
+    result = {"spec": {"framework": "ours", "stage": "sft", "size": "3M", "batch_size": 2},
+              "process_start": 100.0, "step_times": [105.0, 106.0, 107.0, 108.0], "peak_rss_mb": 500.0}
+    row = summarize(result, {}, peak_gflops=1.0, flops_per_token=1e6, tokens_per_example=50, warmup=0, window=1)
+    assert row["examples_per_s"] == 2.0 and row["tokens_per_s"] == 100.0
+    assert row["time_to_first_step_s"] == 5.0
+    assert row["mfu"] == pytest.approx(100 * 1e6 / 1e9)  # 1e8 FLOP/s of a 1 GFLOP/s peak
+
+
+@pytest.mark.slow
+def test_worker_times_our_dpo_stage(tmp_path):
+    """Build tiny fixtures, run our DPO stage for a few steps in the worker, and summarize it."""
+    fx = fixtures.build(tmp_path / "fx", n_rows=64, sizes={"tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2}})
+    assert fx["max_tokens"] <= fixtures.MAX_LENGTH
+    assert fx["tokens_per_example"]["pair"] > fx["tokens_per_example"]["sft"]
+    spec = {"framework": "ours", "stage": "dpo", "size": "tiny", "batch_size": 4, "steps": 5, "max_length": fixtures.MAX_LENGTH,
+            "lr": 1e-4, "warmup_steps": 1, "seed": 0, "reference_batch_size": 8,
+            "fixtures": str(tmp_path / "fx" / "fixtures.json"), "out": str(tmp_path / "run")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "benchmarks.worker", str(tmp_path / "spec.json"), str(tmp_path / "result.json")],
+                   cwd=ROOT, check=True, capture_output=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert len(result["step_times"]) == 5  # one optimizer step recorded per training step
+    assert result["step_times"][0] > result["process_start"]
+    n, layers, d = matmul_params(fx["models"]["tiny"], with_lm_head=True)
+    assert (layers, d) == (1, 32)
+    row = summarize(result, fx, 10.0, training_flops_per_token(n, layers, d, 100), fx["tokens_per_example"]["pair"], 1, 2)
+    assert row["examples_per_s"] > 0 and 0 < row["mfu"]
+
+
+def test_markdown_has_ratio_rollout_and_scaling_tables():
+    row = {"stage": "dpo", "size": "3M", "batch_size": 8, "examples_per_s": 10.0, "tokens_per_s": 2000.0,
+           "peak_rss_mb": 900.0, "time_to_first_step_s": 3.0, "mfu": 0.5}
+    bench = {
+        "matmul_peak_gflops": 100.0, "machine": "2 CPU cores", "command": "python -m benchmarks.run",
+        "training": [{**row, "framework": "ours"}, {**row, "framework": "trl", "examples_per_s": 8.0, "peak_rss_mb": 1000.0}],
+        "rollout": [{"size": "3M", "batch": 32, "new_tokens": 96, "ours_tokens_per_s": 3000.0,
+                     "generate_tokens_per_s": 1500.0, "speedup": 2.0, "same_greedy_outputs": True}],
+        "ppo_iteration": {"size": "3M", "rollout_batch_size": 32, "seconds": {"generate": 1.0, "score": 1.0, "advantages": 0.0, "update": 2.0}},
+        "scaling": [{**row, "framework": "ours", "seq_len": 128}],
+    }
+    text = markdown(bench)
+    assert "| dpo | 3M | ours | 1.25x | -100 MB |" in text
+    assert "| 3M | 32 x 96 | 3000 | 1500 | 2.00x | True |" in text
+    assert "update 2.00 s (50%)" in text
