@@ -90,7 +90,8 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
         "data": {"train": [{"path": fixtures["data"]["pairs"], "format": "prompt_chosen_rejected"}],
                  "max_length": spec["max_length"], "max_prompt_length": 64},
         "rollout": {"max_new_tokens": spec["new_tokens"], "temperature": 1.0},
-        "ppo": {"rollout_batch_size": spec["rollout_batch_size"], "mini_batch_size": 16, "micro_batch_size": 16},
+        "ppo": {"rollout_batch_size": spec["rollout_batch_size"], "mini_batch_size": min(16, spec["rollout_batch_size"]),
+                "micro_batch_size": min(16, spec["rollout_batch_size"])},
         "iterations": spec["iterations"], "save_every": 0, "sample_table_every": 0, "seed": spec["seed"],
     }
     path = out / "config.yaml"

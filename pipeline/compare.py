@@ -63,7 +63,8 @@ def run(cfg: CompareConfig, resume: bool = False) -> Path:
     samples: list[MethodSamples] = []
     for temperature in cfg.temperatures:
         samples.append(sample_method(sft, "sft", "sft", temperature, prompts, tokenizer, gold, proxy, sft, cfg))
-        for n in cfg.best_of_n if temperature > 0 else []:  # N greedy samples are one sample N times
+        best_of_n_here = temperature in (cfg.best_of_n_temperatures or [t for t in cfg.temperatures if t > 0])
+        for n in cfg.best_of_n if best_of_n_here else []:  # N greedy samples are one sample N times
             samples.append(best_of_n(sft, n, temperature, prompts, tokenizer, gold, proxy, cfg))
     frontier = []
     for policy in cfg.policies:

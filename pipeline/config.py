@@ -601,6 +601,8 @@ class CompareConfig:
         PolicySpec("dpo", "dpo", "runs/dpo"), PolicySpec("ppo", "ppo", "runs/ppo"), PolicySpec("ppo-gt", "ppo_gt", "runs/ppo-gt"),
     ])
     best_of_n: list[int] = field(default_factory=lambda: [4, 16])  # Best-of-N from the SFT model, ranked by the reward model
+    # Temperatures Best-of-N samples at (N samples per prompt cost N times one); None: every one above 0.
+    best_of_n_temperatures: list[float] | None = None
     num_prompts: int = 500  # held-out prompts (the first num_prompts distinct ones)
     prompt_seed: int = 0
     # Where the prompts come from: None means the built-in task's held-out prompts (disjoint from
@@ -612,7 +614,7 @@ class CompareConfig:
     max_new_tokens: int = 48
     gold: str = "vader"
     bootstrap_resamples: int = 1000
-    batch_size: int = 64
+    batch_size: int = 250  # prompts sampled together
     seed: int = 0
 
     def check(self, at: str = "") -> None:
@@ -630,6 +632,9 @@ class CompareConfig:
             raise ConfigError(f"best_of_n: each N must be at least 2, got {self.best_of_n}")
         if not self.temperatures or any(t < 0 for t in self.temperatures):
             raise ConfigError(f"temperatures: expected non-negative values, got {self.temperatures}")
+        for t in self.best_of_n_temperatures or []:
+            if t not in self.temperatures or t == 0:
+                raise ConfigError(f"best_of_n_temperatures: {t} is not a non-zero value of temperatures {self.temperatures}")
         if self.frontier_temperature not in self.temperatures:
             raise ConfigError(f"frontier_temperature: {self.frontier_temperature} is not among temperatures {self.temperatures}")
         _positive("", num_prompts=self.num_prompts, max_new_tokens=self.max_new_tokens,

@@ -37,8 +37,12 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generato
     logits = logits.float() / temperature
     if top_p < 1.0:
         logits = _top_p_filter(logits, top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one uniform number per row. torch.multinomial draws an exponential
+    # variate for every vocabulary entry, which was a quarter of all sampling time on CPU.
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=generator.device if generator else cdf.device)
+    token = torch.searchsorted(cdf, uniform.to(cdf.device) * cdf[:, -1:], right=True)  # first index with cdf > u
+    return token.squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
 @torch.no_grad()
