@@ -12,6 +12,7 @@ from pipeline.config import CompareConfig, digest
 from pipeline.training import console
 
 COLOURS = {"sft": "black", "best_of_n": "grey", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:green"}
+SHADES = {"best_of_n": "Greys", "dpo": "Blues", "ppo": "Oranges", "ppo_gt": "Greens"}  # colour maps per method
 
 
 def _ci(interval: dict | None, percent: bool = False) -> str:
@@ -100,20 +101,23 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def _figure():
+def _figure(width: float = 6.0):
     """A headless matplotlib figure of the report's size: (pyplot, figure, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(width, 4.5))
     return plt, fig, ax
 
 
-def _save(plt, fig, ax, path: Path) -> Path:
+def _save(plt, fig, ax, path: Path, legend_outside: bool = False) -> Path:
     ax.grid(alpha=0.3)
-    ax.legend()
+    if legend_outside:  # one entry per run: beside the plot, never over the lines
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    else:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -134,15 +138,25 @@ def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
 
 
 def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
-    """Gold win rate against SFT per method and temperature (DPO paper, Fig. 2 right)."""
-    plt, fig, ax = _figure()
-    for name in dict.fromkeys(m["name"] for m in methods if "win_vs_sft" in m):
+    """Gold win rate against SFT per method and temperature (DPO paper, Fig. 2 right).
+
+    Each method has its colour family (DPO blues, PPO oranges, ...); its runs are shades of it.
+    """
+    import matplotlib
+
+    plt, fig, ax = _figure(width=7.5)
+    names = list(dict.fromkeys(m["name"] for m in methods if "win_vs_sft" in m))
+    method_of = {m["name"]: m["method"] for m in methods}
+    for name in names:
         mine = sorted((m for m in methods if m["name"] == name), key=lambda m: m["temperature"])
+        family = [n for n in names if method_of[n] == method_of[name]]
+        shade = 0.45 + 0.45 * family.index(name) / max(1, len(family) - 1)
+        colour = matplotlib.colormaps[SHADES.get(method_of[name], "Greys")](shade)
         ax.errorbar([m["temperature"] for m in mine], [m["win_vs_sft"]["mean"] for m in mine],
                     yerr=[[m["win_vs_sft"]["mean"] - m["win_vs_sft"]["low"] for m in mine],
                           [m["win_vs_sft"]["high"] - m["win_vs_sft"]["mean"] for m in mine]],
-                    label=name, marker="o", capsize=3, color=COLOURS.get(mine[0]["method"]) if mine[0]["method"] != "best_of_n" else None)
+                    label=name, marker="o", capsize=3, color=colour)
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel("gold win rate against SFT")
-    return _save(plt, fig, ax, path)
+    return _save(plt, fig, ax, path, legend_outside=True)

@@ -77,3 +77,17 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     assert "| dpo | 3M | ours | 1.25x | -100 MB |" in text
     assert "| 3M | 32 x 96 | 3000 | 1500 | 2.00x | True |" in text
     assert "update 2.00 s (50%)" in text
+
+
+@pytest.mark.slow
+def test_worker_splits_a_ppo_iteration_into_phases(tmp_path):
+    fx = fixtures.build(tmp_path / "fx", n_rows=32, sizes={"tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2}})
+    spec = {"framework": "ours", "stage": "ppo", "size": "tiny", "iterations": 3, "rollout_batch_size": 4, "new_tokens": 6,
+            "batch_size": 4, "steps": 3, "max_length": fixtures.MAX_LENGTH, "lr": 1e-5, "warmup_steps": 0, "seed": 0,
+            "fixtures": str(tmp_path / "fx" / "fixtures.json"), "out": str(tmp_path / "ppo")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    subprocess.run([sys.executable, "-m", "benchmarks.worker", str(tmp_path / "spec.json"), str(tmp_path / "result.json")],
+                   cwd=ROOT, check=True, capture_output=True)
+    phases = json.loads((tmp_path / "result.json").read_text())["ppo_phases"]
+    assert set(phases) == {"generate", "score", "advantages", "update"}
+    assert all(seconds > 0 for seconds in phases.values())
