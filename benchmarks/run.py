@@ -74,7 +74,7 @@ def training_rows(plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, f
                 result = run_worker(spec, Path(spec["out"]))
                 per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair"]
                 seq_len = per_example if stage == "sft" else per_example / 2
-                row = summarize(result, fx, peak, flops_per_token(stage, fx["models"][size], seq_len), per_example,
+                row = summarize(result, peak, flops_per_token(stage, fx["models"][size], seq_len), per_example,
                                 plan["warmup"], plan["window"])
                 row["framework"] = label
                 rows.append(row)
@@ -106,7 +106,7 @@ def scaling_rows(plan: dict, fx: dict, out: Path, peak: float) -> list[dict]:
                     "fixtures": str(fx_path), "out": str(folder / f"{stage}-b{batch}")}
             result = run_worker(spec, Path(spec["out"]))
             per_example = length if stage == "sft" else 2 * length
-            row = summarize(result, fx, peak, flops_per_token(stage, fx["models"]["3M"], length), per_example,
+            row = summarize(result, peak, flops_per_token(stage, fx["models"]["3M"], length), per_example,
                             plan["warmup"], plan["window"])
             rows.append({**row, "seq_len": length})
             print(f"  scaling {stage:4s} len {length:5d} batch {batch:3d}: {row['tokens_per_s']:9.0f} tok/s "

@@ -22,7 +22,7 @@ def steady_throughput(step_times: list[float], examples_per_step: int, warmup: i
     return statistics.median(rates)
 
 
-def summarize(result: dict, fixtures: dict, peak_gflops: float, flops_per_token: float, tokens_per_example: float,
+def summarize(result: dict, peak_gflops: float, flops_per_token: float, tokens_per_example: float,
               warmup: int, window: int) -> dict:
     spec = result["spec"]
     examples_per_s = steady_throughput(result["step_times"], spec["batch_size"], warmup, window)

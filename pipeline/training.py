@@ -9,16 +9,16 @@ import math
 import random
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.config import OptimConfig, TrainConfig
+from pipeline.launch import Dist
 
 GROUP_BATCHES = 64  # batches per length-sorted megabatch under train.group_by_length (as transformers)
-from pipeline.launch import Dist
 
 console = Console(stderr=True)
 
@@ -96,6 +96,8 @@ class BatchPlan:
     # train.group_by_length whole batches are formed from examples of similar length.
     lengths: tuple[int, ...] | None = None
     group_by_length: bool = False
+    # The current epoch's order, computed once per epoch rather than at every step.
+    _orders: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(cls, n_examples: int, train: TrainConfig, world_size: int, lengths: Sequence[int] | None = None) -> BatchPlan:
@@ -112,6 +114,12 @@ class BatchPlan:
                    tuple(lengths) if lengths is not None else None, train.group_by_length and lengths is not None)
 
     def _permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders.clear()
+            self._orders[epoch] = self._order(epoch)
+        return self._orders[epoch]
+
+    def _order(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.n_examples, generator=generator).tolist()
         if not self.group_by_length:

@@ -35,7 +35,7 @@ def test_flops_per_token_is_palm_formula():
 def test_summary_mfu_and_time_to_first_step():
     result = {"spec": {"framework": "ours", "stage": "sft", "size": "3M", "batch_size": 2},
               "process_start": 100.0, "step_times": [105.0, 106.0, 107.0, 108.0], "peak_rss_mb": 500.0}
-    row = summarize(result, {}, peak_gflops=1.0, flops_per_token=1e6, tokens_per_example=50, warmup=0, window=1)
+    row = summarize(result, peak_gflops=1.0, flops_per_token=1e6, tokens_per_example=50, warmup=0, window=1)
     assert row["examples_per_s"] == 2.0 and row["tokens_per_s"] == 100.0
     assert row["time_to_first_step_s"] == 5.0
     assert row["mfu"] == pytest.approx(100 * 1e6 / 1e9)  # 1e8 FLOP/s of a 1 GFLOP/s peak
@@ -58,7 +58,7 @@ def test_worker_times_our_dpo_stage(tmp_path):
     assert result["step_times"][0] > result["process_start"]
     n, layers, d = matmul_params(fx["models"]["tiny"], with_lm_head=True)
     assert (layers, d) == (1, 32)
-    row = summarize(result, fx, 10.0, training_flops_per_token(n, layers, d, 100), fx["tokens_per_example"]["pair"], 1, 2)
+    row = summarize(result, 10.0, training_flops_per_token(n, layers, d, 100), fx["tokens_per_example"]["pair"], 1, 2)
     assert row["examples_per_s"] > 0 and 0 < row["mfu"]
 
 
