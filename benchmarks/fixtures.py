@@ -56,6 +56,8 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 def build(root: Path, n_rows: int = 4096, seed: int = 0, sizes: dict[str, dict] | None = None) -> dict:
     """Data files, the tokenizer and one initial model per size under `root`; returns their paths."""
+    from transformers import GPT2ForSequenceClassification
+
     from pipeline.config import ArchitectureConfig
     from pipeline.models import create_scratch_model, train_tokenizer
 
@@ -66,7 +68,7 @@ def build(root: Path, n_rows: int = 4096, seed: int = 0, sizes: dict[str, dict] 
     pairs_eval = write_jsonl(eval_rows, root / "data" / "pairs-eval.jsonl")
     sft_eval = write_jsonl([{"prompt": r["prompt"], "completion": r["chosen"]} for r in eval_rows], root / "data" / "sft-eval.jsonl")
     tokenizer = train_tokenizer((r[k] for r in rows for k in ("prompt", "chosen", "rejected")), VOCAB_SIZE)
-    models = {}
+    models, reward_models = {}, {}
     for name, shape in (sizes or SIZES).items():
         arch = ArchitectureConfig(n_positions=N_POSITIONS, vocab_size=VOCAB_SIZE, **shape)
         model = create_scratch_model(arch, tokenizer, seed)
@@ -74,6 +76,13 @@ def build(root: Path, n_rows: int = 4096, seed: int = 0, sizes: dict[str, dict] 
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         models[name] = str(folder)
+        # PPO's reward model: the same backbone with a one-label head, as `rlhfdpo reward` saves it.
+        reward = GPT2ForSequenceClassification.from_pretrained(folder, num_labels=1)
+        reward.config.pad_token_id = tokenizer.pad_token_id
+        reward_folder = root / "reward_models" / name
+        reward.save_pretrained(reward_folder)
+        tokenizer.save_pretrained(reward_folder)
+        reward_models[name] = str(reward_folder)
     tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     prompt = [tokens(r["prompt"]) for r in rows]
     chosen = [tokens(r["chosen"]) for r in rows]
@@ -82,6 +91,7 @@ def build(root: Path, n_rows: int = 4096, seed: int = 0, sizes: dict[str, dict] 
         "rows": n_rows,
         "data": {"pairs": str(pairs), "sft": str(sft), "pairs_eval": str(pairs_eval), "sft_eval": str(sft_eval)},
         "models": models,
+        "reward_models": reward_models,
         # Real (non-padding) tokens per example, EOS included: what throughput is counted in.
         "tokens_per_example": {
             "sft": sum(p + c + 1 for p, c in zip(prompt, chosen)) / n_rows,

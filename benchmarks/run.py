@@ -182,7 +182,9 @@ def main(argv: list[str] | None = None) -> dict:
     peak = matmul_peak_gflops()
     print(f"fp32 matmul peak: {peak:.0f} GFLOP/s", flush=True)
     fx_path = out / "fixtures" / "fixtures.json"
-    fx = json.loads(fx_path.read_text()) if fx_path.is_file() else fixture_module.build(fx_path.parent)
+    fx = json.loads(fx_path.read_text()) if fx_path.is_file() else None
+    if fx is None or "reward_models" not in fx:  # none yet, or built before PPO needed a real reward model
+        fx = fixture_module.build(fx_path.parent)
     training = training_rows(plan, fx, fx_path, out, peak, frameworks)
     rollout, ppo_iteration = ppo_rows(plan, fx, fx_path, out)
     scaling = scaling_rows(plan, fx, out, peak)

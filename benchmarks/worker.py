@@ -70,7 +70,7 @@ def run_ours(spec: dict, fixtures: dict) -> None:
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(STAGES[stage], path, [])
     module = __import__(f"pipeline.{stage}", fromlist=["run"])
-    module.run(cfg)
+    module.run(cfg, overwrite=True)
 
 
 def run_ppo(spec: dict, fixtures: dict) -> dict:
@@ -86,7 +86,7 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
     config = {
         "output_dir": str(out / "run"),
         "model": {"name_or_path": folder},
-        "reward": {"kind": "model", "models": [folder], "normalize": False},
+        "reward": {"kind": "model", "models": [fixtures["reward_models"][spec["size"]]], "normalize": False},
         "data": {"train": [{"path": fixtures["data"]["pairs"], "format": "prompt_chosen_rejected"}],
                  "max_length": spec["max_length"], "max_prompt_length": 64},
         "rollout": {"max_new_tokens": spec["new_tokens"], "temperature": 1.0},
@@ -96,7 +96,7 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
     }
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
-    ppo.run(load_config(STAGES["ppo"], path, []))
+    ppo.run(load_config(STAGES["ppo"], path, []), overwrite=True)
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time/generate" in r][1:]
     phases = ("generate", "score", "advantages", "update")

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import (
+    STAGES,
     CompareConfig,
     ConfigError,
     DPOConfig,
@@ -25,6 +26,7 @@ from pipeline.config import (
     load_config,
 )
 from pipeline.data.records import DataError
+from pipeline.errors import InputError, RunFailed, report_failure
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,6 +34,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(no_args_is_help=True, help="Look at and build datasets.")
 app.add_typer(data_app, name="data")
+
 
 ConfigPath = Annotated[Path, typer.Argument(help="The stage's YAML config.")]
 Overrides = Annotated[
@@ -41,11 +44,14 @@ NumProcesses = Annotated[
     Optional[int], typer.Option("--num-processes", help="Shard over N processes (launch.num_processes).")
 ]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace what an earlier run wrote in output_dir (other files are kept).")]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    report_failure(code, message)
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 def _load(cls: type, config: Path, overrides: list[str] | None, num_processes: int | None):
@@ -55,7 +61,7 @@ def _load(cls: type, config: Path, overrides: list[str] | None, num_processes: i
     return load_config(cls, config, overrides), overrides
 
 
-def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, resume: bool) -> None:
+def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, resume: bool, overwrite: bool = False) -> None:
     """Load and check the config, re-launch under accelerate if asked for, else run here.
 
     The stage module (and with it torch and transformers) is imported only once the config is
@@ -69,43 +75,53 @@ def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, re
         if launch.num_processes > 1 and not inside_launch():
             command = ["data", stage] if stage == "pairs" else [stage]
             args = [*command, str(config), *[a for o in overrides for a in ("--set", o)]]
-            code = relaunch(launch, args + (["--resume"] if resume else []))
+            args += ["--resume"] if resume else []
+            args += ["--overwrite"] if overwrite else []
+            code, message = relaunch(launch, args)
+            if message:
+                typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code)
-        importlib.import_module(f"pipeline.{stage}").run(cfg, resume=resume)
-    except (ConfigError, DataError) as err:
+        importlib.import_module(f"pipeline.{stage}").run(cfg, resume=resume, overwrite=overwrite)
+    except (ConfigError, DataError, InputError) as err:
         _fail(str(err))
+    except RunFailed as err:
+        _fail(str(err), code=1)
     except OSError as err:  # a model folder or data file that is not there, a hub that cannot be reached
         _fail(f"{type(err).__name__}: {err}")
 
 
 @app.command()
-def sft(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
+def sft(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False,
+        overwrite: Overwrite = False) -> None:
     """Supervised fine-tuning, loss on response tokens only."""
-    _run_stage("sft", SFTConfig, config, overrides, num_processes, resume)
+    _run_stage("sft", SFTConfig, config, overrides, num_processes, resume, overwrite)
 
 
 @app.command()
-def reward(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
+def reward(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False,
+           overwrite: Overwrite = False) -> None:
     """Bradley-Terry reward model (with Llama 2's margin) on preference pairs."""
-    _run_stage("reward", RewardConfig, config, overrides, num_processes, resume)
+    _run_stage("reward", RewardConfig, config, overrides, num_processes, resume, overwrite)
 
 
 @app.command()
-def dpo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
+def dpo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False,
+        overwrite: Overwrite = False) -> None:
     """Direct preference optimisation (DPO, conservative DPO, IPO, hinge, RPO) from the SFT model."""
-    _run_stage("dpo", DPOConfig, config, overrides, num_processes, resume)
+    _run_stage("dpo", DPOConfig, config, overrides, num_processes, resume, overwrite)
 
 
 @app.command()
-def ppo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False) -> None:
+def ppo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False,
+        overwrite: Overwrite = False) -> None:
     """PPO against the reward model (or the gold reward: PPO-GT) with a KL penalty to the SFT model."""
-    _run_stage("ppo", PPOConfig, config, overrides, num_processes, resume)
+    _run_stage("ppo", PPOConfig, config, overrides, num_processes, resume, overwrite)
 
 
 @app.command()
-def compare(config: ConfigPath, overrides: Overrides = None) -> None:
+def compare(config: ConfigPath, overrides: Overrides = None, overwrite: Overwrite = False) -> None:
     """Sample every policy on held-out prompts; win rates, the reward-vs-KL frontier, cost: report.md."""
-    _run_stage("compare", CompareConfig, config, overrides, None, resume=False)
+    _run_stage("compare", CompareConfig, config, overrides, None, resume=False, overwrite=overwrite)
 
 
 @app.command()
@@ -115,9 +131,10 @@ def experiment(config: ConfigPath, overrides: Overrides = None) -> None:
 
 
 @data_app.command("pairs")
-def data_pairs(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None) -> None:
+def data_pairs(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None,
+               overwrite: Overwrite = False) -> None:
     """Sample k completions per prompt, score them with the gold reward, write preference pairs."""
-    _run_stage("pairs", PairsConfig, config, overrides, num_processes, resume=False)
+    _run_stage("pairs", PairsConfig, config, overrides, num_processes, resume=False, overwrite=overwrite)
 
 
 @data_app.command("inspect")
@@ -125,37 +142,67 @@ def data_inspect(
     config: ConfigPath,
     overrides: Overrides = None,
     examples: Annotated[int, typer.Option(help="How many rendered examples to show.")] = 3,
+    stage: Annotated[Optional[str], typer.Option(
+        help="The stage the config is for (sft, pairs, reward, dpo, ppo); default: the one its first line or name says.")] = None,
 ) -> None:
     """Counts, drops by reason, length percentiles and rendered examples of a stage's data."""
-    from pipeline.data.inspect import inspect_data
-
     try:
-        cfg = _load_any_stage(config, overrides)
+        cfg = load_config(STAGES[_stage_of(config, stage)], config, overrides)
+        from pipeline.data.inspect import inspect_data  # torch and transformers, once the config is good
+
         inspect_data(cfg, examples)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, InputError) as err:
         _fail(str(err))
     except OSError as err:
         _fail(f"{type(err).__name__}: {err}")
 
 
-def _load_any_stage(config: Path, overrides: list[str] | None):
-    """The config as whichever training stage it is written for: the one named like the file first."""
-    from pipeline.config import STAGES
+DATA_STAGES = ("sft", "pairs", "reward", "dpo", "ppo")
 
-    with_data = [name for name in STAGES if name not in ("compare", "experiment")]
-    order = sorted(with_data, key=lambda name: name not in config.stem)
-    first_error = None
-    for name in order:
-        try:
-            return load_config(STAGES[name], config, overrides)
-        except ConfigError as err:
-            first_error = first_error or err
-    raise first_error
+
+def _stage_of(config: Path, named: str | None) -> str:
+    """The stage a config is for: as named, else from its first line (`# rlhfdpo dpo ...`), else its file name.
+
+    `data inspect` then checks the config with that stage's schema, exactly as the stage would.
+    """
+    if named is not None:
+        if named not in DATA_STAGES:
+            raise ConfigError(f"--stage: '{named}' reads no data; one of {', '.join(DATA_STAGES)}")
+        return named
+    try:
+        first = config.read_text(encoding="utf-8").splitlines()[0] if config.is_file() else ""
+    except (UnicodeDecodeError, IndexError):
+        first = ""
+    words = first.lstrip("# ").split()
+    if len(words) >= 2 and words[0] == "rlhfdpo":
+        said = words[2] if words[1] == "data" and len(words) > 2 else words[1]
+        if said in DATA_STAGES:
+            return said
+    by_name = [name for name in DATA_STAGES if name in config.stem]
+    if len(by_name) == 1:
+        return by_name[0]
+    raise ConfigError(f"{config}: cannot tell which stage this config is for; pass --stage ({', '.join(DATA_STAGES)})")
 
 
 def main() -> None:
     _quiet_libraries()
-    app(prog_name="rlhfdpo")
+    try:
+        app(prog_name="rlhfdpo")
+    except SystemExit as done:  # how typer ends every command
+        if _launched_rank():
+            from pipeline.launch import end_launched_process
+
+            end_launched_process(done.code if isinstance(done.code, int) else 0 if done.code is None else 1)
+        raise
+    except Exception as err:  # a bug: the traceback follows; a launched rank also leaves its one line
+        report_failure(1, f"{type(err).__name__}: {err}")
+        raise
+
+
+def _launched_rank() -> bool:
+    import os
+
+    return "LOCAL_RANK" in os.environ and os.environ.get("WORLD_SIZE", "1") != "1"
 
 
 def _quiet_libraries() -> None:

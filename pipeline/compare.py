@@ -16,17 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM
 
 from pipeline.config import CompareConfig, DataConfig, ModelConfig, SampleConfig
 from pipeline.data.builtin_sentiment import heldout_prompts_with_references
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
-from pipeline.data.tokenize import TokenizedExample, collate
-from pipeline.evaluation import bootstrap_mean, distinct_n, kl_to_reference, sample_and_score, win_indicators
+from pipeline.evaluation import Scored, bootstrap_mean, distinct_n, kl_to_reference, sample_and_score, win_indicators
 from pipeline.judges import gold_reward
-from pipeline.models import load_tokenizer
-from pipeline.training import console, seed_everything
+from pipeline.launch import init_distributed
+from pipeline.models import from_pretrained, load_tokenizer
+from pipeline.runs import checkpoint_folders, prepare_output_dir
+from pipeline.scoring import RewardModel, load_reward_model
+from pipeline.training import seed_everything
 
 PROMPT_DATA = DataConfig(max_length=256, max_prompt_length=64)
 
@@ -43,22 +45,26 @@ class MethodSamples:
     proxy: list[float] | None
     kl: list[float]
     lengths: list[int]
+    finished: list[bool]
     extra: dict = field(default_factory=dict)
 
 
-def run(cfg: CompareConfig, resume: bool = False) -> Path:
+OUTPUTS = ("report.md", "results.json", "samples.jsonl", "frontier.png", "win_rate_vs_temperature.png")
+
+
+def run(cfg: CompareConfig, resume: bool = False, overwrite: bool = False) -> Path:
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    dist = init_distributed()
+    prepare_output_dir(out_dir, dist, resume=False, overwrite=overwrite, produces=OUTPUTS)
     prompts, references = held_out_prompts(cfg)
     gold = gold_reward(cfg.gold)
     reference_gold = gold(references)
 
     sft_path = Path(cfg.sft) / "model"
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(sft_path)))
-    sft = AutoModelForCausalLM.from_pretrained(sft_path).eval()
-    proxy = None
-    if cfg.reward is not None:
-        proxy = AutoModelForSequenceClassification.from_pretrained(Path(cfg.reward) / "model").eval()
+    sft = from_pretrained(AutoModelForCausalLM, sft_path).eval()
+    proxy = load_reward_model(Path(cfg.reward) / "model", "float32", dist) if cfg.reward is not None else None
 
     samples: list[MethodSamples] = []
     for temperature in cfg.temperatures:
@@ -68,11 +74,11 @@ def run(cfg: CompareConfig, resume: bool = False) -> Path:
             samples.append(best_of_n(sft, n, temperature, prompts, tokenizer, gold, proxy, cfg))
     frontier = []
     for policy in cfg.policies:
-        model = AutoModelForCausalLM.from_pretrained(Path(policy.run) / "model").eval()
+        model = from_pretrained(AutoModelForCausalLM, Path(policy.run) / "model").eval()
         for temperature in cfg.temperatures:
             samples.append(sample_method(model, policy.name, policy.method, temperature, prompts, tokenizer, gold, proxy, sft, cfg))
         for step, path in _checkpoints(Path(policy.run)) if cfg.checkpoints else []:
-            checkpoint = AutoModelForCausalLM.from_pretrained(path).eval()
+            checkpoint = from_pretrained(AutoModelForCausalLM, path).eval()
             point = sample_method(checkpoint, policy.name, policy.method, cfg.frontier_temperature, prompts, tokenizer, gold, None, sft, cfg)
             frontier.append(_frontier_point(point, step))
         final = next(s for s in samples if s.name == policy.name and s.temperature == cfg.frontier_temperature)
@@ -116,8 +122,8 @@ def sample_method(model, name: str, method: str, temperature: float, prompts: li
     kl = [0.0] * len(prompts) if model is sft else kl_to_reference(model, sft, scored.sequences, tokenizer.pad_token_id)
     return MethodSamples(
         name=name, method=method, temperature=temperature, completions=scored.completions, gold=scored.gold,
-        proxy=proxy_scores(proxy, scored.sequences, tokenizer.pad_token_id, cfg.batch_size) if proxy is not None else None,
-        kl=kl, lengths=[len(s.input_ids) - s.prompt_length for s in scored.sequences],
+        proxy=proxy_scores(proxy, scored, cfg) if proxy is not None else None,
+        kl=kl, lengths=[len(s.input_ids) - s.prompt_length for s in scored.sequences], finished=scored.finished,
     )
 
 
@@ -129,7 +135,7 @@ def best_of_n(sft, n: int, temperature: float, prompts: list[str], tokenizer, go
     repeated = [p for p in prompts for _ in range(n)]
     sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
     scored = sample_and_score(sft, tokenizer, repeated, gold, sample, PROMPT_DATA, seed=cfg.seed + n, batch_size=cfg.batch_size)
-    ranks = proxy_scores(proxy, scored.sequences, tokenizer.pad_token_id, cfg.batch_size)
+    ranks = proxy_scores(proxy, scored, cfg)
     picks = [max(range(i * n, (i + 1) * n), key=lambda j: ranks[j]) for i in range(len(prompts))]
     kl = math.log(n) - (n - 1) / n
     return MethodSamples(
@@ -137,18 +143,14 @@ def best_of_n(sft, n: int, temperature: float, prompts: list[str], tokenizer, go
         completions=[scored.completions[j] for j in picks], gold=[scored.gold[j] for j in picks],
         proxy=[ranks[j] for j in picks], kl=[kl] * len(prompts),
         lengths=[len(scored.sequences[j].input_ids) - scored.sequences[j].prompt_length for j in picks],
-        extra={"n": n},
+        finished=[scored.finished[j] for j in picks], extra={"n": n},
     )
 
 
-@torch.no_grad()
-def proxy_scores(proxy, sequences: list[TokenizedExample], pad_id: int, batch_size: int) -> list[float]:
-    """The reward model's score of each prompt + response, as PPO sees it."""
-    out: list[float] = []
-    for start in range(0, len(sequences), batch_size):
-        batch = collate(sequences[start : start + batch_size], pad_id)
-        out += proxy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).tolist()
-    return out
+def proxy_scores(proxy: RewardModel, scored: Scored, cfg: CompareConfig) -> list[float]:
+    """The reward model's score of each prompt + completion, exactly as PPO scores a rollout."""
+    examples = proxy.examples(scored.prompts, scored.completions, scored.finished, None, PROMPT_DATA.max_prompt_length)
+    return proxy.score(examples, cfg.batch_size, torch.device("cpu")).tolist()
 
 
 # ----------------------------------------------------------------------------------------- stats
@@ -165,6 +167,7 @@ def summarize(samples: list[MethodSamples], reference_gold: list[float], frontie
             "gold": _interval(bootstrap_mean(s.gold, **boot)),
             "kl": sum(s.kl) / len(s.kl),
             "length": sum(s.lengths) / len(s.lengths),
+            "finished": sum(s.finished) / len(s.finished),
             "distinct_1": distinct_n(s.completions, 1), "distinct_2": distinct_n(s.completions, 2),
             "win_vs_reference": _interval(bootstrap_mean(win_indicators(s.gold, reference_gold), **boot)),
         }
@@ -197,11 +200,7 @@ def _frontier_point(s: MethodSamples, step) -> dict:
 
 
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:
-    folder = run / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [(int(p.name.split("-")[1]), p / "model") for p in folder.iterdir() if p.name.startswith("step-") and (p / "model").is_dir()]
-    return sorted(found)
+    return [(step, path / "model") for step, path in checkpoint_folders(run / "checkpoints") if (path / "model").is_dir()]
 
 
 # ------------------------------------------------------------------------------------------ cost
@@ -238,5 +237,5 @@ def _write_samples(path: Path, samples: list[MethodSamples], prompts: list[str])
                 handle.write(json.dumps({
                     "method": s.name, "temperature": s.temperature, "prompt": prompt, "completion": s.completions[i],
                     "gold": s.gold[i], "proxy": s.proxy[i] if s.proxy is not None else None,
-                    "kl": s.kl[i], "length": s.lengths[i],
+                    "kl": s.kl[i], "length": s.lengths[i], "finished": s.finished[i],
                 }) + "\n")

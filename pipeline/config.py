@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -273,11 +274,7 @@ class SFTConfig:
         for section in ("model", "data", "optim", "train", "launch", "sample"):
             getattr(self, section).check(section)
         self.train.accumulation_steps(self.launch.num_processes)
-        if self.data.max_length > self.model.architecture.n_positions and self.model.name_or_path == "scratch":
-            raise ConfigError(
-                f"data.max_length: {self.data.max_length} exceeds model.architecture.n_positions="
-                f"{self.model.architecture.n_positions}"
-            )
+        check_fits("data.max_length", self.model, self.data.max_length, "the longest sequence")
 
 
 RATING_LEVELS = ("significantly better", "better", "slightly better", "negligibly better")
@@ -332,10 +329,9 @@ class PairsConfig:
         _positive("", num_train_prompts=self.num_train_prompts, batch_size=self.batch_size)
         if self.num_eval_prompts < 0:
             raise ConfigError("num_eval_prompts: must not be negative")
-        from pipeline.judges import GOLD_REWARDS, is_known_gold
-
-        if not is_known_gold(self.gold_reward):
-            raise ConfigError(f"gold_reward: unknown '{self.gold_reward}'; known: {', '.join(GOLD_REWARDS)} or hf:<classifier id>")
+        check_gold("gold_reward", self.gold_reward)
+        check_fits("sample.max_new_tokens", self.model, self.data.max_prompt_length + self.sample.max_new_tokens,
+                   "data.max_prompt_length + sample.max_new_tokens")
 
 
 def _pair_files() -> DataConfig:
@@ -389,6 +385,7 @@ class RewardConfig:
         for section in ("model", "data", "optim", "train", "loss", "launch"):
             getattr(self, section).check(section)
         self.train.accumulation_steps(self.launch.num_processes)
+        check_fits("data.max_length", self.model, self.data.max_length, "the longest sequence")
         if sorted(self.gap_bins) != self.gap_bins or any(b <= 0 for b in self.gap_bins):
             raise ConfigError(f"gap_bins: expected increasing positive edges, got {self.gap_bins}")
 
@@ -443,6 +440,7 @@ class DPOConfig:
         for section in ("model", "data", "optim", "train", "loss", "reference", "launch", "sample"):
             getattr(self, section).check(section)
         self.train.accumulation_steps(self.launch.num_processes)
+        check_fits("data.max_length", self.model, self.data.max_length, "the longest sequence")
 
 
 @dataclass
@@ -466,7 +464,7 @@ class RewardSourceConfig:
             if not 1 <= len(self.models) <= 2:
                 raise ConfigError(f"{at}.models: expected one reward model, or two (helpfulness, safety)")
             for i, path in enumerate(self.models):
-                check_model_path(f"{at}.models.{i}", path)
+                check_reward_model_path(f"{at}.models.{i}", path)
             if self.weights is not None:
                 if self.combine != "weighted":
                     raise ConfigError(f"{at}.weights: only used by combine 'weighted', not '{self.combine}'")
@@ -474,10 +472,7 @@ class RewardSourceConfig:
                     raise ConfigError(f"{at}.weights: {len(self.weights)} weights for {len(self.models)} models")
         if self.clip is not None and self.clip <= 0:
             raise ConfigError(f"{at}.clip: must be positive")
-        from pipeline.judges import GOLD_REWARDS, is_known_gold
-
-        if not is_known_gold(self.gold):
-            raise ConfigError(f"{at}.gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)} or hf:<classifier id>")
+        check_gold(f"{at}.gold", self.gold)
 
 
 @dataclass
@@ -509,6 +504,9 @@ class PPOAlgoConfig:
     lam: float = 0.95
     whiten_advantages: bool = True
     value_lr: float | None = None  # defaults to optim.lr
+    # Dropout off in the policy and value models (TRL's default): with it on, the update's log-probs
+    # are of a different, noisy network than the rollout's, and the ratio is not 1 before any update.
+    disable_dropout: bool = True
 
     def check(self, at: str) -> None:
         _positive(at, rollout_batch_size=self.rollout_batch_size, mini_batch_size=self.mini_batch_size,
@@ -564,6 +562,17 @@ class PPOConfig:
         for name in ("rollout_batch_size", "mini_batch_size"):
             if getattr(self.ppo, name) % world:
                 raise ConfigError(f"ppo.{name}: {getattr(self.ppo, name)} does not split evenly over {world} processes")
+        # The ratio and the KL are of the distribution the rollouts were sampled from: logits / T.
+        # Top-p would sample from a truncated distribution whose log-probs no pass computes.
+        if self.rollout.temperature <= 0:
+            raise ConfigError(f"rollout.temperature: PPO samples its rollouts, so it must be positive, got {self.rollout.temperature}")
+        if self.rollout.top_p < 1.0:
+            raise ConfigError(
+                f"rollout.top_p: {self.rollout.top_p} is not supported by PPO (its log-probs are of the whole "
+                "tempered distribution, not the top-p one it would sample from); use top_p: 1.0"
+            )
+        check_fits("rollout.max_new_tokens", self.model, self.data.max_prompt_length + self.rollout.max_new_tokens,
+                   "data.max_prompt_length + rollout.max_new_tokens")
 
     @property
     def reference_path(self) -> str:
@@ -620,7 +629,7 @@ class CompareConfig:
     def check(self, at: str = "") -> None:
         check_model_path("sft", str(Path(self.sft) / "model"))
         if self.reward is not None:
-            check_model_path("reward", str(Path(self.reward) / "model"))
+            check_reward_model_path("reward", str(Path(self.reward) / "model"))
         elif self.best_of_n:
             raise ConfigError("best_of_n: needs a reward model to rank the samples (reward is null)")
         names = [p.name for p in self.policies]
@@ -639,10 +648,7 @@ class CompareConfig:
             raise ConfigError(f"frontier_temperature: {self.frontier_temperature} is not among temperatures {self.temperatures}")
         _positive("", num_prompts=self.num_prompts, max_new_tokens=self.max_new_tokens,
                   bootstrap_resamples=self.bootstrap_resamples, batch_size=self.batch_size)
-        from pipeline.judges import GOLD_REWARDS, is_known_gold
-
-        if not is_known_gold(self.gold):
-            raise ConfigError(f"gold: unknown '{self.gold}'; known: {', '.join(GOLD_REWARDS)} or hf:<classifier id>")
+        check_gold("gold", self.gold)
 
 
 @dataclass
@@ -695,7 +701,9 @@ def load_config(cls: type, path: str | Path, overrides: list[str] | None = None)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} cannot be decoded); save the config as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -708,10 +716,22 @@ def load_config(cls: type, path: str | Path, overrides: list[str] | None = None)
     for override in overrides or []:
         _apply_override(raw, override, path)
     try:
-        config = _build(cls, raw, "")
-        config.check()
+        return config_from_dict(cls, raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def config_from_dict(cls: type, raw: dict, overrides: list[str] | None = None, check: bool = True) -> Any:
+    """A config from a mapping (what a YAML file holds) and `--set` overrides; checked unless asked not to.
+
+    Unchecked, it is the defaults as written, before any model path is looked at (`config show`).
+    """
+    raw = dict(raw)
+    for override in overrides or []:
+        _apply_override(raw, override, Path("--set"))
+    config = _build(cls, raw, "")
+    if check:
+        config.check()
     return config
 
 
@@ -719,7 +739,11 @@ def _apply_override(raw: dict, override: str, path: Path) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {override}: expected key.path=value")
-    value = yaml.safe_load(text) if text else ""
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"--set {override}: the value is not valid YAML ({problem}); quote it or fix the brackets") from None
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
@@ -794,11 +818,13 @@ def _coerce(hint: Any, value: Any, at: str) -> Any:
     if hint is float:
         if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{at}: expected a number, got {_describe(value)}")
+        if not math.isfinite(value):  # YAML's .inf and .nan would train a NaN model with exit 0
+            raise ConfigError(f"{at}: expected a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -821,9 +847,61 @@ def looks_local(path: str) -> bool:
 
 
 def check_model_path(at: str, path: str) -> None:
-    """A local model folder must exist before anything loads; a hub id is left to the hub."""
-    if looks_local(path) and not (Path(path).expanduser() / "config.json").is_file():
+    """A local model folder must exist and hold whole weights before anything loads; a hub id is left to the hub."""
+    if not looks_local(path):
+        return
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").is_file():
         raise ConfigError(f"{at}: no model folder at {path} (is the stage that writes it done?)")
+    from pipeline.files import weights_problem
+
+    problem = weights_problem(folder)
+    if problem:
+        raise ConfigError(f"{at}: {problem}; re-run the stage that wrote it (or point at another model)")
+
+
+def local_model_config(path: str) -> dict | None:
+    """The config.json of a local model folder (None for a hub id, checked when it loads)."""
+    file = Path(path).expanduser() / "config.json"
+    if not looks_local(path) or not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{file}: not a valid JSON model config; re-run the stage that wrote it") from None
+
+
+def check_reward_model_path(at: str, path: str) -> None:
+    """A reward model must be a sequence classifier with one label: a causal LM would get a random head."""
+    check_model_path(at, path)
+    config = local_model_config(path)
+    if config is None:
+        return
+    architectures = config.get("architectures") or ["an unknown architecture"]
+    labels = len(config.get("id2label") or {}) or config.get("num_labels")
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures) or labels != 1:
+        raise ConfigError(
+            f"{at}: {path} is not a reward model ({architectures[0]} with {labels or 'no'} label(s); a reward model "
+            "is a sequence classifier with one label, as `rlhfdpo reward` writes)"
+        )
+
+
+def check_fits(at: str, model: ModelConfig, length: int, what: str) -> None:
+    """`length` tokens (prompt and response) must fit the model's positions, when they are known."""
+    if model.name_or_path == "scratch":
+        positions = model.architecture.n_positions
+    else:
+        config = local_model_config(model.name_or_path) or {}
+        positions = config.get("n_positions") or config.get("max_position_embeddings")
+    if positions and length > positions:
+        raise ConfigError(f"{at}: {what} is {length} tokens, more than the model's {positions} positions")
+
+
+def check_gold(at: str, name: str) -> None:
+    from pipeline.judges import GOLD_REWARDS, is_known_gold
+
+    if not is_known_gold(name):
+        raise ConfigError(f"{at}: unknown '{name}'; known: {', '.join(GOLD_REWARDS)} or hf:<classifier id>")
 
 
 def _positive(at: str, **values: int) -> None:

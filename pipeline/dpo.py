@@ -22,7 +22,15 @@ from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_r
 from pipeline.models import load_causal_lm, load_tokenizer, response_token_logps
 from pipeline.reference import reference_logps
 from pipeline.runs import RunDir, Trainable
-from pipeline.stage_common import chat_renderer, finish_card, padded_shard, report_drops, sample_texts, tokenize_records
+from pipeline.stage_common import (
+    chat_renderer,
+    finish_card,
+    padded_shard,
+    report_drops,
+    require_examples,
+    sample_texts,
+    tokenize_records,
+)
 from pipeline.training import (
     BatchPlan,
     StepProgress,
@@ -31,6 +39,7 @@ from pipeline.training import (
     console,
     count_over_ranks,
     due,
+    ensure_finite,
     lr_at,
     seed_everything,
     set_lr,
@@ -41,14 +50,21 @@ from pipeline.training import (
 STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
+# loss.type -> per-pair loss (B,) from the four summed log-probs (policy chosen, policy rejected,
+# reference chosen, reference rejected), each (B,), and the loss config. `DPOLossConfig.type`
+# allows exactly these names (a test keeps the two the same).
+PREFERENCE_LOSSES = {
+    "sigmoid": lambda pc, pr, rc, rr, loss: dpo_sigmoid_loss(pc, pr, rc, rr, loss.beta, loss.label_smoothing or 0.0),
+    "ipo": lambda pc, pr, rc, rr, loss: ipo_loss(pc, pr, rc, rr, loss.beta),
+    "hinge": lambda pc, pr, rc, rr, loss: hinge_loss(pc, pr, rc, rr, loss.beta),
+}
+
+
 def preference_loss(loss: DPOLossConfig, pc, pr, rc, rr, chosen_lengths) -> torch.Tensor:
     """Per-pair loss (B,) of the configured variant, plus RPO's NLL term when asked for."""
-    if loss.type == "sigmoid":
-        losses = dpo_sigmoid_loss(pc, pr, rc, rr, loss.beta, loss.label_smoothing or 0.0)
-    elif loss.type == "ipo":
-        losses = ipo_loss(pc, pr, rc, rr, loss.beta)
-    else:
-        losses = hinge_loss(pc, pr, rc, rr, loss.beta)
+    if loss.type not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown DPO loss '{loss.type}'; valid: {', '.join(PREFERENCE_LOSSES)}")
+    losses = PREFERENCE_LOSSES[loss.type](pc, pr, rc, rr, loss)
     if loss.rpo_alpha:
         losses = losses + loss.rpo_alpha * chosen_nll(pc, chosen_lengths)
     return losses
@@ -72,12 +88,12 @@ def batch_stats(loss_cfg: DPOLossConfig, losses, pc, pr, rc, rr) -> torch.Tensor
     ]).float().cpu()
 
 
-def run(cfg: DPOConfig, resume: bool = False) -> Path:
+def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.train.seed)
-    run_dir = RunDir(cfg.output_dir, dist)
+    run_dir = RunDir(cfg.output_dir, dist, resume, overwrite)
     meter = CostMeter(dist)
-    checkpoint = run_dir.latest_checkpoint() if resume else None
+    checkpoint = run_dir.resume_point(cfg) if resume else None
 
     # ---- load: pairs, tokenized once; reference log-probs from the cache or one pass
     ledger = DropLedger(cfg.data.strict)
@@ -87,6 +103,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
     train_set = tokenize_records(train_pairs, tokenize, ledger, "dpo tokenize")
     eval_set = tokenize_records(eval_pairs, tokenize, ledger, "dpo tokenize")
     report_drops(ledger, dist)
+    require_examples(train_set, ledger, "dpo")
     ref_chosen, ref_rejected, cache_hit = reference_logps(
         cfg.model, train_set + eval_set, cfg.reference.cache_dir, cfg.reference.batch_size, tokenizer.pad_token_id, dist, meter
     )
@@ -130,11 +147,12 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
                 losses = preference_loss(cfg.loss, pc, pr, rc, rr, chosen_lengths)
                 (losses.sum() * dist.world_size / step_pairs).backward()  # mean over the global batch
                 sums += batch_stats(cfg.loss, losses, pc, pr, rc, rr)
-            grad_norm = clip_and_step(policy, optimizer, cfg.optim.max_grad_norm)
+            grad_norm = clip_and_step(policy, optimizer, cfg.optim.max_grad_norm, step + 1)
             done = step + 1
 
             means = (all_reduce_sum(dist, sums) / step_pairs.cpu()).tolist()
             metrics = {"step": done, **dict(zip(STAT_NAMES, means)), "lr": lr, "grad_norm": grad_norm}
+            ensure_finite(done, loss=metrics["loss"])
             if done % cfg.train.log_every == 0 or done == plan.total_steps:
                 run_dir.log(metrics)
             progress.update(done, {"loss": metrics["loss"], "acc": metrics["rewards/accuracies"],
@@ -142,7 +160,7 @@ def run(cfg: DPOConfig, resume: bool = False) -> Path:
             if due(done, cfg.train.eval_every, plan.total_steps):
                 run_dir.log({"step": done, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)})
             if due(done, cfg.train.save_every, plan.total_steps):
-                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints)
+                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints, cfg)
 
     # ---- save: held-out metrics, model folder, samples, card
     final = {"step": plan.total_steps, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)}

@@ -24,6 +24,7 @@ class Scored:
     completions: list[str]
     gold: list[float]
     sequences: list[TokenizedExample]  # prompt + sampled response ids, for log-probs under other models
+    finished: list[bool]  # whether each completion ended with EOS (else it was cut at max_new_tokens)
 
     @property
     def mean(self) -> float:
@@ -40,6 +41,7 @@ def sample_and_score(
     generator = torch.Generator().manual_seed(seed)
     completions: list[str] = []
     sequences: list[TokenizedExample] = []
+    finished: list[bool] = []
     for start in range(0, len(prompts), batch_size):
         part = prompts[start : start + batch_size]
         prompt_ids = [encode_prompt(tokenizer, p, data) for p in part]
@@ -51,7 +53,8 @@ def sample_and_score(
         )
         completions += tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         sequences += [TokenizedExample(p + r, len(p)) for p, r in zip(prompt_ids, out.sequences)]
-    return Scored(list(prompts), completions, gold(completions), sequences)
+        finished += out.finished
+    return Scored(list(prompts), completions, gold(completions), sequences, finished)
 
 
 @torch.no_grad()

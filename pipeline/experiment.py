@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import STAGES, ConfigError, ExperimentConfig, StepSpec, load_config, to_dict
-from pipeline.training import console
+from pipeline.console import console, plain
 
 STAMP = ".experiment-stamp"
 COMMANDS = {"pairs": ["data", "pairs"]}
@@ -37,7 +37,7 @@ def finished(output: Path, stage: str) -> bool:
     return (output / marker).is_file()
 
 
-def run(cfg: ExperimentConfig, resume: bool = False) -> Path:
+def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
     stamps: dict[str, str] = {}
     output = Path(".")
     for step in cfg.steps:
@@ -45,11 +45,12 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> Path:
         stamps[step.name] = stamp
         stamp_file = output / STAMP
         if finished(output, step.stage) and stamp_file.is_file() and stamp_file.read_text() == stamp:
-            console.print(f"[green]reused[/green] {step.name} ({output})")
+            console.print(f"[green]reused[/green] {plain(step.name)} ({plain(output)})")
             continue
-        console.print(f"[bold]running[/bold] {step.name}: rlhfdpo {step.stage} {step.config} {' '.join(step.set)}")
+        console.print(f"[bold]running[/bold] {plain(step.name)}: rlhfdpo {step.stage} {plain(step.config)} {plain(' '.join(step.set))}")
         command = [sys.executable, "-m", "pipeline.cli", *COMMANDS.get(step.stage, [step.stage]), step.config]
         command += [arg for override in step.set for arg in ("--set", override)]
+        command += ["--overwrite"]  # the step's output is stale (its stamp differs) or unfinished: replace it
         code = subprocess.run(command, check=False).returncode
         if code != 0:
             raise ConfigError(f"step {step.name} failed with exit status {code}; finished steps are kept and reused")

@@ -9,10 +9,13 @@ Accelerate's FSDP plugin would not shard on a machine without CUDA.
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 from pipeline.config import LaunchConfig
+from pipeline.errors import ERROR_DIR_ENV
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,10 +71,24 @@ def launch_command(launch: LaunchConfig, cli_args: list[str]) -> list[str]:
     return command + ["-m", "pipeline.cli", *cli_args]
 
 
-def relaunch(launch: LaunchConfig, cli_args: list[str]) -> int:
+def relaunch(launch: LaunchConfig, cli_args: list[str]) -> tuple[int, str | None]:
+    """Run the command under `accelerate launch`: (exit status, the first failing rank's message).
+
+    Each rank that fails writes its one-line message (`report_failure`); the launcher's own output
+    about the failure comes first, so the caller prints that message last, where it is seen.
+    """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))
-    return subprocess.run(launch_command(launch, cli_args), env=env, check=False).returncode
+    with tempfile.TemporaryDirectory(prefix="rlhfdpo-errors-") as errors:
+        env[ERROR_DIR_ENV] = errors
+        code = subprocess.run(launch_command(launch, cli_args), env=env, check=False).returncode
+        if code == 0:
+            return 0, None
+        reports = [json.loads(p.read_text()) for p in Path(errors).glob("rank-*.json")]
+    if not reports:
+        return code, None
+    first = min(reports, key=lambda r: r["time"])  # later failures are mostly other ranks losing their peer
+    return first["code"], f"rank {first['rank']}: {first['message']}"
 
 
 # ---------------------------------------------------------------------------------- process group
@@ -91,9 +109,29 @@ def init_distributed() -> Dist:
 
 
 def close_distributed() -> None:
+    """Leave the process group once every rank is done with it.
+
+    Objects left over from collectives (gathered shards, optimizer-state copies) are freed first,
+    while the group they came from still exists: gloo work that outlives its group is destroyed
+    during interpreter shutdown, where freeing its tensors can abort the process (SIGABRT,
+    "terminate called without an active exception"; pytorch/pytorch#179291).
+    """
     if torch_dist.is_initialized():
+        gc.collect()
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def end_launched_process(code: int) -> None:
+    """A launched rank whose work is done and written exits here, skipping interpreter shutdown.
+
+    Nothing is left to finalise (the stage closed its files and its process group), and shutdown is
+    where gloo's worker threads and Python's teardown can still collide; the launcher only needs
+    the exit status.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier(dist: Dist) -> None:
@@ -184,21 +222,36 @@ def save_pretrained(model, tokenizer, target: Path, dist: Dist, hf_model=None, p
 
     `model` is what was sharded; `hf_model` the Hugging Face model inside it whose weights are
     under `prefix` in `model`'s state dict (when `model` is a wrapper, as PPO's value head).
+    Non-finite weights are never written, and a failed write (a full disk) leaves `target` as it
+    was; either raises `RunFailed` on every rank, so no process waits for one that stopped.
     """
     state = full_state_dict(model)
     if hf_model is not None:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         model = hf_model
     state = _without_tied_copies(model, state)
+    problem = None
     if dist.is_main:
         target = Path(target)
-        staging = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        replace_dir(staging, target)
-    barrier(dist)
+        bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            problem = f"not saving {target}: non-finite weights in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
+        else:
+            staging = target.with_name(f".{target.name}.tmp")
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                model.save_pretrained(staging, state_dict=state, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(staging)
+                replace_dir(staging, target)
+            except OSError as err:
+                shutil.rmtree(staging, ignore_errors=True)
+                problem = f"cannot write {target}: {err}"
+    problem = broadcast_object(dist, problem)
+    if problem:
+        from pipeline.errors import RunFailed
+
+        raise RunFailed(problem)
 
 
 def _without_tied_copies(model, state: dict) -> dict:

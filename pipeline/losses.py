@@ -186,18 +186,27 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor |
     return whitened * mask
 
 
+def kl_k1(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k1 = log pi - log pi_ref: unbiased, can be negative (Schulman 2020)."""
+    return log_ratio
+
+
+def kl_k3(log_ratio: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = pi_ref / pi: unbiased and never negative (Schulman 2020)."""
+    return torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, r = exp(-log_ratio)
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}  # `KLConfig.estimator` allows exactly these names
+
+
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, (B, T) -> (B, T).
 
-    k1 = log pi - log pi_ref (unbiased, can be negative); k3 = (r - 1) - log r with
-    r = pi_ref / pi (unbiased and never negative)   (Schulman 2020, "Approximating KL divergence").
+    ("Approximating KL divergence", Schulman 2020; the estimators are KL_ESTIMATORS.)
     """
-    log_ratio = logps - ref_logps
-    if estimator == "k1":
-        return log_ratio
-    if estimator == "k3":
-        return torch.expm1(-log_ratio) + log_ratio  # (r - 1) - log r, r = exp(-log_ratio)
-    raise ValueError(f"unknown KL estimator {estimator!r}; known: k1, k3")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; known: {', '.join(KL_ESTIMATORS)}")
+    return KL_ESTIMATORS[estimator](logps - ref_logps)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:

@@ -24,7 +24,9 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from pipeline.config import ArchitectureConfig, ModelConfig
+from pipeline.config import ArchitectureConfig, ModelConfig, looks_local
+from pipeline.errors import InputError
+from pipeline.files import weights_problem
 from pipeline.losses import IGNORE, scatter_response_logps, selected_logps, token_logps
 
 EOS = "<|endoftext|>"
@@ -77,7 +79,11 @@ def create_scratch_model(arch: ArchitectureConfig, tokenizer: PreTrainedTokenize
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer of a hub or local model, with a pad token guaranteed (the EOS if none)."""
+    """The tokenizer of a hub or local model, with a pad token guaranteed (the EOS if none).
+
+    A pad token equal to EOS is safe here: every stage scores a sequence at its last attended
+    position (`ScalarHead`), never at "the last token that is not pad".
+    """
     source = path or model.tokenizer or model.name_or_path
     tokenizer = AutoTokenizer.from_pretrained(
         source, revision=model.revision, trust_remote_code=model.trust_remote_code
@@ -88,12 +94,63 @@ def load_tokenizer(model: ModelConfig, path: str | None = None) -> PreTrainedTok
 
 
 def load_causal_lm(model: ModelConfig, path: str | None = None) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(
-        path or model.name_or_path,
-        revision=model.revision,
+    return from_pretrained(
+        AutoModelForCausalLM, path or model.name_or_path,
+        revision=model.revision if path is None else None,
         dtype=DTYPES[model.dtype],
         trust_remote_code=model.trust_remote_code,
     )
+
+
+def from_pretrained(loader, path: str | Path, **kwargs):
+    """`loader.from_pretrained(path)`, with a damaged local folder named in one line, not a traceback."""
+    path = str(path)
+    local = looks_local(path)
+    if local:
+        problem = weights_problem(Path(path))
+        if problem:
+            raise InputError(f"{problem}; re-run the stage that wrote it (or point at another model)")
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        if not local:
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: cannot load the model ({first}); re-run the stage that wrote it") from None
+
+
+class ScalarHead(torch.nn.Module):
+    """A sequence classifier's one-label head on every position: reward model and value model in one.
+
+    `forward` gives a score per position, (B, T): the value model uses them all; a reward is the
+    score at the last attended position (`last_scores`). Reading the position from the attention
+    mask, not from "the last token that is not pad", keeps a final EOS that equals the pad token
+    (hub GPT-2 and Llama tokenizers) in view: a finished response is scored at its EOS, a cut one
+    at its last word. Wrapping rather than calling the backbone and head separately keeps both
+    inside one module's forward, which FSDP2 needs to gather them.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+            raise InputError(f"{type(model).__name__} has no linear `score` head; reward and value models need one")
+        self.model = model
+        self._no_split_modules = model._no_split_modules
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
+
+
+def last_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score at each row's last attended position: (B, T), (B, T) -> (B,)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.bool()).argmax(dim=-1)  # (B,)
+    return scores.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -106,17 +163,14 @@ def local_parameter_count(model: torch.nn.Module) -> int:
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 
-def is_model_folder(path: str) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
 def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         labels: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps, mask), each (B, T-1): the log-probability of every labelled next token.
 
     The LM head runs on the labelled positions only (the response, not the prompt or padding)
     where the model takes a boolean `logits_to_keep` (transformers 5); on the rest, the full
     logits are computed and gathered. Both give the same numbers as `token_logps` on full logits.
+    `temperature` scores under softmax(logits / T), the distribution a sampler at T draws from.
     """
     kept = labels[:, 1:] != IGNORE  # position t predicts token t+1
     if keeps_logit_positions(type(model)):
@@ -124,9 +178,23 @@ def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.T
         keep[:, :-1] = kept
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
         if logits.dim() == 2 and logits.shape[0] == int(kept.sum()):
-            return scatter_response_logps(selected_logps(logits, labels[:, 1:][kept]), labels)
+            return scatter_response_logps(selected_logps(_tempered(logits, temperature), labels[:, 1:][kept]), labels)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return token_logps(logits, labels)
+    return token_logps(_tempered(logits, temperature), labels)
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits.float() / temperature
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of the model off: nn.Dropout modules and the attention-dropout rates kept as floats."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
 
 
 @cache

@@ -27,7 +27,9 @@ from pipeline.launch import close_distributed, gather_objects, init_distributed,
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.sampling import generate
 from pipeline.stage_common import chat_renderer, padded_shard, report_drops
-from pipeline.training import StepProgress, chunks, console, seed_everything
+from pipeline.console import console, plain
+from pipeline.runs import prepare_output_dir
+from pipeline.training import StepProgress, chunks, seed_everything
 
 
 def rating_level(gap: float, thresholds: list[float]) -> str:
@@ -38,32 +40,43 @@ def rating_level(gap: float, thresholds: list[float]) -> str:
     return RATING_LEVELS[-1]
 
 
-def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing: PairingConfig) -> tuple[list[dict], int]:
-    """Pairs of one prompt's completions, higher score chosen; returns (pairs, ties dropped)."""
-    candidates = list(zip(completions, scores))
+def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing: PairingConfig,
+               finished: list[bool] | None = None) -> tuple[list[dict], int]:
+    """Pairs of one prompt's completions, higher score chosen; returns (pairs, ties dropped).
+
+    `finished` says which completions ended with EOS; each pair records it for both sides, so that
+    training appends EOS exactly where the sampler produced one.
+    """
+    finished = finished if finished is not None else [True] * len(completions)
+    candidates = list(zip(completions, scores, finished))
     if pairing.strategy == "best_vs_worst":
         ranked = sorted(candidates, key=lambda c: c[1])
         candidate_pairs = [(ranked[-1], ranked[0])]
     else:
         candidate_pairs = [(a, b) if a[1] >= b[1] else (b, a) for a, b in combinations(candidates, 2)]
     pairs, ties = [], 0
-    for (chosen, chosen_score), (rejected, rejected_score) in candidate_pairs:
+    for (chosen, chosen_score, chosen_done), (rejected, rejected_score, rejected_done) in candidate_pairs:
         gap = chosen_score - rejected_score
-        if gap < pairing.min_gap or chosen == rejected:
+        if gap < pairing.min_gap or (chosen, chosen_done) == (rejected, rejected_done):
             ties += 1
             continue
         pairs.append({
             "prompt": prompt, "chosen": chosen, "rejected": rejected,
             "margin": gap, "rating": rating_level(gap, pairing.rating_thresholds),
             "chosen_score": chosen_score, "rejected_score": rejected_score,
+            "chosen_finished": chosen_done, "rejected_finished": rejected_done,
         })
     return pairs, ties
 
 
-def run(cfg: PairsConfig, resume: bool = False) -> Path:
+OUTPUTS = ("train.jsonl", "test.jsonl", "summary.json", "README.md", "config.yaml", "cost.json")
+
+
+def run(cfg: PairsConfig, resume: bool = False, overwrite: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
+    prepare_output_dir(out_dir, dist, resume=False, overwrite=overwrite, produces=OUTPUTS)
     meter = CostMeter(dist)
 
     # ---- load: prompts, tokenizer, gold reward, model
@@ -87,17 +100,19 @@ def run(cfg: PairsConfig, resume: bool = False) -> Path:
         completions = sample_completions(model, tokenizer, prompts, cfg, dist)
         if not dist.is_main:
             continue
-        rows, ties, all_scores = [], 0, []
-        for index, (record, texts) in enumerate(zip(prompts, completions)):
+        rows, ties, all_scores, all_finished = [], 0, [], []
+        for index, (record, (texts, finished)) in enumerate(zip(prompts, completions)):
             scores = gold(texts)
             all_scores += scores
-            pairs, n_ties = make_pairs(record.prompt, texts, scores, cfg.pairing)
+            all_finished += finished
+            pairs, n_ties = make_pairs(record.prompt, texts, scores, cfg.pairing, finished)
             ties += n_ties
             rows += [{"id": f"{split}-{index}-{j}", "prompt_id": record.source_id, **p} for j, p in enumerate(pairs)]
         _write_jsonl(out_dir / f"{split}.jsonl", rows)
         summary[split] = {
             "prompts": len(prompts), "samples": len(all_scores), "pairs": len(rows), "ties_dropped": ties,
             "mean_gold_of_samples": sum(all_scores) / len(all_scores),
+            "finished_fraction": sum(all_finished) / len(all_finished),
             "pairs_by_rating": dict(Counter(r["rating"] for r in rows)),
         }
 
@@ -109,17 +124,19 @@ def run(cfg: PairsConfig, resume: bool = False) -> Path:
         (out_dir / "README.md").write_text(_card(cfg, summary))
         for split, stats in summary.items():
             console.print(
-                f"pairs[{split}]: {stats['pairs']} pairs from {stats['prompts']} prompts x "
+                f"pairs\\[{split}]: {stats['pairs']} pairs from {stats['prompts']} prompts x "
                 f"{cfg.pairing.samples_per_prompt} samples, {stats['ties_dropped']} ties dropped, "
-                f"mean gold of samples {stats['mean_gold_of_samples']:+.3f}; by rating {stats['pairs_by_rating']}"
+                f"mean gold of samples {stats['mean_gold_of_samples']:+.3f}, "
+                f"{100 * stats['finished_fraction']:.0f}% of samples finished (the rest were cut at "
+                f"sample.max_new_tokens and carry no EOS); by rating {plain(stats['pairs_by_rating'])}"
             )
     close_distributed()
     return out_dir
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompts: list[PromptRecord], cfg: PairsConfig, dist) -> list[list[str]]:
-    """k completions for every prompt (on rank 0; other ranks get an empty list).
+def sample_completions(model, tokenizer, prompts: list[PromptRecord], cfg: PairsConfig, dist) -> list[tuple[list[str], list[bool]]]:
+    """k (completion, finished) for every prompt, as two lists (on rank 0; other ranks get an empty list).
 
     Each process samples its share of the prompts; dummy slots keep every rank's number of
     generate calls equal, which FSDP2 needs.
@@ -128,7 +145,7 @@ def sample_completions(model, tokenizer, prompts: list[PromptRecord], cfg: Pairs
     slots = padded_shard(len(prompts), dist)
     prompts_per_batch = max(1, cfg.batch_size // k)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
-    mine: dict[int, list[str]] = {}
+    mine: dict[int, tuple[list[str], list[bool]]] = {}
     batches = list(chunks(slots, prompts_per_batch))
     with StepProgress(dist, len(batches), 0, "sampling") as progress:
         for done, batch in enumerate(batches, start=1):
@@ -142,9 +159,9 @@ def sample_completions(model, tokenizer, prompts: list[PromptRecord], cfg: Pairs
             texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
             for j, index in enumerate(batch):
                 if index is not None:
-                    mine[index] = texts[j * k : (j + 1) * k]
+                    mine[index] = (texts[j * k : (j + 1) * k], out.finished[j * k : (j + 1) * k])
             progress.update(done, {})
-    merged: dict[int, list[str]] = {}
+    merged: dict[int, tuple[list[str], list[bool]]] = {}
     for part in gather_objects(dist, mine):
         merged.update(part)
     return [merged[i] for i in range(len(prompts))] if dist.is_main else []
@@ -176,12 +193,16 @@ def _card(cfg: PairsConfig, summary: dict) -> str:
         f"Sampled from `{cfg.model.name_or_path}`, {cfg.pairing.samples_per_prompt} completions per prompt, "
         f"scored by the `{cfg.gold_reward}` gold reward, paired `{cfg.pairing.strategy}`.",
         "",
-        "| split | prompts | pairs | ties dropped | mean gold of samples | " + " | ".join(RATING_LEVELS) + " |",
-        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in RATING_LEVELS) + " |",
+        "| split | prompts | pairs | ties dropped | mean gold of samples | samples finished | "
+        + " | ".join(RATING_LEVELS) + " |",
+        "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in RATING_LEVELS) + " |",
     ]
     for split, s in summary.items():
         levels = " | ".join(str(s["pairs_by_rating"].get(level, 0)) for level in RATING_LEVELS)
         lines.append(
-            f"| {split} | {s['prompts']} | {s['pairs']} | {s['ties_dropped']} | {s['mean_gold_of_samples']:+.3f} | {levels} |"
+            f"| {split} | {s['prompts']} | {s['pairs']} | {s['ties_dropped']} | {s['mean_gold_of_samples']:+.3f} "
+            f"| {100 * s['finished_fraction']:.0f}% | {levels} |"
         )
+    lines += ["", "A sample that reached `sample.max_new_tokens` before EOS is marked unfinished "
+              "(`chosen_finished` / `rejected_finished`): it is trained and scored without an EOS."]
     return "\n".join(lines) + "\n"

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline.config import PPOConfig, TrainConfig
+from pipeline.config import PPOConfig, RewardSourceConfig, TrainConfig
+from pipeline.console import cell, console, plain
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
+from pipeline.errors import InputError
 from pipeline.judges import gold_reward
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, save_pretrained, shard
 from pipeline.losses import (
@@ -42,8 +44,10 @@ from pipeline.losses import (
     token_rewards,
 )
 from pipeline.models import (
-    DTYPES,
+    ScalarHead,
     count_parameters,
+    disable_dropout,
+    from_pretrained,
     load_causal_lm,
     load_tokenizer,
     local_parameter_count,
@@ -51,25 +55,18 @@ from pipeline.models import (
 )
 from pipeline.runs import RunDir, Trainable
 from pipeline.sampling import generate
-from pipeline.stage_common import chat_renderer, report_drops, tokenize_records
-from pipeline.training import BatchPlan, StepProgress, build_optimizer, clip_and_step, console, lr_at, seed_everything, set_lr
-
-
-class TokenValueModel(torch.nn.Module):
-    """A value for every position: the reward model's scalar head applied to all hidden states.
-
-    Wrapping (rather than calling the backbone directly) keeps the head and the embeddings inside
-    one module's forward, which FSDP2 needs to gather them.
-    """
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self._no_split_modules = model._no_split_modules
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
+from pipeline.scoring import RewardModel, load_reward_model, same_tokenizer
+from pipeline.stage_common import chat_renderer, report_drops, require_examples, tokenize_records
+from pipeline.training import (
+    BatchPlan,
+    StepProgress,
+    build_optimizer,
+    clip_and_step,
+    ensure_finite,
+    lr_at,
+    seed_everything,
+    set_lr,
+)
 
 
 class KLController:
@@ -83,6 +80,16 @@ class KLController:
             return
         proportional_error = max(-0.2, min(0.2, current_kl / self.target - 1.0))
         self.value *= 1.0 + proportional_error * n_rollouts / self.horizon
+
+
+@dataclass(frozen=True)
+class RolloutPrompt:
+    """A training prompt: its text (for reward models with other tokenizers), its ids for the policy."""
+
+    text: str
+    ids: list[int]
+    unsafe: bool = False
+    messages: tuple[dict, ...] | None = None
 
 
 @dataclass
@@ -101,86 +108,104 @@ class Rollout:
 # ------------------------------------------------------------------------------------- scoring
 
 
-class Scorer:
-    """The score of each (prompt, response): reward model(s), or the gold reward function."""
+def combine_scores(reward: RewardSourceConfig, per_model: list[tuple[torch.Tensor, torch.Tensor]],
+                   unsafe: torch.Tensor) -> torch.Tensor:
+    """One score per rollout (B,) from each model's (raw, normalised) scores, each (B,)."""
+    if len(per_model) == 1:
+        return per_model[0][1]
+    if reward.combine == "weighted":
+        weights = reward.weights or [1.0 / len(per_model)] * len(per_model)
+        return sum(w * normalised for w, (_, normalised) in zip(weights, per_model))
+    # Llama 2, Sec. 3.2.2: the safety score where the prompt is flagged unsafe or the response
+    # looks unsafe (sigmoid of the raw safety score below the threshold), else helpfulness.
+    (_, helpful), (safety_raw, safety) = per_model
+    use_safety = unsafe | (torch.sigmoid(safety_raw) < reward.safety_threshold)
+    return torch.where(use_safety, safety, helpful)
 
-    def __init__(self, cfg: PPOConfig, tokenizer, dist):
-        self.cfg, self.tokenizer, self.dist = cfg.reward, tokenizer, dist
+
+class Scorer:
+    """The score of each (prompt, response, finished): reward model(s), or the gold reward function.
+
+    Each reward model reads the rollout as its own stage trained it to (pipeline/scoring.py): with
+    its own tokenizer, EOS only after a finished response, scored at the last attended token.
+    """
+
+    def __init__(self, cfg: PPOConfig, policy_tokenizer, dist):
+        self.cfg, self.dist = cfg.reward, dist
+        self.max_prompt_length = cfg.data.max_prompt_length
+        self.batch_size = cfg.ppo.micro_batch_size
         self.gold = gold_reward(cfg.reward.gold)
-        self.models = []
+        self.models: list[RewardModel] = []
         if cfg.reward.kind == "model":
             for path in cfg.reward.models:
-                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=DTYPES[cfg.model.dtype])
-                stats = (getattr(model.config, "reward_mean", 0.0), getattr(model.config, "reward_std", 1.0))
-                model = shard(model, dist).eval().requires_grad_(False)
-                self.models.append((model, stats))
+                self.models.append(load_reward_model(path, cfg.model.dtype, dist, require_stats=cfg.reward.normalize))
+        self.retokenized = [not same_tokenizer(policy_tokenizer, m.tokenizer) for m in self.models]
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor], responses: list[str], finished: torch.Tensor,
-                 unsafe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, prompts: list[RolloutPrompt], responses: list[str], finished: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores used for training, gold scores for logging), each (B,)."""
         gold = torch.tensor(self.gold(responses), dtype=torch.float32)
         if self.cfg.kind == "gold":
             scores = gold.clone()
         else:
             per_model = []
-            for model, (mean, std) in self.models:
-                raw = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float().cpu()
-                per_model.append((raw, (raw - mean) / std if self.cfg.normalize else raw))
-            scores = self._combine(per_model, unsafe)
+            for model in self.models:
+                examples = model.examples([p.text for p in prompts], responses, finished,
+                                          [p.messages for p in prompts], self.max_prompt_length)
+                raw = model.score(examples, self.batch_size, self.dist.device)
+                per_model.append((raw, (raw - model.mean) / model.std if self.cfg.normalize else raw))
+            scores = combine_scores(self.cfg, per_model, torch.tensor([p.unsafe for p in prompts]))
         if self.cfg.clip is not None:
             scores = scores.clamp(-self.cfg.clip, self.cfg.clip)
         if self.cfg.missing_eos_penalty is not None:
-            scores = scores + self.cfg.missing_eos_penalty * (~finished).float()
+            scores = scores + self.cfg.missing_eos_penalty * (~torch.tensor(finished)).float()
         return scores, gold
-
-    def _combine(self, per_model: list[tuple[torch.Tensor, torch.Tensor]], unsafe: torch.Tensor) -> torch.Tensor:
-        if len(per_model) == 1:
-            return per_model[0][1]
-        if self.cfg.combine == "weighted":
-            weights = self.cfg.weights or [1.0 / len(per_model)] * len(per_model)
-            return sum(w * normalised for w, (_, normalised) in zip(weights, per_model))
-        # Llama 2, Sec. 3.2.2: the safety score where the prompt is flagged unsafe or the response
-        # looks unsafe (sigmoid of the raw safety score below the threshold), else helpfulness.
-        (_, helpful), (safety_raw, safety) = per_model
-        use_safety = unsafe | (torch.sigmoid(safety_raw) < self.cfg.safety_threshold)
-        return torch.where(use_safety, safety, helpful)
 
 
 # ---------------------------------------------------------------------------------------- stage
 
 
-def run(cfg: PPOConfig, resume: bool = False) -> Path:
+def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.seed)
-    run_dir = RunDir(cfg.output_dir, dist)
+    run_dir = RunDir(cfg.output_dir, dist, resume, overwrite, produces=("value",))
     meter = CostMeter(dist)
-    checkpoint = run_dir.latest_checkpoint() if resume else None
+    checkpoint = run_dir.resume_point(cfg) if resume else None
 
     # ---- load: prompts as token ids
     ledger = DropLedger(cfg.data.strict)
     tokenizer = load_tokenizer(cfg.model, str(checkpoint / "model") if checkpoint else None)
     train_prompts, _ = load_prompts(cfg.data, ledger, chat_renderer(tokenizer))
-    unsafe: dict[str, bool] = {}  # prompt text -> flagged unsafe, over duplicates
+    distinct: dict[str, RolloutPrompt] = {}  # prompt text -> prompt, flagged unsafe if any duplicate is
     for record in train_prompts:
-        unsafe[record.prompt] = unsafe.get(record.prompt, False) or record.unsafe
+        seen = distinct.get(record.prompt)
+        distinct[record.prompt] = RolloutPrompt(record.prompt, [], (seen is not None and seen.unsafe) or record.unsafe,
+                                                record.messages)
     prompts = tokenize_records(
-        list(unsafe), lambda p: (encode_prompt(tokenizer, p, cfg.data), unsafe[p]), ledger, "ppo prompts"
+        list(distinct.values()),
+        lambda p: RolloutPrompt(p.text, encode_prompt(tokenizer, p.text, cfg.data), p.unsafe, p.messages),
+        ledger, "ppo prompts",
     )
     report_drops(ledger, dist)
+    require_examples(prompts, ledger, "ppo")
 
     # ---- build: policy, reference, value model, scorer; optimizers; KL controller
     policy = shard(load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None), dist)
     reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist).eval().requires_grad_(False)
     value_source = str(checkpoint / "value") if checkpoint else cfg.value_model_path
-    value_hf = AutoModelForSequenceClassification.from_pretrained(value_source, num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    value = shard(TokenValueModel(value_hf), dist)
+    check_value_tokenizer(value_source, tokenizer)
+    value_hf = from_pretrained(AutoModelForSequenceClassification, value_source, num_labels=1,
+                               pad_token_id=tokenizer.pad_token_id)
+    value = shard(ScalarHead(value_hf), dist)
+    if cfg.ppo.disable_dropout:
+        disable_dropout(policy)
+        disable_dropout(value)
     scorer = Scorer(cfg, tokenizer, dist)
     meter.watch(policy, "policy")
     meter.watch(reference, "reference")
     meter.watch(value, "value")
-    for i, (model, _) in enumerate(scorer.models):
-        meter.watch(model, f"reward_{i}")
+    for i, model in enumerate(scorer.models):
+        meter.watch(model.head, f"reward_{i}")
     policy_optimizer = build_optimizer(policy, cfg.optim)
     value_optimizer = build_optimizer(value, cfg.optim)
     value_lr_scale = (cfg.ppo.value_lr or cfg.optim.lr) / cfg.optim.lr
@@ -190,23 +215,29 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
         max_steps=cfg.iterations, seed=cfg.seed), dist.world_size)
     trainables = [Trainable("model", policy, policy_optimizer, tokenizer),
                   Trainable("value", value, value_optimizer, tokenizer, hf_model=value_hf, prefix="model.")]
+    # Rollouts are sampled from this generator, one per process; a checkpoint keeps its state.
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
     start = 0
     if checkpoint:
         state = run_dir.load_trainer_state(checkpoint, trainables)
         start, kl_ctl.value = state["step"], state["kl_coef"]
+        if "generator" in state:
+            generator.set_state(state["generator"])
     run_dir.write_config(cfg)
     run_dir.start_metrics(start)
     per_rank = gather_objects(dist, local_parameter_count(policy))
     run_dir.log({"step": start, "params/total": count_parameters(policy), "params/per_rank": per_rank})
     if dist.is_main:
+        retokenized = [path for path, again in zip(cfg.reward.models, scorer.retokenized) if again]
         console.print(
             f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.ppo.rollout_batch_size} rollouts, "
             f"{cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.mini_batch_size}; score from "
-            f"{cfg.reward.kind if cfg.reward.kind == 'gold' else ', '.join(cfg.reward.models)}"
+            + plain(cfg.reward.kind if cfg.reward.kind == "gold" else ", ".join(cfg.reward.models))
+            + (f" (rollouts re-tokenized for {plain(', '.join(retokenized))}, whose tokenizer is not the policy's)"
+               if retokenized else "")
         )
 
     # ---- loop: rollout, score, advantages, update
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank + start)
     metrics: dict = {}
     with StepProgress(dist, cfg.iterations, start, "ppo") as progress:
         for iteration in range(start, cfg.iterations):
@@ -214,14 +245,16 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
             lr = lr_at(iteration, cfg.iterations, cfg.optim)
             set_lr(policy_optimizer, lr)
             set_lr(value_optimizer, lr * value_lr_scale)
+            done = iteration + 1
             rollout, stats, table = collect_rollout(
                 policy, reference, value, scorer, tokenizer, [prompts[i] for i in ids], cfg, kl_ctl.value, dist, generator
             )
+            ensure_finite(done, **{"mean score": stats["objective/scores"]})
             clock = time.perf_counter()
             stats |= ppo_update(policy, value, policy_optimizer, value_optimizer, rollout, cfg, dist, iteration)
             stats["time/update"] = time.perf_counter() - clock
+            ensure_finite(done, **{"policy loss": stats["loss/policy"], "value loss": stats["loss/value"]})
             kl_ctl.update(stats["objective/kl"], cfg.ppo.rollout_batch_size)
-            done = iteration + 1
             metrics = {"step": done, **stats, "objective/kl_coef": kl_ctl.value, "lr": lr}
             if done % cfg.log_every == 0 or done == cfg.iterations:
                 run_dir.log(metrics)
@@ -229,7 +262,8 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
             if dist.is_main and cfg.sample_table_every and (done % cfg.sample_table_every == 0 or done == 1):
                 console.print(_sample_table(done, table))
             if cfg.save_every and done % cfg.save_every == 0 and done != cfg.iterations:
-                run_dir.save_checkpoint(done, trainables, {"kl_coef": kl_ctl.value}, cfg.keep_checkpoints)
+                extra = {"kl_coef": kl_ctl.value, "generator": generator.get_state()}
+                run_dir.save_checkpoint(done, trainables, extra, cfg.keep_checkpoints, cfg)
 
     # ---- save: the policy (and the value model beside it), card
     run_dir.save_model(policy, tokenizer)
@@ -241,59 +275,97 @@ def run(cfg: PPOConfig, resume: bool = False) -> Path:
     return run_dir.model
 
 
-@torch.no_grad()
-def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[tuple[list[int], bool]], cfg: PPOConfig,
-                    kl_coef: float, dist, generator) -> tuple[Rollout, dict, list]:
-    """Sample, score and compute advantages for this process's (prompt ids, unsafe flag) pairs.
+def check_value_tokenizer(path: str, tokenizer) -> None:
+    """The value model reads the policy's token ids, so it must have the policy's vocabulary."""
+    try:
+        own = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return  # no tokenizer saved beside it: it is taken to be the policy's
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise InputError(
+            f"value model {path}: its tokenizer is not the policy's, and a value model reads the policy's "
+            "tokens; set value_model to a model with the policy's tokenizer (the SFT model, for one)"
+        )
 
-    The returned statistics are over all processes.
-    """
-    prompt_ids = [ids for ids, _ in prompts]
-    unsafe = torch.tensor([flag for _, flag in prompts])
-    clock = time.perf_counter()
-    policy.eval()
+
+# ------------------------------------------------------------------------------------- rollouts
+
+
+@torch.no_grad()
+def sample_rollouts(policy, tokenizer, prompts: list[RolloutPrompt], cfg: PPOConfig, dist, generator):
+    """A response per prompt, sampled at the rollout temperature: (examples, texts, finished)."""
     out = generate(
-        policy, prompt_ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        policy, [p.ids for p in prompts], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
         max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
         generator=generator, sync_ranks=dist.sharded,
     )
-    policy.train()
-    examples = [TokenizedExample(p + r, len(p)) for p, r in zip(prompt_ids, out.sequences)]
-    batch = {k: v.to(dist.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
-    responses = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-    finished = torch.tensor(out.finished)
-    generate_s, clock = time.perf_counter() - clock, time.perf_counter()
+    examples = [TokenizedExample(p.ids + r, len(p.ids)) for p, r in zip(prompts, out.sequences)]
+    return examples, tokenizer.batch_decode(out.sequences, skip_special_tokens=True), out.finished
 
+
+@torch.no_grad()
+def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg: PPOConfig):
+    """Per-token (old log-probs, reference log-probs, values, entropies, response mask), each (B, T-1).
+
+    Log-probs are of the distribution the rollouts were sampled from, softmax(logits / T), for
+    the policy and the reference alike, so the ratio and the KL compare like with like.
+    """
+    temperature = cfg.rollout.temperature
     old_logps, ref_logps, old_values, entropies, masks = [], [], [], [], []
-    for rows in _row_chunks(len(examples), cfg.ppo.micro_batch_size):
+    for rows in _row_chunks(batch["input_ids"].shape[0], cfg.ppo.micro_batch_size):
         part = {k: v[rows] for k, v in batch.items()}
-        logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+        logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits.float() / temperature
         logps, mask = token_logps(logits, part["labels"])
         old_logps.append(logps)
         masks.append(mask)
         entropies.append(entropy_from_logits(logits[:, :-1]) * mask)
-        ref_logps.append(response_token_logps(reference, part["input_ids"], part["attention_mask"], part["labels"])[0])
+        ref_logps.append(response_token_logps(reference, part["input_ids"], part["attention_mask"], part["labels"], temperature)[0])
         old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
-    old_logps, ref_logps, old_values = torch.cat(old_logps), torch.cat(ref_logps), torch.cat(old_values)
-    mask, entropy = torch.cat(masks), torch.cat(entropies)
-    old_values = old_values * mask
+    mask = torch.cat(masks)
+    return torch.cat(old_logps), torch.cat(ref_logps), torch.cat(old_values) * mask, torch.cat(entropies), mask
 
-    scores, gold = scorer(batch, responses, finished, unsafe)
-    score_s, clock = time.perf_counter() - clock, time.perf_counter()
+
+def advantages_and_returns(scores, old_logps, ref_logps, old_values, mask, cfg: PPOConfig, kl_coef: float, dist):
+    """(per-token KL, advantages, returns), each (B, T-1): KL-penalised rewards through GAE, whitened."""
     kl = kl_penalty(old_logps, ref_logps, cfg.kl.estimator) * mask  # (B, T-1)
-    rewards = token_rewards(scores.to(dist.device), kl, mask, kl_coef)
+    rewards = token_rewards(scores.to(kl.device), kl, mask, kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
     if cfg.ppo.whiten_advantages:  # over the whole rollout batch, all processes
         n = all_reduce_sum(dist, mask.sum().float())
         mean = all_reduce_sum(dist, (advantages * mask).sum()) / n
         var = all_reduce_sum(dist, (((advantages - mean) * mask) ** 2).sum()) / n
         advantages = masked_whiten(advantages, mask, mean, var)
+    return kl, advantages, returns
+
+
+@torch.no_grad()
+def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[RolloutPrompt], cfg: PPOConfig,
+                    kl_coef: float, dist, generator) -> tuple[Rollout, dict, list]:
+    """Sample, score and compute advantages for this process's prompts.
+
+    Every pass runs in eval mode, as in TRL and OpenRLHF: with dropout, the "old" log-probs would be
+    of another network than the one that sampled. The returned statistics are over all processes.
+    """
+    clock = time.perf_counter()
+    policy.eval()
+    value.eval()
+    examples, responses, finished = sample_rollouts(policy, tokenizer, prompts, cfg, dist, generator)
+    batch = {k: v.to(dist.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+    generate_s, clock = time.perf_counter() - clock, time.perf_counter()
+
+    old_logps, ref_logps, old_values, entropy, mask = logprob_passes(policy, reference, value, batch, cfg)
+    scores, gold = scorer(prompts, responses, finished)
+    score_s, clock = time.perf_counter() - clock, time.perf_counter()
+    kl, advantages, returns = advantages_and_returns(scores, old_logps, ref_logps, old_values, mask, cfg, kl_coef, dist)
     advantages_s = time.perf_counter() - clock
 
+    device = kl.device
     k1_kl = ((old_logps - ref_logps) * mask).sum(-1)  # per-sequence KL, the k1 estimate, for logging
+    scores = scores.to(device)
     sums = torch.stack([
-        k1_kl.sum(), entropy.sum(), scores.sum().to(kl.device), (scores.to(kl.device) - kl_coef * kl.sum(-1)).sum(),
-        gold.sum().to(kl.device), mask.sum().float(), finished.float().sum().to(kl.device), torch.tensor(float(len(examples)), device=kl.device),
+        k1_kl.sum(), entropy.sum(), scores.sum(), (scores - kl_coef * kl.sum(-1)).sum(), gold.sum().to(device),
+        mask.sum().float(), torch.tensor(finished, dtype=torch.float32).sum().to(device),
+        torch.tensor(float(len(examples)), device=device),
     ])
     kl_sum, entropy_sum, score_sum, rlhf_sum, gold_sum, length_sum, finished_sum, n_rollouts = all_reduce_sum(dist, sums).tolist()
     stats = {
@@ -305,8 +377,7 @@ def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[t
         # this process's seconds per phase (rank 0's are logged): where an iteration's time goes
         "time/generate": generate_s, "time/score": score_s, "time/advantages": advantages_s,
     }
-    table = [(tokenizer.decode(p, skip_special_tokens=True), r, float(s), float(g))
-             for p, r, s, g in list(zip(prompt_ids, responses, scores, gold))[:4]]
+    table = [(p.text, r, float(s), float(g)) for p, r, s, g in list(zip(prompts, responses, scores, gold))[:4]]
     rollout = Rollout(batch["input_ids"], batch["attention_mask"], mask, old_logps, old_values, advantages, returns)
     return rollout, stats, table
 
@@ -315,6 +386,9 @@ def ppo_update(policy, value, policy_optimizer, value_optimizer, rollout: Rollou
     """`ppo.epochs` passes of minibatches over the rollout batch; returns mean losses and statistics."""
     rows_per_mini = cfg.ppo.mini_batch_size // dist.world_size
     n_rows = rollout.input_ids.shape[0]
+    temperature = cfg.rollout.temperature
+    policy.train()
+    value.train()
     totals = torch.zeros(6)  # policy loss, value loss, clipfrac, approxkl, value clipfrac, tokens
     for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + 7919 * iteration + epoch))
@@ -332,9 +406,11 @@ def ppo_update(policy, value, policy_optimizer, value_optimizer, rollout: Rollou
                 labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
                 if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
                     logits = policy(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows]).logits
+                    logits = logits.float() / temperature
                     logps, _ = token_logps(logits, labels)
                 else:
-                    logps, _ = response_token_logps(policy, rollout.input_ids[rows], rollout.attention_mask[rows], labels)
+                    logps, _ = response_token_logps(policy, rollout.input_ids[rows], rollout.attention_mask[rows], labels,
+                                                    temperature)
                 policy_loss, policy_stats = ppo_policy_loss(logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range)
                 values = value(rollout.input_ids[rows], rollout.attention_mask[rows])[:, :-1]
                 value_loss, value_clipped = ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range)
@@ -344,8 +420,8 @@ def ppo_update(policy, value, policy_optimizer, value_optimizer, rollout: Rollou
                 (loss * dist.world_size / tokens).backward()  # token mean over the global minibatch
                 totals += torch.stack([policy_loss.detach(), value_loss.detach(), policy_stats["clipfrac"],
                                        policy_stats["approxkl"], value_clipped, mask.sum().float()]).cpu()
-            clip_and_step(policy, policy_optimizer, cfg.optim.max_grad_norm)
-            clip_and_step(value, value_optimizer, cfg.optim.max_grad_norm)
+            clip_and_step(policy, policy_optimizer, cfg.optim.max_grad_norm, iteration + 1)
+            clip_and_step(value, value_optimizer, cfg.optim.max_grad_norm, iteration + 1)
     policy_loss, value_loss, clipfrac, approxkl, value_clipfrac, tokens = all_reduce_sum(dist, totals).tolist()
     return {
         "loss/policy": policy_loss / tokens, "loss/value": value_loss / tokens,
@@ -369,5 +445,5 @@ def _sample_table(step: int, rows: list) -> Table:
     for column in ("prompt", "response", "score", "gold"):
         table.add_column(column, overflow="fold")
     for prompt, response, score, gold in rows:
-        table.add_row(prompt, response, f"{score:+.3f}", f"{gold:+.3f}")
+        table.add_row(cell(prompt), cell(response), f"{score:+.3f}", f"{gold:+.3f}")
     return table

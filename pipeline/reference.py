@@ -21,7 +21,8 @@ from pipeline.data.tokenize import TokenizedPair, collate_pairs
 from pipeline.launch import Dist, barrier, gather_objects, shard
 from pipeline.models import load_causal_lm, response_token_logps
 from pipeline.stage_common import padded_shard
-from pipeline.training import StepProgress, console
+from pipeline.console import console, plain
+from pipeline.training import StepProgress
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
@@ -58,6 +59,21 @@ def cache_path(cache_dir: str, model: ModelConfig, pairs: list[TokenizedPair]) -
     return Path(cache_dir) / f"reference-logps-{key}.pt"
 
 
+def _read_cache(path: Path, n_pairs: int) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str]:
+    """((chosen, rejected), "") from a cache file that is whole and fits the pairs, else (None, what is wrong)."""
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        chosen, rejected = cached["chosen"], cached["rejected"]
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file raises any of several types
+        return None, f"cannot be read ({type(err).__name__})"
+    for side in (chosen, rejected):
+        if not isinstance(side, torch.Tensor) or side.shape != (n_pairs,):
+            return None, f"does not hold {n_pairs} values per side"
+        if not bool(torch.isfinite(side).all()):
+            return None, "holds non-finite values"
+    return (chosen, rejected), ""
+
+
 def reference_logps(
     model: ModelConfig, pairs: list[TokenizedPair], cache_dir: str, batch_size: int, pad_id: int, dist: Dist,
     meter: CostMeter | None = None,
@@ -65,8 +81,11 @@ def reference_logps(
     """(chosen, rejected) summed response log-probs under the reference, each (N,), and cache hit."""
     path = cache_path(cache_dir, model, pairs)
     if path.is_file():
-        cached = torch.load(path, map_location="cpu")
-        return cached["chosen"], cached["rejected"], True
+        cached, problem = _read_cache(path, len(pairs))
+        if cached is not None:
+            return cached[0], cached[1], True
+        if dist.is_main:
+            console.print(f"[yellow]warning:[/yellow] the reference log-prob cache {plain(path)} {plain(problem)}; computing it again")
 
     reference = shard(load_causal_lm(model), dist)
     reference.eval()
@@ -97,6 +116,6 @@ def reference_logps(
         staging = path.with_name(f".{path.name}.tmp")
         torch.save({"chosen": chosen, "rejected": rejected}, staging)
         os.replace(staging, path)
-        console.print(f"reference log-probs for {len(pairs)} pairs cached in {path}")
+        console.print(f"reference log-probs for {len(pairs)} pairs cached in {plain(path)}")
     barrier(dist)
     return chosen, rejected, False

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 
 from pipeline.config import CompareConfig, digest
-from pipeline.training import console
+from pipeline.console import cell, console
 
 COLOURS = {"sft": "black", "best_of_n": "grey", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:green"}
 SHADES = {"best_of_n": "Greys", "dpo": "Blues", "ppo": "Oranges", "ppo_gt": "Greens"}  # colour maps per method
@@ -32,13 +32,13 @@ def main_rows(results: dict, temperature: float) -> list[list[str]]:
         rows.append([
             m["name"], f"{m['gold']['mean']:+.3f}", f"{m['kl']:.2f}", _ci(m.get("win_vs_sft"), percent=True),
             _ci(m.get("proxy_win_vs_sft"), percent=True), _ci(m.get("win_vs_reference"), percent=True),
-            f"{m['length']:.1f}", f"{m['distinct_2']:.3f}",
+            f"{m['length']:.1f}", f"{100 * m['finished']:.0f}%" if "finished" in m else "", f"{m['distinct_2']:.3f}",
         ])
     return rows
 
 
 MAIN_HEADER = ["method", "gold reward", "KL to SFT", "gold win rate vs SFT (95% CI)",
-               "reward-model win rate vs SFT", "win rate vs dataset completion", "length", "distinct-2"]
+               "reward-model win rate vs SFT", "win rate vs dataset completion", "length", "finished", "distinct-2"]
 
 
 def print_tables(results: dict) -> None:
@@ -47,14 +47,14 @@ def print_tables(results: dict) -> None:
         for column in MAIN_HEADER:
             table.add_column(column)
         for row in main_rows(results, temperature):
-            table.add_row(*row)
+            table.add_row(*map(cell, row))
         console.print(table)
     if results["head_to_head"]:
         table = Table(title="DPO against PPO (gold reward, per prompt)")
         for column in ("DPO", "PPO", "temperature", "DPO win rate (95% CI)"):
             table.add_column(column)
         for h in results["head_to_head"]:
-            table.add_row(h["dpo"], h["ppo"], f"{h['temperature']:g}", _ci(h["dpo_win_rate"], percent=True))
+            table.add_row(cell(h["dpo"]), cell(h["ppo"]), f"{h['temperature']:g}", _ci(h["dpo_win_rate"], percent=True))
         console.print(table)
 
 
@@ -72,7 +72,9 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
         f"{results['prompts']['count']} held-out prompts (seed {results['prompts']['seed']}), one completion each per "
         f"method and temperature, scored by the `{results['gold']}` gold reward. Win rates count ties as half and carry "
         f"95% paired bootstrap intervals over prompts ({cfg.bootstrap_resamples} resamples). The dataset's own "
-        f"completions score {results['prompts']['reference_gold_mean']:+.3f} on average.",
+        f"completions score {results['prompts']['reference_gold_mean']:+.3f} on average. \"finished\" is the share of "
+        f"completions that ended with EOS within {cfg.max_new_tokens} tokens; the rest are scored as cut text, "
+        "without EOS, as PPO and the reward model see them.",
         "",
     ]
     for temperature in cfg.temperatures:

@@ -18,15 +18,17 @@ from rich.table import Table
 from transformers import AutoModelForSequenceClassification
 
 from pipeline.config import RATING_LEVELS, RewardConfig
+from pipeline.console import cell
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger, PreferencePair
 from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
 from pipeline.losses import bradley_terry_loss, reward_centering_penalty
-from pipeline.models import DTYPES, load_tokenizer
+from pipeline.models import DTYPES, ScalarHead, from_pretrained, load_tokenizer
 from pipeline.runs import RunDir, Trainable
-from pipeline.stage_common import chat_renderer, padded_shard, report_drops, tokenize_records
+from pipeline.scoring import sequence_scores
+from pipeline.stage_common import chat_renderer, padded_shard, report_drops, require_examples, tokenize_records
 from pipeline.training import (
     BatchPlan,
     StepProgress,
@@ -35,6 +37,7 @@ from pipeline.training import (
     console,
     count_over_ranks,
     due,
+    ensure_finite,
     lr_at,
     seed_everything,
     set_lr,
@@ -51,19 +54,19 @@ def pair_margin(pair: PreferencePair, cfg: RewardConfig) -> float:
     return 0.0
 
 
-def score_pairs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and rejected halves of a collated pair batch, each (B,)."""
-    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)  # (2B,)
+    rewards = sequence_scores(head, batch["input_ids"], batch["attention_mask"])  # (2B,)
     half = rewards.shape[0] // 2
-    return rewards[:half].float(), rewards[half:].float()
+    return rewards[:half], rewards[half:]
 
 
-def run(cfg: RewardConfig, resume: bool = False) -> Path:
+def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.train.seed)
-    run_dir = RunDir(cfg.output_dir, dist)
+    run_dir = RunDir(cfg.output_dir, dist, resume, overwrite, produces=("eval.json",))
     meter = CostMeter(dist)
-    checkpoint = run_dir.latest_checkpoint() if resume else None
+    checkpoint = run_dir.resume_point(cfg) if resume else None
     source = str(checkpoint / "model") if checkpoint else cfg.model.name_or_path
 
     # ---- load: pairs, tokenized with the SFT tokenizer
@@ -74,17 +77,19 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
     train_set = tokenize_records(train_pairs, tokenize, ledger, "reward tokenize")
     eval_set = tokenize_records(eval_pairs, tokenize, ledger, "reward tokenize")
     report_drops(ledger, dist)
+    require_examples(train_set, ledger, "reward")
 
     # ---- build: scalar head on the SFT backbone, shards, optimizer, batch plan
-    model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, pad_token_id=tokenizer.pad_token_id, dtype=DTYPES[cfg.model.dtype],
-        revision=cfg.model.revision if not checkpoint else None, trust_remote_code=cfg.model.trust_remote_code,
+    hf_model = from_pretrained(
+        AutoModelForSequenceClassification, source, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+        dtype=DTYPES[cfg.model.dtype], revision=cfg.model.revision if not checkpoint else None,
+        trust_remote_code=cfg.model.trust_remote_code,
     )
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model = meter.watch(shard(model, dist), "reward")
+    hf_model.config.pad_token_id = tokenizer.pad_token_id
+    model = meter.watch(shard(ScalarHead(hf_model), dist), "reward")
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])
-    trainables = [Trainable("model", model, optimizer, tokenizer)]
+    trainables = [Trainable("model", model, optimizer, tokenizer, hf_model=hf_model, prefix="model.")]
     start_step = run_dir.load_trainer_state(checkpoint, trainables)["step"] if checkpoint else 0
     run_dir.write_config(cfg)
     run_dir.start_metrics(start_step)
@@ -116,10 +121,11 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
                 diff = (chosen - rejected).detach()
                 sums += torch.stack([losses.detach().sum(), (diff > 0).sum(), diff.sum(), torch.tensor(float(len(diff)))]).cpu()
                 rewards_seen.append(torch.cat([chosen, rejected]).detach().cpu())
-            grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
+            grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm, step + 1)
             done = step + 1
 
             loss, correct, margin, n = all_reduce_sum(dist, sums).tolist()
+            ensure_finite(done, loss=loss / n)
             rewards = torch.cat(rewards_seen)  # this rank's share: a cheap running view, not a global statistic
             metrics = {"step": done, "loss": loss / n, "accuracy": correct / n, "margin": margin / n,
                        "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()), "lr": lr,
@@ -130,16 +136,16 @@ def run(cfg: RewardConfig, resume: bool = False) -> Path:
             if due(done, cfg.train.eval_every, plan.total_steps):
                 run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id)["metrics"]})
             if due(done, cfg.train.save_every, plan.total_steps):
-                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints)
+                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints, cfg)
 
     # ---- save: held-out tables, normalisation statistics in the config, model folder, card
     report = evaluate(model, eval_set, cfg, dist, pad_id)
     final = {"step": plan.total_steps, **report["metrics"]}
     run_dir.log(final)
     if "eval/reward_mean" in final:
-        model.config.reward_mean = final["eval/reward_mean"]
-        model.config.reward_std = final["eval/reward_std"]
-    run_dir.save_model(model, tokenizer)
+        hf_model.config.reward_mean = final["eval/reward_mean"]
+        hf_model.config.reward_std = final["eval/reward_std"]
+    run_dir.save_model(model, tokenizer, hf_model=hf_model, prefix="model.")
     if dist.is_main:
         (run_dir.root / "eval.json").write_text(json.dumps(report, indent=2))
         console.print(_tables(report))
@@ -209,7 +215,7 @@ def _tables(report: dict) -> Table:
     table.add_column("pairs", justify="right")
     for title, groups in (("rating", report["by_rating"]), ("|r_c - r_r|", report["by_gap"])):
         for name, stats in groups.items():
-            table.add_row(f"{title}: {name}", f"{stats['accuracy']:.3f}", str(stats["pairs"]))
+            table.add_row(cell(f"{title}: {name}"), f"{stats['accuracy']:.3f}", str(stats["pairs"]))
     return table
 
 

@@ -9,6 +9,8 @@ runs/<name>/
   README.md          a short model card
 ```
 Only rank 0 writes; a failed or interrupted run leaves the last complete checkpoint as it was.
+A run never writes into a folder that holds something else unless told to (`--resume` continues
+the run there, `--overwrite` removes what an earlier run wrote and nothing more).
 """
 
 from __future__ import annotations
@@ -17,23 +19,95 @@ import json
 import re
 import shutil
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from pipeline import config as config_module
+from pipeline.console import console, plain
+from pipeline.errors import InputError, RunFailed
 from pipeline.launch import (
     Dist,
-    barrier,
+    broadcast_object,
     full_optimizer_state,
+    gather_objects,
     load_full_optimizer_state,
     replace_dir,
     save_pretrained,
 )
+from pipeline.files import weights_problem
+from pipeline.training import rng_state, set_rng_state
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+# What every run writes at its root; a stage adds its own names (sft: tokenizer, ppo: value, ...).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "README.md", "cost.json")
+
+# Keys a resumed run may change: they decide how often it logs, evaluates and saves, how long it
+# runs, how many processes share it and what it prints, never the model, the data or the batch order.
+RESUMABLE_CHANGES = (
+    "train.max_steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
+    "train.eval_batch_size", "iterations", "log_every", "save_every", "keep_checkpoints", "sample_table_every",
+    "launch.", "sample.", "reference.batch_size", "reference.cache_dir", "data.max_eval_examples",
+)
+
+
+def step_of(path: Path) -> int | None:
+    """N for a `step-N` checkpoint folder, None for anything else."""
+    match = STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_folders(checkpoints: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `step-N` folder, oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted((step, p) for p in checkpoints.iterdir() if (step := step_of(p)) is not None and p.is_dir())
+
+
+def prepare_output_dir(root: Path, dist: Dist, resume: bool, overwrite: bool, produces: tuple[str, ...]) -> None:
+    """Refuse to write a fresh run into a folder that holds anything; `--overwrite` clears what runs write.
+
+    Rank 0 decides and every rank gets the verdict, so all of them stop together.
+    """
+    problem = None
+    if dist.is_main:
+        problem = _output_dir_problem(Path(root), resume, overwrite, produces)
+    problem = broadcast_object(dist, problem)
+    if problem:
+        raise InputError(problem)
+
+
+def _output_dir_problem(root: Path, resume: bool, overwrite: bool, produces: tuple[str, ...]) -> str | None:
+    if resume and overwrite:
+        return "--resume and --overwrite exclude each other: continue the run there, or replace it"
+    if resume or not root.is_dir() or not any(root.iterdir()):
+        return None
+    if not overwrite:
+        held = sorted(p.name for p in root.iterdir())
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        return (f"{root} already holds {shown}; pass --resume to continue the run there, or --overwrite to "
+                "replace what an earlier run wrote (other files are kept), or choose another output_dir")
+    for name in produces:
+        path = root / name
+        if name == "checkpoints" and path.is_dir():
+            for _, folder in checkpoint_folders(path):
+                shutil.rmtree(folder)
+            for leftover in path.glob(".step-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        for leftover in (root / f".{name}.tmp", root / f".{name}.old"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    return None
 
 
 @dataclass
@@ -53,12 +127,14 @@ class Trainable:
 
 
 class RunDir:
-    def __init__(self, root: str | Path, dist: Dist):
+    def __init__(self, root: str | Path, dist: Dist, resume: bool = False, overwrite: bool = False,
+                 produces: tuple[str, ...] = ()):
         self.root = Path(root)
         self.dist = dist
         self.checkpoints = self.root / "checkpoints"
         self.model = self.root / "model"
         self.metrics_path = self.root / "metrics.jsonl"
+        prepare_output_dir(self.root, dist, resume, overwrite, RUN_FILES + produces)
 
     # ---- config and metrics
 
@@ -67,16 +143,10 @@ class RunDir:
             config_module.write_resolved(config, self.root)
 
     def start_metrics(self, resume_step: int) -> None:
-        """Keep logged lines up to the resumed step; a fresh run starts an empty file.
-
-        A fresh run also removes an earlier run's checkpoints, so that a later `--resume` cannot
-        pick up weights that do not belong to this run.
-        """
+        """Keep logged lines up to the resumed step; a fresh run starts an empty file."""
         if not self.dist.is_main:
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        if not resume_step and self.checkpoints.exists():
-            shutil.rmtree(self.checkpoints)
         kept = []
         if resume_step and self.metrics_path.exists():
             for line in self.metrics_path.read_text().splitlines():
@@ -97,50 +167,103 @@ class RunDir:
     # ---- checkpoints
 
     def latest_checkpoint(self) -> Path | None:
-        if not self.checkpoints.is_dir():
-            return None
-        steps = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name))]
-        return max(steps)[1] if steps else None
+        """The newest checkpoint that is whole; a damaged newer one is skipped with a warning."""
+        for _, path in reversed(checkpoint_folders(self.checkpoints)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if self.dist.is_main:
+                console.print(f"[yellow]warning:[/yellow] skipping checkpoint {plain(path)}: {plain(problem)}")
+        return None
 
-    def save_checkpoint(self, step: int, trainables: list[Trainable], extra: dict, keep: int) -> Path:
-        """checkpoints/step-N with one model folder per trainable and the trainer state, renamed in place."""
+    def resume_point(self, config: Any) -> Path | None:
+        """The checkpoint `--resume` continues from, after checking the config did not change what it trains."""
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is None:
+            if self.dist.is_main:
+                console.print(f"[yellow]no checkpoint under {plain(self.checkpoints)}; starting from step 0")
+            return None
+        notes = check_resume_config(config, checkpoint, self.root)
+        if self.dist.is_main and notes:
+            console.print(f"resuming {plain(checkpoint)} with changed {plain(notes)}")
+        return checkpoint
+
+    def save_checkpoint(self, step: int, trainables: list[Trainable], extra: dict, keep: int, config: Any) -> Path:
+        """checkpoints/step-N with one model folder per trainable, the config and the trainer state.
+
+        Written to a temporary folder and renamed, so a crash or a full disk leaves the earlier
+        checkpoints as they were. `extra` is gathered from every rank (per-rank random states).
+        """
         target = self.checkpoints / f"step-{step}"
         staging = self.checkpoints / f".step-{step}.tmp"
+        problem = None
         if self.dist.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        barrier(self.dist)
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            except OSError as err:
+                problem = str(err)
+        if broadcast_object(self.dist, problem):
+            raise self._save_failed(target, staging, problem)
         optimizers = {}
-        for t in trainables:
-            save_pretrained(t.model, t.tokenizer, staging / t.name, self.dist, hf_model=t.hf_model, prefix=t.prefix)
-            optimizers[t.name] = full_optimizer_state(t.model, t.optimizer)
+        try:
+            for t in trainables:
+                save_pretrained(t.model, t.tokenizer, staging / t.name, self.dist, hf_model=t.hf_model, prefix=t.prefix)
+                optimizers[t.name] = full_optimizer_state(t.model, t.optimizer)
+        except RunFailed as err:
+            raise self._save_failed(target, staging, str(err)) from None
+        per_rank = gather_objects(self.dist, {"rng": rng_state(), **extra})
         if self.dist.is_main:
-            torch.save({"step": step, "optimizers": optimizers, "rng": torch.get_rng_state(), **extra},
-                       staging / "trainer_state.pt")
-            replace_dir(staging, target)
-            self._prune(keep)
-        barrier(self.dist)
+            try:
+                torch.save({"step": step, "optimizers": optimizers, "ranks": per_rank}, staging / TRAINER_STATE)
+                config_module.write_resolved(config, staging)
+                replace_dir(staging, target)
+                self._prune(keep)
+            except OSError as err:
+                problem = str(err)
+        if broadcast_object(self.dist, problem):
+            raise self._save_failed(target, staging, problem)
         return target
 
+    def _save_failed(self, target: Path, staging: Path, problem: str) -> RunFailed:
+        if self.dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        kept = [p.name for _, p in checkpoint_folders(self.checkpoints)]
+        return RunFailed(
+            f"cannot write checkpoint {target}: {problem}; "
+            + (f"the earlier checkpoints ({', '.join(kept)}) are kept: free space, then --resume" if kept
+               else "no earlier checkpoint exists: free space and start again")
+        )
+
     def load_trainer_state(self, checkpoint: Path, trainables: list[Trainable]) -> dict:
-        """Optimizer states and RNG from a checkpoint; the weights were loaded from its folders."""
-        state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=False)
+        """Optimizer states and random states from a checkpoint; the weights were loaded from its folders.
+
+        Returns this rank's entries of what `save_checkpoint` was given as `extra`, plus "step".
+        """
+        path = checkpoint / TRAINER_STATE
+        try:  # weights_only: a checkpoint is tensors and plain values; anything else is not loaded, let alone run
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged or hostile file
+            raise InputError(f"{path}: cannot be loaded as a checkpoint ({type(err).__name__}); "
+                             "remove that checkpoint folder to resume from an earlier one") from None
         for t in trainables:
             load_full_optimizer_state(t.model, t.optimizer, state["optimizers"][t.name])
-        torch.set_rng_state(state["rng"])
-        return state
+        ranks = state.get("ranks") or [{"rng": state["rng"]}]
+        mine = ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0]
+        if len(ranks) != self.dist.world_size and self.dist.is_main:
+            console.print(f"[yellow]the checkpoint was written by {len(ranks)} process(es), this run has "
+                          f"{self.dist.world_size}: sampling continues from other random states than an uninterrupted run")
+        set_rng_state(mine["rng"])
+        return {"step": state["step"], **{k: v for k, v in mine.items() if k != "rng"}}
 
     def _prune(self, keep: int) -> None:
-        steps = sorted(
-            (int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _STEP_DIR.match(p.name))
-        )
-        for _, path in steps[:-keep]:
+        for _, path in checkpoint_folders(self.checkpoints)[:-keep]:
             shutil.rmtree(path, ignore_errors=True)
 
     # ---- final model and card
 
-    def save_model(self, model, tokenizer) -> Path:
-        save_pretrained(model, tokenizer, self.model, self.dist)
+    def save_model(self, model, tokenizer, hf_model=None, prefix: str = "") -> Path:
+        save_pretrained(model, tokenizer, self.model, self.dist, hf_model=hf_model, prefix=prefix)
         return self.model
 
     def write_card(self, stage: str, config: Any, final_metrics: dict, notes: list[str] = ()) -> None:
@@ -161,3 +284,70 @@ class RunDir:
         if notes:
             lines += ["", *notes]
         (self.root / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes a checkpoint folder unusable (a missing or damaged file), or None if it is whole.
+
+    Cheap: zip directories and safetensors headers are read, not the tensors.
+    """
+    state = path / TRAINER_STATE
+    if not state.is_file():
+        return f"no {TRAINER_STATE}"
+    try:
+        with zipfile.ZipFile(state) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return f"{TRAINER_STATE} is damaged (not a complete torch checkpoint)"
+    for folder in sorted(p for p in path.iterdir() if (p / "config.json").is_file()):
+        problem = weights_problem(folder)
+        if problem:
+            return problem
+    return None
+
+
+def check_resume_config(config: Any, checkpoint: Path, root: Path) -> list[str]:
+    """Compare the config with the one the checkpoint was trained with.
+
+    Changes to the model, the data, the optimizer or the batch order are refused, naming the keys;
+    the harmless ones (RESUMABLE_CHANGES) are returned as notes.
+    """
+    saved_path = checkpoint / "config.yaml"
+    if not saved_path.is_file():  # a checkpoint from before configs were stored in them
+        saved_path = root / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    current = _flatten(config_module.to_dict(config))
+    changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k, _MISSING) != current.get(k, _MISSING))
+    refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES) and k != "output_dir"]
+    if refused:
+        shown = ", ".join(f"{k} ({_show(saved.get(k, _MISSING))} -> {_show(current.get(k, _MISSING))})" for k in refused[:5])
+        raise InputError(
+            f"--resume: the config differs from the one {checkpoint} was trained with in {shown}"
+            f"{' and more' if len(refused) > 5 else ''}; these change the model, the data or the batch order. "
+            "Undo the change, or start a fresh run with --overwrite (or another output_dir)"
+        )
+    return [f"{k} ({_show(saved.get(k, _MISSING))} -> {_show(current.get(k, _MISSING))})" for k in changed if k != "output_dir"]
+
+
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is _MISSING else json.dumps(value)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out |= _flatten(value, f"{prefix}{key}.")
+        return out
+    if isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, value in enumerate(tree):
+            out |= _flatten(value, f"{prefix}{i}.")
+        return out
+    return {prefix[:-1]: tree}
+

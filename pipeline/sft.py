@@ -31,6 +31,7 @@ from pipeline.stage_common import (
     finish_card,
     padded_shard,
     report_drops,
+    require_examples,
     sample_texts,
     scratch_tokenizer,
     tokenize_records,
@@ -44,6 +45,7 @@ from pipeline.training import (
     console,
     count_over_ranks,
     due,
+    ensure_finite,
     lr_at,
     seed_everything,
     set_lr,
@@ -51,14 +53,12 @@ from pipeline.training import (
 )
 
 
-def run(cfg: SFTConfig, resume: bool = False) -> Path:
+def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.train.seed)
-    run_dir = RunDir(cfg.output_dir, dist)
+    run_dir = RunDir(cfg.output_dir, dist, resume, overwrite, produces=("tokenizer",))
     meter = CostMeter(dist)
-    checkpoint = run_dir.latest_checkpoint() if resume else None
-    if resume and checkpoint is None and dist.is_main:
-        console.print(f"[yellow]no checkpoint under {run_dir.checkpoints}; starting from step 0")
+    checkpoint = run_dir.resume_point(cfg) if resume else None
 
     # ---- load: records, tokenizer, tokenized examples
     ledger = DropLedger(cfg.data.strict)
@@ -72,6 +72,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     train_set = tokenize_records(train_records, lambda r: tokenize_sft(tokenizer, r, cfg.data), ledger, "sft tokenize")
     eval_set = tokenize_records(eval_records, lambda r: tokenize_sft(tokenizer, r, cfg.data), ledger, "sft tokenize")
     report_drops(ledger, dist)
+    require_examples(train_set, ledger, "sft")
 
     # ---- build: model (new, hub, or the checkpoint being resumed), shards, optimizer, batch plan
     if checkpoint:
@@ -120,10 +121,11 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
                 (nll * dist.world_size / step_tokens).backward()
                 nll_total += nll.detach().cpu()
                 throughput.add(int(batch["attention_mask"].sum()))
-            grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm)
+            grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm, step + 1)
             done = step + 1
 
             loss = float(all_reduce_sum(dist, nll_total) / step_tokens.cpu())
+            ensure_finite(done, loss=loss)
             if done % cfg.train.log_every == 0 or done == plan.total_steps:
                 metrics = {
                     "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -134,7 +136,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
             if due(done, cfg.train.eval_every, plan.total_steps):
                 run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id)})
             if due(done, cfg.train.save_every, plan.total_steps):
-                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints)
+                run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints, cfg)
 
     # ---- save: final evaluation, model folder, samples, card
     final = {"step": plan.total_steps, **evaluate(model, eval_set, cfg, dist, pad_id)}
@@ -142,7 +144,7 @@ def run(cfg: SFTConfig, resume: bool = False) -> Path:
     run_dir.save_model(model, tokenizer)
     prompts = [r.prompt or " ".join(r.response.split()[:4]) for r in eval_records[: cfg.sample.num_prompts]]
     samples = sample_texts(model, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
-    if dist.is_main:
+    if dist.is_main and "eval/loss" in final:
         console.print(f"sft: eval loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}")
     cost = meter.write(run_dir.root)
     finish_card(run_dir, "sft", cfg, metrics, {**final, "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]}, samples, dist)

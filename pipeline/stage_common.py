@@ -9,11 +9,11 @@ from typing import TypeVar
 import torch
 
 from pipeline.config import DataConfig, ModelConfig, SampleConfig
-from pipeline.data.records import Drop, DropLedger
+from pipeline.console import console, plain
+from pipeline.data.records import DataError, Drop, DropLedger
 from pipeline.data.tokenize import encode_prompt
 from pipeline.launch import Dist, barrier
 from pipeline.models import load_tokenizer, train_tokenizer
-from pipeline.training import console
 
 Record = TypeVar("Record")
 Tokenized = TypeVar("Tokenized")
@@ -58,7 +58,14 @@ def tokenize_records(
 def report_drops(ledger: DropLedger, dist: Dist) -> None:
     if dist.is_main:
         for line in ledger.summary_lines():
-            console.print(f"[dim]data[/dim] {line}")
+            console.print(f"[dim]data[/dim] {plain(line)}")
+
+
+def require_examples(train_set: Sequence, ledger: DropLedger, stage: str) -> None:
+    """Stop, naming the drop counts, when tokenization left nothing to train on (before any cache is written)."""
+    if not train_set:
+        raise DataError(f"{stage}: no training example is left after tokenization; "
+                        + ("; ".join(ledger.summary_lines()) or "the data is empty"))
 
 
 def padded_shard(n: int, dist: Dist) -> list[int | None]:
@@ -98,7 +105,7 @@ def finish_card(run_dir, stage: str, cfg, metrics: dict, final: dict, samples: l
     """Print the samples and write the run's card with the last training and final metrics."""
     if dist.is_main:
         for prompt, text in samples:
-            console.print(f"  [bold]{prompt}[/bold]{text}")
+            console.print(f"  [bold]{plain(prompt)}[/bold]{plain(text)}")
     run_dir.write_card(
         stage, cfg, {**{k: v for k, v in metrics.items() if k != "step"}, **final},
         notes=["## Samples", "", *[f"- **{p}**{t}" for p, t in samples]],

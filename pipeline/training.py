@@ -12,20 +12,36 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from pipeline.config import OptimConfig, TrainConfig
+from pipeline.console import console
+from pipeline.errors import RunFailed
 from pipeline.launch import Dist
 
 GROUP_BATCHES = 64  # batches per length-sorted megabatch under train.group_by_length (as transformers)
-
-console = Console(stderr=True)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global random state a step draws from (dropout, shuffles), for an exact resume."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        random.setstate(_as_python_random_state(state["python"]))
+
+
+def _as_python_random_state(state) -> tuple:
+    """`random.getstate()` after a round trip through torch.save (lists may come back as tuples)."""
+    version, internal, gauss = state
+    return int(version), tuple(int(x) for x in internal), gauss
 
 
 # ----------------------------------------------------------------------------- optimizer, schedule
@@ -229,14 +245,38 @@ def sync_on_last(model, dist: Dist, index: int, n_micro_batches: int) -> None:
         model.set_requires_gradient_sync(index == n_micro_batches - 1)
 
 
-def clip_and_step(model, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> float:
-    """Clip the gradient norm, step, clear; returns the norm before clipping."""
+def clip_and_step(model, optimizer: torch.optim.Optimizer, max_grad_norm: float, step: int) -> float:
+    """Clip the gradient norm, step, clear; returns the norm before clipping.
+
+    A non-finite norm (a NaN or infinite loss somewhere in the step) stops the run before the
+    update, so no NaN ever reaches the weights, a checkpoint or the next stage. The norm is global
+    under FSDP2, so every process stops at the same step.
+    """
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
         norm = norm.full_tensor()
-    return float(norm)
+    norm = float(norm)
+    if not math.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise diverged(step, "gradient norm", norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def ensure_finite(step: int, **values: float) -> None:
+    """Stop the run at `step` if a logged value (a loss, a score) is NaN or infinite."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise diverged(step, name, value)
+
+
+def diverged(step: int, name: str, value: float) -> RunFailed:
+    return RunFailed(
+        f"step {step}: the {name} is {value}; the run stopped before this step's update and saved nothing "
+        "from it (checkpoints saved earlier are kept; --resume continues from the newest). "
+        "Lower optim.lr or check the data"
+    )
 
 
 def due(step: int, every: int, total: int) -> bool:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,3 +147,43 @@ def small_reward_model(small_pipeline) -> Path:
     result = run_cli("reward", str(small_pipeline["reward"]))
     assert result.returncode == 0, result.stderr[-3000:]
     return small_pipeline["root"] / "reward"
+
+
+# ------------------------------------------------------------------- tiny models, in process
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE trained on 300 built-in reviews (pad and EOS distinct, as for scratch models)."""
+    from pipeline.data.builtin_sentiment import load_rows
+    from pipeline.models import train_tokenizer
+
+    return train_tokenizer([row["review"] for row in load_rows("train", 300)], vocab_size=400)
+
+
+@pytest.fixture
+def tiny_folders(tmp_path, tiny_tokenizer):
+    """Writes tiny save_pretrained folders: `make("policy")` a causal LM, `make("rm", reward=True)` a reward model."""
+    from transformers import GPT2ForSequenceClassification
+
+    from pipeline.config import ArchitectureConfig
+    from pipeline.models import create_scratch_model
+
+    def make(name: str, reward: bool = False, tokenizer=None, seed: int = 0, **arch) -> Path:
+        tokenizer = tokenizer or tiny_tokenizer
+        shape = {"n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 96, **arch}
+        model = create_scratch_model(ArchitectureConfig(**shape), tokenizer, seed)
+        folder = tmp_path / name
+        if reward:
+            model.config.num_labels = 1
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1)
+                head = GPT2ForSequenceClassification(model.config)
+            head.transformer.load_state_dict(model.transformer.state_dict())
+            head.config.reward_mean, head.config.reward_std = 0.0, 1.0
+            model = head
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return folder
+
+    return make

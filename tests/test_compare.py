@@ -68,7 +68,7 @@ def test_samples_and_pictures_are_written(comparison):
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 7 * 40
     first = json.loads(lines[0])
-    assert set(first) == {"method", "temperature", "prompt", "completion", "gold", "proxy", "kl", "length"}
+    assert set(first) == {"method", "temperature", "prompt", "completion", "gold", "proxy", "kl", "length", "finished"}
     for picture in ("frontier.png", "win_rate_vs_temperature.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()

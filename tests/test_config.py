@@ -162,7 +162,10 @@ def test_every_shipped_config_loads(name, tmp_path):
     (fake_model / "config.json").write_text("{}")
     overrides = [] if name == "sft" else [f"model.name_or_path={fake_model}"]
     if name == "ppo":
-        overrides.append(f"reward.models.0={fake_model}")
+        fake_reward = tmp_path / "reward"  # a reward model is a one-label sequence classifier
+        fake_reward.mkdir()
+        (fake_reward / "config.json").write_text('{"architectures": ["GPT2ForSequenceClassification"], "id2label": {"0": "LABEL_0"}}')
+        overrides.append(f"reward.models.0={fake_reward}")
     cfg = load_config(STAGES[name], ROOT / "configs" / f"{name}.yaml", overrides)
     assert cfg.output_dir == f"runs/{name}"
 
@@ -195,3 +198,77 @@ def test_experiment_rejects_a_step_that_reads_a_later_one(tmp_path):
     path.write_text(f"steps:\n  - {{name: dpo, stage: dpo, config: {ROOT / 'configs' / 'dpo.yaml'}, after: [sft]}}\n")
     with pytest.raises(ConfigError, match=r"steps\.0\.after: 'sft' is not an earlier step"):
         load_config(ExperimentConfig, path)
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "inf", "nan"])
+def test_non_finite_numbers_are_config_errors(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a finite number"):
+        load_config(SFTConfig, write(tmp_path, f"optim: {{lr: {value}}}\n"))
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a finite number"):
+        load_config(SFTConfig, write(tmp_path, "{}\n"), [f"optim.lr={value}"])
+
+
+def test_a_malformed_set_value_is_one_line(tmp_path):
+    path = write(tmp_path, "{}\n")
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", str(path), "--set", "optim.lr=[1,"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --set optim.lr=[1,: the value is not valid YAML ("), lines
+    assert lines[0].endswith("quote it or fix the brackets") and "Traceback" not in result.stderr
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_bytes("optim: {lr: 1.0e-3}  # \u00e9\n".encode("latin-1"))
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not UTF-8 text" in lines[0] and str(path) in lines[0], result.stderr
+
+
+def test_every_config_choice_is_exactly_a_dispatch_table(tmp_path):
+    """A value the config accepts always has an implementation, and every implementation is reachable."""
+    import typing
+
+    from pipeline.config import DPOLossConfig, KLConfig, SourceConfig
+    from pipeline.data.adapters import FORMATS
+    from pipeline.dpo import PREFERENCE_LOSSES
+    from pipeline.losses import KL_ESTIMATORS
+
+    def allowed(cls, name):
+        return set(typing.get_args(typing.get_type_hints(cls)[name]))
+
+    assert allowed(DPOLossConfig, "type") == set(PREFERENCE_LOSSES)
+    assert allowed(SourceConfig, "format") == set(FORMATS)
+    assert allowed(KLConfig, "estimator") == set(KL_ESTIMATORS)
+
+
+def test_an_unknown_name_past_the_config_lists_the_valid_ones():
+    import torch
+
+    from pipeline.config import DPOLossConfig, SourceConfig
+    from pipeline.data.adapters import pair_adapter
+    from pipeline.data.records import DataError
+    from pipeline.dpo import preference_loss
+    from pipeline.losses import kl_penalty
+
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="unknown DPO loss 'robust'; valid: sigmoid, ipo, hinge"):
+        preference_loss(DPOLossConfig(type="robust"), x, x, x, x, x)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="unknown format 'alpaca'; valid formats: text, "):
+        pair_adapter(SourceConfig(path="x.jsonl", format="alpaca"), None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown KL estimator 'k2'; known: k1, k3"):
+        kl_penalty(x, x, "k2")
+
+
+def test_a_reward_model_must_be_a_one_label_classifier(tmp_path):
+    from pipeline.config import ConfigError, PPOConfig
+
+    causal = tmp_path / "sft"
+    causal.mkdir()
+    (causal / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    path = tmp_path / "ppo.yaml"
+    path.write_text(f"model: {{name_or_path: {causal}}}\nreward: {{models: [{causal}]}}\n")
+    with pytest.raises(ConfigError, match=r"reward\.models\.0: .* is not a reward model \(GPT2LMHeadModel"):
+        load_config(PPOConfig, path)

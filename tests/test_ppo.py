@@ -24,8 +24,9 @@ from pipeline.data.tokenize import encode_prompt
 from pipeline.evaluation import paired_bootstrap, sample_and_score
 from pipeline.judges import gold_reward
 from pipeline.launch import init_distributed
-from pipeline.models import create_scratch_model, load_tokenizer, train_tokenizer
-from pipeline.ppo import KLController, Scorer, TokenValueModel, collect_rollout, ppo_update
+from pipeline.losses import token_logps
+from pipeline.models import ScalarHead, create_scratch_model, disable_dropout, load_tokenizer, train_tokenizer
+from pipeline.ppo import KLController, RolloutPrompt, Scorer, collect_rollout, combine_scores, ppo_update
 from pipeline.training import build_optimizer
 
 
@@ -37,7 +38,7 @@ def tiny_setup():
     policy = create_scratch_model(arch, tokenizer, seed=0)
     value_config = copy.deepcopy(policy.config)
     value_config.num_labels = 1
-    value = TokenValueModel(GPT2ForSequenceClassification(value_config))
+    value = ScalarHead(GPT2ForSequenceClassification(value_config))
     cfg = PPOConfig(
         reward=RewardSourceConfig(kind="gold"),
         data=DataConfig(max_length=64, max_prompt_length=16),
@@ -45,7 +46,8 @@ def tiny_setup():
         ppo=PPOAlgoConfig(rollout_batch_size=8, mini_batch_size=8, micro_batch_size=4, epochs=1),
         optim=OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0),
     )
-    prompts = [(encode_prompt(tokenizer, " ".join(t.split()[:3]), cfg.data), False) for t in texts[:8]]
+    prompts = [RolloutPrompt(" ".join(t.split()[:3]), encode_prompt(tokenizer, " ".join(t.split()[:3]), cfg.data))
+               for t in texts[:8]]
     return tokenizer, policy, value, cfg, prompts
 
 
@@ -76,6 +78,68 @@ def test_first_epoch_with_the_rollout_policy_has_ratio_one(tiny_setup):
     assert adv.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-3)
 
 
+def with_dropout(tiny_setup, p: float):
+    """The tiny setup's policy with every dropout at p, left in train mode (as after an update)."""
+    tokenizer, policy, value, cfg, prompts = tiny_setup
+    arch = ArchitectureConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64, dropout=p)
+    policy = create_scratch_model(arch, tokenizer, seed=0).train()
+    return tokenizer, policy, copy.deepcopy(value).train(), copy.deepcopy(cfg), prompts
+
+
+def first_iteration(policy, value, tokenizer, cfg, prompts):
+    dist = init_distributed()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rollout, stats, _ = collect_rollout(policy, reference, value, Scorer(cfg, tokenizer, dist), tokenizer, prompts, cfg,
+                                        0.05, dist, torch.Generator().manual_seed(0))
+    update = ppo_update(policy, value, build_optimizer(policy, cfg.optim), build_optimizer(value, cfg.optim), rollout, cfg, dist, 0)
+    return rollout, stats, update
+
+
+def test_dropout_never_reaches_the_rollout_passes_and_is_off_in_the_update(tiny_setup):
+    tokenizer, policy, value, cfg, prompts = with_dropout(tiny_setup, 0.1)
+    # Rollout, reference, value and old log-prob passes run in eval mode: at iteration 1 the policy
+    # is the reference, so the KL is 0 although the policy was left in train mode with dropout 0.1.
+    disable_dropout(policy), disable_dropout(value)  # what run() does under ppo.disable_dropout (the default)
+    _, stats, update = first_iteration(policy, value, tokenizer, cfg, prompts)
+    assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert update["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)  # the ratio is 1 before any update
+    assert update["policy/clipfrac"] == 0.0
+    # Left on, dropout still stays out of the rollout (KL 0), but makes the update's ratio noise.
+    tokenizer, policy, value, cfg, prompts = with_dropout(tiny_setup, 0.1)
+    _, stats, update = first_iteration(policy, value, tokenizer, cfg, prompts)
+    assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert update["policy/approxkl"] > 1e-4
+
+
+def test_the_rollout_log_probs_are_tempered(tiny_setup):
+    tokenizer, policy, value, cfg, prompts = tiny_setup
+    policy, cfg = copy.deepcopy(policy), copy.deepcopy(cfg)
+    cfg.rollout.temperature = 0.7
+    dist = init_distributed()
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    rollout, stats, _ = collect_rollout(policy, reference, copy.deepcopy(value), Scorer(cfg, tokenizer, dist), tokenizer,
+                                        prompts, cfg, 0.05, dist, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = reference(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits
+    labels = rollout.input_ids.masked_fill(~torch.cat([torch.zeros_like(rollout.mask[:, :1]), rollout.mask], 1), -100)
+    tempered, mask = token_logps(logits / 0.7, labels)
+    untempered, _ = token_logps(logits, labels)
+    torch.testing.assert_close(rollout.old_logps[mask], tempered[mask], atol=1e-5, rtol=1e-5)
+    assert (rollout.old_logps[mask] - untempered[mask]).abs().max() > 1e-2
+    assert stats["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_ppo_rejects_top_p_and_greedy_rollouts(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    config = tmp_path / "ppo.yaml"
+    config.write_text("reward: {kind: gold}\nmodel: {name_or_path: gpt2}\n")
+    with pytest.raises(ConfigError, match="rollout.top_p: 0.9 is not supported by PPO"):
+        load_config(PPOConfig, config, ["rollout.top_p=0.9"])
+    with pytest.raises(ConfigError, match="rollout.temperature"):
+        load_config(PPOConfig, config, ["rollout.temperature=0"])
+
+
 def test_later_epochs_see_the_policy_move(tiny_setup):
     _, _, update = rollout_and_update(tiny_setup, epochs=3)
     assert update["policy/approxkl"] > 1e-8
@@ -93,18 +157,16 @@ def test_adaptive_kl_controller_moves_toward_the_target():
 
 
 def test_two_reward_models_combine_by_the_llama2_rule():
-    cfg = PPOConfig(reward=RewardSourceConfig(models=["helpful", "safety"], safety_threshold=0.15))
-    scorer = Scorer.__new__(Scorer)
-    scorer.cfg = cfg.reward
+    reward = RewardSourceConfig(models=["helpful", "safety"], safety_threshold=0.15)
     helpful = torch.tensor([1.0, 2.0, 3.0])
     safety_raw = torch.tensor([-3.0, 0.0, 3.0])  # sigmoid: 0.047 (unsafe), 0.5, 0.95
     no_flags = torch.tensor([False, False, False])
-    combined = scorer._combine([(helpful, helpful), (safety_raw, safety_raw * 10)], no_flags)
+    combined = combine_scores(reward, [(helpful, helpful), (safety_raw, safety_raw * 10)], no_flags)
     assert combined.tolist() == [-30.0, 2.0, 3.0]
-    flagged = scorer._combine([(helpful, helpful), (safety_raw, safety_raw * 10)], torch.tensor([False, False, True]))
+    flagged = combine_scores(reward, [(helpful, helpful), (safety_raw, safety_raw * 10)], torch.tensor([False, False, True]))
     assert flagged.tolist() == [-30.0, 2.0, 30.0]  # an unsafe prompt is scored by the safety model
-    scorer.cfg = RewardSourceConfig(models=["h", "s"], combine="weighted", weights=[0.75, 0.25])
-    assert scorer._combine([(helpful, helpful), (safety_raw, safety_raw)], no_flags).tolist() == pytest.approx([0.0, 1.5, 3.0])
+    weighted = RewardSourceConfig(models=["h", "s"], combine="weighted", weights=[0.75, 0.25])
+    assert combine_scores(weighted, [(helpful, helpful), (safety_raw, safety_raw)], no_flags).tolist() == pytest.approx([0.0, 1.5, 3.0])
 
 
 # ------------------------------------------------------------------------- seeded runs end to end
@@ -175,3 +237,22 @@ def test_ppo_runs_sharded_over_two_processes_and_resumes(small_pipeline, small_r
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [m["step"] for m in read_metrics(out) if "objective/kl" in m]
     assert steps == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_with_bit_identical_weights(small_pipeline, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ppo-resume"
+    args = ["ppo", str(small_pipeline["ppo"]), "--set", f"output_dir={out}", "--set", "reward.kind=gold",
+            "--set", "iterations=4", "--set", "save_every=2", "--set", "ppo.rollout_batch_size=16",
+            "--set", "ppo.mini_batch_size=8", "--set", "ppo.micro_batch_size=8", "--set", "ppo.epochs=2"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    uninterrupted = {name: load_file(out / name / "model.safetensors") for name in ("model", "value")}
+    # Resume from the step-2 checkpoint: iterations 3 and 4 are sampled and trained again.
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, weights in uninterrupted.items():
+        resumed = load_file(out / name / "model.safetensors")
+        assert all(torch.equal(resumed[k], weights[k]) for k in weights), name

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import read_metrics, run_cli
-from pipeline.config import RATING_LEVELS, DataConfig, ModelConfig, SampleConfig
+from pipeline.config import RATING_LEVELS, DataConfig, ModelConfig, SampleConfig, SourceConfig
 from pipeline.data.builtin_sentiment import heldout_prompts
 from pipeline.evaluation import paired_bootstrap, sample_and_score
 from pipeline.judges import gold_reward
@@ -57,6 +57,27 @@ def test_pairs_are_gold_ordered_rated_and_counted(small_pipeline):
     assert {r["rating"] for r in rows} == set(RATING_LEVELS)
     strong = [r for r in rows if r["rating"] == "significantly better"]
     assert min(r["margin"] for r in strong) >= 1.0
+
+
+def test_pairs_record_which_responses_finished_and_training_follows_it(small_pipeline):
+    from pipeline.data.loading import load_pairs
+    from pipeline.data.records import DropLedger
+    from pipeline.data.tokenize import tokenize_pair
+
+    root = small_pipeline["root"]
+    rows = [json.loads(line) for line in (root / "pairs" / "train.jsonl").read_text().splitlines()]
+    summary = json.loads((root / "pairs" / "summary.json").read_text())["train"]
+    sides = [row[f"{side}_finished"] for row in rows for side in ("chosen", "rejected")]
+    assert all(isinstance(flag, bool) for flag in sides)
+    assert 0.0 < summary["finished_fraction"] < 1.0  # 40 new tokens: some reviews end, some are cut
+    tokenizer = AutoTokenizer.from_pretrained(root / "sft" / "model")
+    data = DataConfig(max_length=128, max_prompt_length=16)
+    source = SourceConfig(path=str(root / "pairs" / "train.jsonl"), format="prompt_chosen_rejected")
+    pairs, _ = load_pairs(DataConfig(train=[source], eval_fraction=0.0), DropLedger())
+    for pair in pairs[:200]:
+        tokenized = tokenize_pair(tokenizer, pair, data)
+        for side, finished in ((tokenized.chosen, pair.chosen_finished), (tokenized.rejected, pair.rejected_finished)):
+            assert (side.input_ids[-1] == tokenizer.eos_token_id) == finished
 
 
 # ----------------------------------------------------------------------------------------- reward
@@ -147,7 +168,7 @@ def test_reference_cache_is_reused_and_invalidated(small_pipeline, dpo_run, tmp_
     cache = root / "cache"
     files = set(cache.iterdir())
     assert len(files) == 1
-    quick = ["--set", "train.max_steps=1", "--set", f"output_dir={tmp_path / 'run'}"]
+    quick = ["--set", "train.max_steps=1", "--set", f"output_dir={tmp_path / 'run'}", "--overwrite"]
     reference_passes = lambda: json.loads((tmp_path / "run" / "cost.json").read_text())["forward_passes"].get("reference", 0)  # noqa: E731
 
     run_ok("dpo", str(small_pipeline["dpo"]), *quick, "--set", "loss.beta=0.5")  # a beta sweep point

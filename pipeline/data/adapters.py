@@ -22,7 +22,6 @@ from pipeline.data.records import DataError, Drop, PreferencePair, PromptRecord,
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 Record = SFTExample | PreferencePair | PromptRecord
 
-PAIR_FORMATS = ("hh_rlhf", "prompt_chosen_rejected", "conversational", "ultrafeedback", "shp")
 HH_ASSISTANT = "\n\nAssistant:"
 DEFAULT_PROMPT_WORDS = (2, 8)  # the DPO paper's IMDb prompts are review prefixes of 2-8 tokens
 DEFAULT_MIN_SCORE_RATIO = 2.0  # the SHP paper keeps pairs whose preferred score is at least twice the other
@@ -81,6 +80,21 @@ def _messages(row: dict, name: str) -> list[dict]:
     ):
         raise Drop("missing field", f"'{name}' is {_what(row, name)}, not a list of {{role, content}} messages")
     return value
+
+
+def _flag(row: dict, name: str) -> bool:
+    """An optional boolean column, True when absent (a dataset's responses are whole unless it says so)."""
+    value = _optional(row, name)
+    if value is None:
+        return True
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise Drop("missing field", f"'{name}' is {value!r}, not true or false")
 
 
 def _what(row: dict, name: str) -> str:
@@ -174,12 +188,17 @@ def hh_rlhf_pair(row: dict) -> PreferencePair:
 
 
 def prompt_chosen_rejected_pair(row: dict) -> PreferencePair:
-    """Plain strings, with an optional numeric `margin` and a `rating` level for the margin loss."""
+    """Plain strings, with an optional numeric `margin` and a `rating` level for the margin loss.
+
+    Optional `chosen_finished` / `rejected_finished` (what `rlhfdpo data pairs` writes) mark a
+    response that was cut at the sampling limit; without them both responses are whole.
+    """
     margin = _number(row, "margin") if _optional(row, "margin") is not None else None
     rating = _optional(row, "rating")
     return _pair(
         _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected"), row,
         margin=margin, rating=None if rating is None else str(rating),
+        chosen_finished=_flag(row, "chosen_finished"), rejected_finished=_flag(row, "rejected_finished"),
     )
 
 
@@ -203,7 +222,7 @@ def _chat_pair(chosen: list[dict], rejected: list[dict], render: Render, row: di
         if not full.startswith(prompt):
             raise Drop("differing context", f"the rendered prompt is not a prefix of the rendered '{side}'")
         responses.append(full[len(prompt):])
-    return _pair(prompt, *responses, row, **extra)
+    return _pair(prompt, *responses, row, context=tuple(context), **extra)
 
 
 def conversational_pair(row: dict, render: Render) -> PreferencePair:
@@ -246,63 +265,98 @@ def shp_pair(row: dict, min_score_ratio: float) -> PreferencePair:
 
 
 # -------------------------------------------------------------------------------------- factories
+# One table per record kind, keyed by `SourceConfig.format`: a format missing from the tables is an
+# error that lists the valid ones, never a fall-back to another format's reader.
+
+
+def _chat(adapt: Callable[..., PreferencePair]) -> Callable[[SourceConfig, Render | None], Callable[[dict], PreferencePair]]:
+    def build(source: SourceConfig, render: Render | None) -> Callable[[dict], PreferencePair]:
+        return partial(adapt, render=_need_render(source, render))
+    return build
+
+
+def _shp(source: SourceConfig, render: Render | None) -> Callable[[dict], PreferencePair]:
+    ratio = DEFAULT_MIN_SCORE_RATIO if source.min_score_ratio is None else source.min_score_ratio
+    return partial(shp_pair, min_score_ratio=ratio)
+
+
+# format -> (source, chat renderer) -> row -> PreferencePair
+PAIR_ADAPTERS: dict[str, Callable[[SourceConfig, Render | None], Callable[[dict], PreferencePair]]] = {
+    "hh_rlhf": lambda source, render: hh_rlhf_pair,
+    "prompt_chosen_rejected": lambda source, render: prompt_chosen_rejected_pair,
+    "conversational": _chat(conversational_pair),
+    "ultrafeedback": _chat(ultrafeedback_pair),
+    "shp": _shp,
+}
+PAIR_FORMATS = tuple(PAIR_ADAPTERS)
+# format -> row -> SFTExample, for the formats that hold no pairs
+SFT_ADAPTERS: dict[str, Callable[[dict], SFTExample]] = {
+    "text": text_example,
+    "prompt_completion": prompt_completion_example,
+    "reviews": review_example,
+}
+FORMATS = (*SFT_ADAPTERS, *PAIR_ADAPTERS)
 
 
 def pair_adapter(source: SourceConfig, render: Render | None) -> Callable[[dict], PreferencePair]:
     """The row -> PreferencePair function for a source; SFT-only formats are a config error."""
-    fmt = source.format
-    if fmt not in PAIR_FORMATS:
+    _known(source)
+    if source.format not in PAIR_ADAPTERS:
         raise DataError(
-            f"{source.path}: format '{fmt}' holds no preference pairs; use one of {', '.join(PAIR_FORMATS)}"
+            f"{source.path}: format '{source.format}' holds no preference pairs; use one of {', '.join(PAIR_FORMATS)}"
         )
-    if fmt == "hh_rlhf":
-        adapt: Callable[[dict], PreferencePair] = hh_rlhf_pair
-    elif fmt == "prompt_chosen_rejected":
-        adapt = prompt_chosen_rejected_pair
-    elif fmt == "shp":
-        ratio = DEFAULT_MIN_SCORE_RATIO if source.min_score_ratio is None else source.min_score_ratio
-        adapt = partial(shp_pair, min_score_ratio=ratio)
-    else:
-        chat = _need_render(source, render)
-        pick = conversational_pair if fmt == "conversational" else ultrafeedback_pair
-        adapt = partial(pick, render=chat)
-    return _remapped(adapt, source.columns)
+    return _remapped(PAIR_ADAPTERS[source.format](source, render), source.columns)
 
 
 def sft_adapter(source: SourceConfig, render: Render | None) -> Callable[[dict], SFTExample]:
     """Row -> SFTExample; preference formats give (prompt, chosen): SFT on the preferred replies."""
-    simple = {"text": text_example, "prompt_completion": prompt_completion_example, "reviews": review_example}
-    if source.format in simple:
-        return _remapped(simple[source.format], source.columns)
+    _known(source)
+    if source.format in SFT_ADAPTERS:
+        return _remapped(SFT_ADAPTERS[source.format], source.columns)
     to_pair = pair_adapter(source, render)
 
     def adapt(row: dict) -> SFTExample:
         pair = to_pair(row)
-        return SFTExample(prompt=pair.prompt, response=pair.chosen, source_id=pair.source_id)
+        return SFTExample(prompt=pair.prompt, response=pair.chosen, source_id=pair.source_id, finished=pair.chosen_finished)
 
     return adapt
 
 
 def prompt_adapter(source: SourceConfig, render: Render | None, seed: int) -> Callable[[dict], PromptRecord]:
     """Row -> PromptRecord with the dataset's own continuation as reference, for every format but text."""
+    _known(source)
     fmt = source.format
     if fmt == "text":
         raise DataError(
             f"{source.path}: format 'text' holds no prompts; use format 'reviews' with "
             "columns {review: text} to cut texts into word prefixes, or 'prompt_completion'"
         )
+    flag_column = source.columns.get("unsafe", "unsafe")  # optional: a boolean column
     if fmt == "reviews":
         lo, hi = source.prompt_words or DEFAULT_PROMPT_WORDS
         return _remapped(partial(review_prompt, words=(lo, hi), seed=seed), source.columns)
-    to_example = sft_adapter(source, render)  # prompt_completion and every pair format
-    flag_column = source.columns.get("unsafe", "unsafe")  # optional: a boolean column
+    if fmt in PAIR_ADAPTERS:
+        to_pair = pair_adapter(source, render)
 
-    def adapt(row: dict) -> PromptRecord:
+        def from_pair(row: dict) -> PromptRecord:
+            pair = to_pair(row)
+            return PromptRecord(prompt=pair.prompt, source_id=pair.source_id, reference=pair.chosen,
+                                unsafe=bool(row.get(flag_column, False)), messages=pair.context)
+
+        return from_pair
+    to_example = sft_adapter(source, render)  # prompt_completion
+
+    def from_example(row: dict) -> PromptRecord:
         example = to_example(row)
         return PromptRecord(prompt=example.prompt, source_id=example.source_id, reference=example.response,
                             unsafe=bool(row.get(flag_column, False)))
 
-    return adapt
+    return from_example
+
+
+def _known(source: SourceConfig) -> None:
+    if source.format not in FORMATS:
+        raise DataError(f"{source.path}: unknown format '{source.format}'; valid formats: {', '.join(FORMATS)}")
 
 
 def _remapped(adapt: Callable[[dict], Record], columns: dict[str, str]) -> Callable[[dict], Any]:
@@ -316,3 +370,4 @@ def _need_render(source: SourceConfig, render: Render | None) -> Render:
             "and this tokenizer has none (a scratch model's never does); use a model whose tokenizer has one"
         )
     return render
+

@@ -15,7 +15,7 @@ from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, tokenize_example
 from pipeline.models import is_scratch, load_tokenizer, train_tokenizer
 from pipeline.stage_common import chat_renderer, tokenize_records
-from pipeline.training import console
+from pipeline.console import console
 
 
 

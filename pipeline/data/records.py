@@ -7,16 +7,21 @@ A format adapter turns one raw row into one record or raises `Drop` with a reaso
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class SFTExample:
-    """A prompt and the response to learn. `prompt == ""` means plain text: every token is trained."""
+    """A prompt and the response to learn. `prompt == ""` means plain text: every token is trained.
+
+    `finished` is False for a response cut short (sampled up to a token limit): it gets no EOS, so
+    the model is never taught to stop where the text was only cut.
+    """
 
     prompt: str
     response: str
     source_id: str
+    finished: bool = True
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,9 @@ class PreferencePair:
 
     `rating` names a preference strength level (Llama 2: "significantly better" ...) and `margin` is
     a numeric gap (e.g. the gold-reward difference); either feeds the reward model's margin loss.
+    `chosen_finished` / `rejected_finished` say whether each response ended (EOS) or was cut at a
+    token limit when it was sampled; a dataset without those columns holds whole responses.
+    `context` is the conversation before the responses, as messages, when the format has it.
     """
 
     prompt: str
@@ -33,6 +41,9 @@ class PreferencePair:
     source_id: str
     rating: str | None = None
     margin: float | None = None
+    chosen_finished: bool = True
+    rejected_finished: bool = True
+    context: tuple[dict, ...] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,9 @@ class PromptRecord:
     source_id: str
     reference: str | None = None
     unsafe: bool = False  # flagged as adversarial/unsafe (Llama 2 then scores with the safety model)
+    # The conversation the prompt renders, for chat formats: a reward model with another chat
+    # template renders it again with its own.
+    messages: tuple[dict, ...] | None = field(default=None, compare=False)
 
 
 DROP_REASONS = (

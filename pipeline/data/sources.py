@@ -12,6 +12,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -76,8 +77,10 @@ def _read_local(path: Path, max_rows: int | None) -> list[dict]:
         with _open_text(path) as handle:
             rows = csv.DictReader(handle) if name.endswith((".csv", ".csv.gz")) else _json_rows(handle, path)
             return list(islice(rows, max_rows))
-    except (OSError, UnicodeDecodeError, csv.Error) as err:  # a corrupt gzip, bad bytes, a broken quote
+    except (OSError, UnicodeDecodeError, csv.Error, zlib.error) as err:  # a corrupt gzip, bad bytes, a broken quote
         raise DataError(f"{path}: cannot read: {err}") from None
+    except EOFError:  # a truncated gzip; left alone, click would turn it into a bare "Aborted."
+        raise DataError(f"{path}: the compressed file ends early (truncated); download or write it again") from None
 
 
 def _open_text(path: Path) -> IO[str]:

@@ -53,11 +53,15 @@ def encode_prompt(tokenizer, prompt: str, data: DataConfig) -> list[int]:
     return ids
 
 
-def encode_response(tokenizer, response: str, budget: int, data: DataConfig) -> list[int]:
-    """Response ids within `budget` tokens, EOS appended when the whole response fits."""
+def encode_response(tokenizer, response: str, budget: int, data: DataConfig, finished: bool = True) -> list[int]:
+    """Response ids within `budget` tokens; EOS appended when the response finished and fits whole.
+
+    An unfinished response (sampled up to a token limit) gets no EOS: every stage, and PPO's and
+    the comparison's scoring, see a cut response as cut.
+    """
     ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
+    if finished and eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
     if len(ids) <= budget:
         return ids
@@ -66,20 +70,20 @@ def encode_response(tokenizer, response: str, budget: int, data: DataConfig) -> 
     return ids[-budget:]
 
 
-def tokenize_example(tokenizer, prompt: str, response: str, data: DataConfig) -> TokenizedExample:
+def tokenize_example(tokenizer, prompt: str, response: str, data: DataConfig, finished: bool = True) -> TokenizedExample:
     prompt_ids = encode_prompt(tokenizer, prompt, data)
-    response_ids = encode_response(tokenizer, response, data.max_length - len(prompt_ids), data)
+    response_ids = encode_response(tokenizer, response, data.max_length - len(prompt_ids), data, finished)
     return TokenizedExample(prompt_ids + response_ids, len(prompt_ids))
 
 
 def tokenize_sft(tokenizer, example: SFTExample, data: DataConfig) -> TokenizedExample:
-    return tokenize_example(tokenizer, example.prompt, example.response, data)
+    return tokenize_example(tokenizer, example.prompt, example.response, data, example.finished)
 
 
 def tokenize_pair(tokenizer, pair: PreferencePair, data: DataConfig, margin: float = 0.0) -> TokenizedPair:
     return TokenizedPair(
-        chosen=tokenize_example(tokenizer, pair.prompt, pair.chosen, data),
-        rejected=tokenize_example(tokenizer, pair.prompt, pair.rejected, data),
+        chosen=tokenize_example(tokenizer, pair.prompt, pair.chosen, data, pair.chosen_finished),
+        rejected=tokenize_example(tokenizer, pair.prompt, pair.rejected, data, pair.rejected_finished),
         margin=margin,
         rating=pair.rating,
     )
