@@ -3,6 +3,7 @@
 # make pairs reward dpo ppo   the next stages, each reading the previous one's runs/ folder
 # make compare  every stage, the sweeps and the RLHF-vs-DPO report (make compare-quick: a small one)
 # make bench    our stages against TRL's trainers (installs the 'bench' extra), runs/bench/bench.md
+# ARGS="..."    passed on to a stage's command: make sft ARGS="--overwrite --set train.max_steps=50"
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RLHFDPO := $(VENV)/bin/rlhfdpo
@@ -21,19 +22,20 @@ $(VENV)/.installed: pyproject.toml scripts/install_torch.sh
 	touch $@
 
 sft: setup
-	$(RLHFDPO) sft configs/sft.yaml
+	$(RLHFDPO) sft configs/sft.yaml $(ARGS)
+	@echo "next: . $(VENV)/bin/activate, then rlhfdpo data pairs configs/pairs.yaml (or make pairs reward dpo ppo, make compare)"
 
 pairs: setup
-	$(RLHFDPO) data pairs configs/pairs.yaml
+	$(RLHFDPO) data pairs configs/pairs.yaml $(ARGS)
 
 reward: setup
-	$(RLHFDPO) reward configs/reward.yaml
+	$(RLHFDPO) reward configs/reward.yaml $(ARGS)
 
 dpo: setup
-	$(RLHFDPO) dpo configs/dpo.yaml
+	$(RLHFDPO) dpo configs/dpo.yaml $(ARGS)
 
 ppo: setup
-	$(RLHFDPO) ppo configs/ppo.yaml
+	$(RLHFDPO) ppo configs/ppo.yaml $(ARGS)
 
 compare: setup
 	$(RLHFDPO) experiment configs/experiment.yaml

@@ -23,17 +23,36 @@ from pipeline.config import (
     PPOConfig,
     RewardConfig,
     SFTConfig,
+    config_from_dict,
     load_config,
 )
 from pipeline.data.records import DataError
 from pipeline.errors import InputError, RunFailed, report_failure
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    no_args_is_help=True, pretty_exceptions_enable=False,
     help="RLHF (SFT, reward model, PPO) and DPO on the same footing.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Look at and build datasets.")
 app.add_typer(data_app, name="data")
+config_app = typer.Typer(no_args_is_help=True, help="Show a stage's config, or write one for your model and data.")
+app.add_typer(config_app, name="config")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"rlhfdpo {version('rlhfdpo')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """RLHF (SFT, reward model, PPO) and DPO on the same footing."""
 
 
 ConfigPath = Annotated[Path, typer.Argument(help="The stage's YAML config.")]
@@ -182,6 +201,69 @@ def _stage_of(config: Path, named: str | None) -> str:
     if len(by_name) == 1:
         return by_name[0]
     raise ConfigError(f"{config}: cannot tell which stage this config is for; pass --stage ({', '.join(DATA_STAGES)})")
+
+
+Stage = Annotated[str, typer.Argument(help="sft, pairs, reward, dpo, ppo, compare or experiment.")]
+
+
+@config_app.command("show")
+def config_show(
+    stage: Stage,
+    config: Annotated[Optional[Path], typer.Argument(help="A config to resolve; without it, the defaults.")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Print a stage's whole config as commented YAML: its defaults, or CONFIG as the stage will see it."""
+    from pipeline.config_docs import commented_yaml
+
+    try:
+        cls = _stage_class(stage)
+        if config is None:
+            cfg = config_from_dict(cls, {}, overrides, check=False)
+            header = [f"the default config of `rlhfdpo {stage}`; copy it, edit it, run it"]
+        else:
+            cfg = load_config(cls, config, overrides)
+            header = [f"{config} as `rlhfdpo {stage}` sees it, every default filled in"]
+        typer.echo(commented_yaml(cfg, header), nl=False)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+@config_app.command("new")
+def config_new(
+    stage: Stage,
+    model: Annotated[str, typer.Option("--model", help="A hub id, a local model folder, or 'scratch'.")],
+    data: Annotated[str, typer.Option("--data", help="A local data file or a hub dataset id.")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="The data format; read from the columns if not given.")] = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", help="ppo: the reward model (else the gold reward).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write it (default: STAGE.yaml here).")] = None,
+) -> None:
+    """Write a commented starting config for your model and data, after checking both on the spot."""
+    from pipeline.config_docs import command_line, commented_yaml, starting_config
+    from pipeline.data.inspect import inspect_data
+
+    try:
+        if stage not in DATA_STAGES:
+            raise ConfigError(f"config new: '{stage}' is not a training stage; one of {', '.join(DATA_STAGES)}")
+        target = output or Path(f"{stage}.yaml")
+        if target.exists():
+            raise ConfigError(f"{target} already exists; pass --output to write elsewhere")
+        raw = starting_config(stage, model, data, fmt, reward)
+        cfg = config_from_dict(STAGES[stage], raw)
+        inspect_data(cfg, 1)  # reads, adapts and tokenizes the data as the stage would; drops are reported
+        header = [command_line(stage, str(target)), f"written by `rlhfdpo config new {stage}` for {model} and {data};",
+                  "every key is shown with its default unless set for your model and data."]
+        target.write_text(commented_yaml(cfg, header))
+        typer.echo(f"wrote {target}; run it with: {command_line(stage, str(target))}")
+    except (ConfigError, DataError, InputError) as err:
+        _fail(str(err))
+    except OSError as err:
+        _fail(f"{type(err).__name__}: {err}")
+
+
+def _stage_class(stage: str) -> type:
+    if stage not in STAGES:
+        raise ConfigError(f"no stage '{stage}'; one of {', '.join(STAGES)}")
+    return STAGES[stage]
 
 
 def main() -> None:

@@ -371,3 +371,28 @@ def _need_render(source: SourceConfig, render: Render | None) -> Render:
         )
     return render
 
+
+def guess_format(row: dict) -> str | None:
+    """The format a raw row looks like (by its columns), for `rlhfdpo config new`; None if none fits."""
+    def text(name: str) -> bool:
+        return isinstance(row.get(name), str)
+
+    def messages(name: str) -> bool:
+        return isinstance(row.get(name), list)
+
+    if text("chosen") and text("rejected"):
+        if text("prompt"):
+            return "prompt_chosen_rejected"
+        if HH_ASSISTANT in row["chosen"]:
+            return "hh_rlhf"
+    if messages("chosen") and messages("rejected"):
+        return "ultrafeedback" if "score_chosen" in row else "conversational"
+    if "human_ref_A" in row and "human_ref_B" in row:
+        return "shp"
+    if text("review"):
+        return "reviews"
+    if text("prompt") and text("completion"):
+        return "prompt_completion"
+    if text("text"):
+        return "text"
+    return None
