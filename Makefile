@@ -1,5 +1,5 @@
 # make sft      set up .venv (if needed) and run SFT on the built-in task
-# make test     set up .venv (if needed) and run the test suite
+# make test     set up .venv (if needed) and run the test suite (make test-fast: under a minute; make lint)
 # make pairs reward dpo ppo   the next stages, each reading the previous one's runs/ folder
 # make compare  every stage, the sweeps and the RLHF-vs-DPO report (make compare-quick: a small one)
 # make bench    our stages against TRL's trainers (installs the 'bench' extra), runs/bench/bench.md
@@ -10,7 +10,7 @@ RLHFDPO := $(VENV)/bin/rlhfdpo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sft pairs reward dpo ppo compare compare-quick bench test test-fast clean
+.PHONY: setup sft pairs reward dpo ppo compare compare-quick bench test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,10 @@ test: setup
 
 test-fast: setup
 	$(PYTHON) -m pytest -m "not slow"
+
+lint: setup
+	$(PYTHON) -m ruff check pipeline tests benchmarks scripts
+	$(PYTHON) -m ruff format --check pipeline tests benchmarks scripts
 
 clean:
 	rm -rf runs .pytest_cache

@@ -66,7 +66,9 @@ def build(root: Path, n_rows: int = 4096, seed: int = 0, sizes: dict[str, dict] 
     sft = write_jsonl([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows], root / "data" / "sft.jsonl")
     eval_rows = pair_rows(32, seed + 1)
     pairs_eval = write_jsonl(eval_rows, root / "data" / "pairs-eval.jsonl")
-    sft_eval = write_jsonl([{"prompt": r["prompt"], "completion": r["chosen"]} for r in eval_rows], root / "data" / "sft-eval.jsonl")
+    sft_eval = write_jsonl(
+        [{"prompt": r["prompt"], "completion": r["chosen"]} for r in eval_rows], root / "data" / "sft-eval.jsonl"
+    )
     tokenizer = train_tokenizer((r[k] for r in rows for k in ("prompt", "chosen", "rejected")), VOCAB_SIZE)
     models, reward_models = {}, {}
     for name, shape in (sizes or SIZES).items():

@@ -19,7 +19,9 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 
 
 @torch.no_grad()
-def rollout_speed(model_folder: str, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3, seed: int = 0) -> dict:
+def rollout_speed(
+    model_folder: str, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3, seed: int = 0
+) -> dict:
     """Greedy decoding of `new_tokens` tokens for `batch` prompts of `prompt_len` tokens, both ways.
 
     End-of-sequence is disabled on both sides so every row runs the full length; the greedy
@@ -40,15 +42,25 @@ def rollout_speed(model_folder: str, batch: int, prompt_len: int, new_tokens: in
         return torch.tensor(out.sequences)
 
     def theirs():
-        out = model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id)
+        out = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=pad_id,
+        )
         return out[:, prompt_len:]
 
     ours_s, ours_out = _timed(ours, repeats)
     theirs_s, theirs_out = _timed(theirs, repeats)
     tokens = batch * new_tokens
     return {
-        "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "ours_tokens_per_s": tokens / ours_s, "generate_tokens_per_s": tokens / theirs_s,
-        "speedup": theirs_s / ours_s, "same_greedy_outputs": bool(torch.equal(ours_out, theirs_out)),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "ours_tokens_per_s": tokens / ours_s,
+        "generate_tokens_per_s": tokens / theirs_s,
+        "speedup": theirs_s / ours_s,
+        "same_greedy_outputs": bool(torch.equal(ours_out, theirs_out)),
     }

@@ -19,12 +19,30 @@ from benchmarks import fixtures as fixture_module
 from benchmarks.hardware import matmul_params, matmul_peak_gflops, training_flops_per_token
 from benchmarks.stats import summarize
 
-FULL = {"sizes": ["3M", "25M"], "steps": 16, "warmup": 3, "window": 3, "batch_size": 8,
-        "seq_lens": [128, 256, 512, 1024], "batch_sizes": [2, 4, 8, 16], "sweep_steps": 10,
-        "rollout": {"batch": 32, "prompt_len": 32, "new_tokens": 96}, "ppo_iterations": 4}
-QUICK = {"sizes": ["3M"], "steps": 6, "warmup": 2, "window": 2, "batch_size": 4,
-         "seq_lens": [64, 128], "batch_sizes": [2, 4], "sweep_steps": 6,
-         "rollout": {"batch": 4, "prompt_len": 8, "new_tokens": 8}, "ppo_iterations": 2}
+FULL = {
+    "sizes": ["3M", "25M"],
+    "steps": 16,
+    "warmup": 3,
+    "window": 3,
+    "batch_size": 8,
+    "seq_lens": [128, 256, 512, 1024],
+    "batch_sizes": [2, 4, 8, 16],
+    "sweep_steps": 10,
+    "rollout": {"batch": 32, "prompt_len": 32, "new_tokens": 96},
+    "ppo_iterations": 4,
+}
+QUICK = {
+    "sizes": ["3M"],
+    "steps": 6,
+    "warmup": 2,
+    "window": 2,
+    "batch_size": 4,
+    "seq_lens": [64, 128],
+    "batch_sizes": [2, 4],
+    "sweep_steps": 6,
+    "rollout": {"batch": 4, "prompt_len": 8, "new_tokens": 8},
+    "ppo_iterations": 2,
+}
 STAGES = ("sft", "reward", "dpo")
 # (label, framework, settings). The first and last run at equal settings: same random batches.
 # "ours+grouped" adds train.group_by_length, which TRL's pair trainers cannot use (their datasets
@@ -48,8 +66,12 @@ def run_worker(spec: dict, out: Path) -> dict:
     spec_path.write_text(json.dumps(spec))
     log = out / "log.txt"
     with log.open("w") as handle:
-        code = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(result_path)],
-                              stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+        code = subprocess.run(
+            [sys.executable, "-m", "benchmarks.worker", str(spec_path), str(result_path)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        ).returncode
     if code != 0:
         raise RuntimeError(f"{spec['framework']} {spec['stage']} {spec['size']} failed (exit {code}); see {log}")
     return json.loads(result_path.read_text())
@@ -67,19 +89,39 @@ def training_rows(plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, f
             for label, framework, settings in VARIANTS:
                 if framework not in frameworks:
                     continue
-                spec = {"framework": framework, "stage": stage, "size": size, "batch_size": plan["batch_size"],
-                        "steps": plan["steps"], "max_length": fixture_module.MAX_LENGTH, "lr": 1e-4,
-                        "warmup_steps": 2, "seed": 0, "reference_batch_size": 32, "fixtures": str(fx_path),
-                        "out": str(out / "runs" / f"{label}-{stage}-{size}"), **settings}
+                spec = {
+                    "framework": framework,
+                    "stage": stage,
+                    "size": size,
+                    "batch_size": plan["batch_size"],
+                    "steps": plan["steps"],
+                    "max_length": fixture_module.MAX_LENGTH,
+                    "lr": 1e-4,
+                    "warmup_steps": 2,
+                    "seed": 0,
+                    "reference_batch_size": 32,
+                    "fixtures": str(fx_path),
+                    "out": str(out / "runs" / f"{label}-{stage}-{size}"),
+                    **settings,
+                }
                 result = run_worker(spec, Path(spec["out"]))
                 per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair"]
                 seq_len = per_example if stage == "sft" else per_example / 2
-                row = summarize(result, peak, flops_per_token(stage, fx["models"][size], seq_len), per_example,
-                                plan["warmup"], plan["window"])
+                row = summarize(
+                    result,
+                    peak,
+                    flops_per_token(stage, fx["models"][size], seq_len),
+                    per_example,
+                    plan["warmup"],
+                    plan["window"],
+                )
                 row["framework"] = label
                 rows.append(row)
-                print(f"  {label:12s} {stage:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
-                      f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB  MFU {row['mfu']:.0%}", flush=True)
+                print(
+                    f"  {label:12s} {stage:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
+                    f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB  MFU {row['mfu']:.0%}",
+                    flush=True,
+                )
     return rows
 
 
@@ -94,23 +136,54 @@ def scaling_rows(plan: dict, fx: dict, out: Path, peak: float) -> list[dict]:
         if not fx_path.is_file():
             # Rows of `length` words are over 2 tokens a word, so truncation cuts every sequence to
             # exactly `length` tokens: half prompt (max_prompt_length), half response.
-            rows_ = fixture_module.pair_rows(256, 1, prompt_words=(length // 2, length // 2), response_words=(length, length))
-            sub = {**fx, "data": {
-                "pairs": str(fixture_module.write_jsonl(rows_, folder / "pairs.jsonl")),
-                "sft": str(fixture_module.write_jsonl([{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows_], folder / "sft.jsonl")),
-                "pairs_eval": fx["data"]["pairs_eval"], "sft_eval": fx["data"]["sft_eval"]}}
+            rows_ = fixture_module.pair_rows(
+                256, 1, prompt_words=(length // 2, length // 2), response_words=(length, length)
+            )
+            sub = {
+                **fx,
+                "data": {
+                    "pairs": str(fixture_module.write_jsonl(rows_, folder / "pairs.jsonl")),
+                    "sft": str(
+                        fixture_module.write_jsonl(
+                            [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows_], folder / "sft.jsonl"
+                        )
+                    ),
+                    "pairs_eval": fx["data"]["pairs_eval"],
+                    "sft_eval": fx["data"]["sft_eval"],
+                },
+            }
             fx_path.write_text(json.dumps(sub))
         for stage in ("dpo",):
-            spec = {"framework": "ours", "stage": stage, "size": "3M", "batch_size": batch, "steps": plan["sweep_steps"],
-                    "max_length": length, "lr": 1e-4, "warmup_steps": 2, "seed": 0, "reference_batch_size": 32,
-                    "fixtures": str(fx_path), "out": str(folder / f"{stage}-b{batch}")}
+            spec = {
+                "framework": "ours",
+                "stage": stage,
+                "size": "3M",
+                "batch_size": batch,
+                "steps": plan["sweep_steps"],
+                "max_length": length,
+                "lr": 1e-4,
+                "warmup_steps": 2,
+                "seed": 0,
+                "reference_batch_size": 32,
+                "fixtures": str(fx_path),
+                "out": str(folder / f"{stage}-b{batch}"),
+            }
             result = run_worker(spec, Path(spec["out"]))
             per_example = length if stage == "sft" else 2 * length
-            row = summarize(result, peak, flops_per_token(stage, fx["models"]["3M"], length), per_example,
-                            plan["warmup"], plan["window"])
+            row = summarize(
+                result,
+                peak,
+                flops_per_token(stage, fx["models"]["3M"], length),
+                per_example,
+                plan["warmup"],
+                plan["window"],
+            )
             rows.append({**row, "seq_len": length})
-            print(f"  scaling {stage:4s} len {length:5d} batch {batch:3d}: {row['tokens_per_s']:9.0f} tok/s "
-                  f"{row['peak_rss_mb']:6.0f} MB  MFU {row['mfu']:.0%}", flush=True)
+            print(
+                f"  scaling {stage:4s} len {length:5d} batch {batch:3d}: {row['tokens_per_s']:9.0f} tok/s "
+                f"{row['peak_rss_mb']:6.0f} MB  MFU {row['mfu']:.0%}",
+                flush=True,
+            )
     return rows
 
 
@@ -121,12 +194,27 @@ def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path) -> tuple[list[dict]
     for size in plan["sizes"]:
         row = {"size": size, **rollout_speed(fx["models"][size], **plan["rollout"])}
         rollouts.append(row)
-        print(f"  rollout {size}: ours {row['ours_tokens_per_s']:.0f} tok/s, generate {row['generate_tokens_per_s']:.0f} "
-              f"tok/s ({row['speedup']:.2f}x), same greedy outputs: {row['same_greedy_outputs']}", flush=True)
-    spec = {"framework": "ours", "stage": "ppo", "size": plan["sizes"][-1], "iterations": plan["ppo_iterations"],
-            "rollout_batch_size": plan["rollout"]["batch"], "new_tokens": plan["rollout"]["new_tokens"],
-            "batch_size": plan["rollout"]["batch"], "steps": plan["ppo_iterations"], "max_length": fixture_module.MAX_LENGTH,
-            "lr": 1e-5, "warmup_steps": 0, "seed": 0, "fixtures": str(fx_path), "out": str(out / "runs" / "ours-ppo")}
+        print(
+            f"  rollout {size}: ours {row['ours_tokens_per_s']:.0f} tok/s, generate {row['generate_tokens_per_s']:.0f} "
+            f"tok/s ({row['speedup']:.2f}x), same greedy outputs: {row['same_greedy_outputs']}",
+            flush=True,
+        )
+    spec = {
+        "framework": "ours",
+        "stage": "ppo",
+        "size": plan["sizes"][-1],
+        "iterations": plan["ppo_iterations"],
+        "rollout_batch_size": plan["rollout"]["batch"],
+        "new_tokens": plan["rollout"]["new_tokens"],
+        "batch_size": plan["rollout"]["batch"],
+        "steps": plan["ppo_iterations"],
+        "max_length": fixture_module.MAX_LENGTH,
+        "lr": 1e-5,
+        "warmup_steps": 0,
+        "seed": 0,
+        "fixtures": str(fx_path),
+        "out": str(out / "runs" / "ours-ppo"),
+    }
     result = run_worker(spec, Path(spec["out"]))
     split = result["ppo_phases"]
     print("  ppo iteration: " + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()), flush=True)
@@ -134,34 +222,62 @@ def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path) -> tuple[list[dict]
 
 
 def markdown(bench: dict) -> str:
-    lines = [f"Measured fp32 matmul peak: **{bench['matmul_peak_gflops']:.0f} GFLOP/s** "
-             f"({bench['machine']}); command: `{bench['command']}`", ""]
-    lines += ["| stage | size | framework | examples/s | tokens/s | peak RSS (MB) | time to first step (s) | MFU |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Measured fp32 matmul peak: **{bench['matmul_peak_gflops']:.0f} GFLOP/s** "
+        f"({bench['machine']}); command: `{bench['command']}`",
+        "",
+    ]
+    lines += [
+        "| stage | size | framework | examples/s | tokens/s | peak RSS (MB) | time to first step (s) | MFU |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
     by_key = {(r["stage"], r["size"], r["framework"]): r for r in bench["training"]}
     for r in bench["training"]:
-        lines.append(f"| {r['stage']} | {r['size']} | {r['framework']} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['time_to_first_step_s']:.1f} | {r['mfu']:.0%} |")
+        lines.append(
+            f"| {r['stage']} | {r['size']} | {r['framework']} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['time_to_first_step_s']:.1f} | {r['mfu']:.0%} |"
+        )
     ratios = []
     for (stage, size, framework), r in by_key.items():
         other = by_key.get((stage, size, "trl"))
         if framework.startswith("ours") and other:
-            ratios.append(f"| {stage} | {size} | {framework} | {r['examples_per_s'] / other['examples_per_s']:.2f}x | "
-                          f"{r['peak_rss_mb'] - other['peak_rss_mb']:+.0f} MB |")
+            ratios.append(
+                f"| {stage} | {size} | {framework} | {r['examples_per_s'] / other['examples_per_s']:.2f}x | "
+                f"{r['peak_rss_mb'] - other['peak_rss_mb']:+.0f} MB |"
+            )
     if ratios:
-        lines += ["", "| stage | size | ours | ours / TRL throughput | ours − TRL peak RSS |", "|---|---|---|---:|---:|", *ratios]
-    lines += ["", "| rollouts | batch x new tokens | ours tok/s | generate tok/s | speedup | same greedy outputs |",
-              "|---|---|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "| stage | size | ours | ours / TRL throughput | ours − TRL peak RSS |",
+            "|---|---|---|---:|---:|",
+            *ratios,
+        ]
+    lines += [
+        "",
+        "| rollouts | batch x new tokens | ours tok/s | generate tok/s | speedup | same greedy outputs |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for r in bench["rollout"]:
-        lines.append(f"| {r['size']} | {r['batch']} x {r['new_tokens']} | {r['ours_tokens_per_s']:.0f} | "
-                     f"{r['generate_tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['same_greedy_outputs']} |")
+        lines.append(
+            f"| {r['size']} | {r['batch']} x {r['new_tokens']} | {r['ours_tokens_per_s']:.0f} | "
+            f"{r['generate_tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['same_greedy_outputs']} |"
+        )
     phases = bench["ppo_iteration"]["seconds"]
     total = sum(phases.values())
-    lines += ["", f"One PPO iteration ({bench['ppo_iteration']['size']}, {bench['ppo_iteration']['rollout_batch_size']} rollouts): "
-              + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in phases.items())]
-    lines += ["", "| scaling (ours, 3M) | seq len | batch | tokens/s | peak RSS (MB) | MFU |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        f"One PPO iteration ({bench['ppo_iteration']['size']}, {bench['ppo_iteration']['rollout_batch_size']} rollouts): "
+        + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in phases.items()),
+    ]
+    lines += [
+        "",
+        "| scaling (ours, 3M) | seq len | batch | tokens/s | peak RSS (MB) | MFU |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in bench["scaling"]:
-        lines.append(f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['mfu']:.0%} |")
+        lines.append(
+            f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['mfu']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -169,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--quick", action="store_true", help="one small size, a few steps: checks that everything runs")
-    parser.add_argument("--skip-trl", action="store_true", help="our stages only (TRL is in the optional 'bench' extra)")
+    parser.add_argument(
+        "--skip-trl", action="store_true", help="our stages only (TRL is in the optional 'bench' extra)"
+    )
     parser.add_argument("--fresh", action="store_true", help="re-measure runs whose results are already in --out")
     args = parser.parse_args(argv)
     REUSE["results"] = not args.fresh
@@ -192,11 +310,18 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     bench = {
-        "command": "python -m benchmarks.run" + (" --quick" if args.quick else "") + (" --skip-trl" if args.skip_trl else ""),
+        "command": "python -m benchmarks.run"
+        + (" --quick" if args.quick else "")
+        + (" --skip-trl" if args.skip_trl else ""),
         "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "versions": {name: _version(name) for name in ("torch", "transformers", "trl")},
-        "plan": plan, "matmul_peak_gflops": peak, "fixtures": fx,
-        "training": training, "rollout": rollout, "ppo_iteration": ppo_iteration, "scaling": scaling,
+        "plan": plan,
+        "matmul_peak_gflops": peak,
+        "fixtures": fx,
+        "training": training,
+        "rollout": rollout,
+        "ppo_iteration": ppo_iteration,
+        "scaling": scaling,
         "wall_s": time.time() - started,
     }
     (out / "bench.json").write_text(json.dumps(bench, indent=2))

@@ -14,7 +14,9 @@ def steady_throughput(step_times: list[float], examples_per_step: int, warmup: i
     """
     durations = [b - a for a, b in zip(step_times, step_times[1:])][warmup:]
     if len(durations) < window:
-        raise ValueError(f"{len(step_times)} steps leave fewer than one window of {window} after {warmup} warm-up steps")
+        raise ValueError(
+            f"{len(step_times)} steps leave fewer than one window of {window} after {warmup} warm-up steps"
+        )
     rates = [
         window * examples_per_step / sum(durations[start : start + window])
         for start in range(0, len(durations) - window + 1, window)
@@ -22,15 +24,20 @@ def steady_throughput(step_times: list[float], examples_per_step: int, warmup: i
     return statistics.median(rates)
 
 
-def summarize(result: dict, peak_gflops: float, flops_per_token: float, tokens_per_example: float,
-              warmup: int, window: int) -> dict:
+def summarize(
+    result: dict, peak_gflops: float, flops_per_token: float, tokens_per_example: float, warmup: int, window: int
+) -> dict:
     spec = result["spec"]
     examples_per_s = steady_throughput(result["step_times"], spec["batch_size"], warmup, window)
     tokens_per_s = examples_per_s * tokens_per_example
     return {
-        "framework": spec["framework"], "stage": spec["stage"], "size": spec["size"],
-        "batch_size": spec["batch_size"], "steps": len(result["step_times"]),
-        "examples_per_s": examples_per_s, "tokens_per_s": tokens_per_s,
+        "framework": spec["framework"],
+        "stage": spec["stage"],
+        "size": spec["size"],
+        "batch_size": spec["batch_size"],
+        "steps": len(result["step_times"]),
+        "examples_per_s": examples_per_s,
+        "tokens_per_s": tokens_per_s,
         "peak_rss_mb": result["peak_rss_mb"],
         "time_to_first_step_s": result["step_times"][0] - result["process_start"],
         "mfu": tokens_per_s * flops_per_token / (peak_gflops * 1e9),

@@ -45,9 +45,20 @@ def run_ours(spec: dict, fixtures: dict) -> None:
     stage, out = spec["stage"], Path(spec["out"])
     pairs = stage != "sft"
     data = {
-        "train": [{"path": str(training_rows(spec, fixtures)), "format": "prompt_chosen_rejected" if pairs else "prompt_completion"}],
-        "eval": [{"path": fixtures["data"]["pairs_eval" if pairs else "sft_eval"], "format": "prompt_chosen_rejected" if pairs else "prompt_completion"}],
-        "max_length": spec["max_length"], "max_prompt_length": spec["max_length"] // 2,
+        "train": [
+            {
+                "path": str(training_rows(spec, fixtures)),
+                "format": "prompt_chosen_rejected" if pairs else "prompt_completion",
+            }
+        ],
+        "eval": [
+            {
+                "path": fixtures["data"]["pairs_eval" if pairs else "sft_eval"],
+                "format": "prompt_chosen_rejected" if pairs else "prompt_completion",
+            }
+        ],
+        "max_length": spec["max_length"],
+        "max_prompt_length": spec["max_length"] // 2,
         "max_eval_examples": 16,
     }
     config = {
@@ -55,9 +66,17 @@ def run_ours(spec: dict, fixtures: dict) -> None:
         "model": {"name_or_path": fixtures["models"][spec["size"]]},
         "data": data,
         "optim": {"lr": spec["lr"], "min_warmup_steps": spec["warmup_steps"], "warmup_ratio": 0.0},
-        "train": {"max_steps": spec["steps"], "batch_size": spec["batch_size"], "micro_batch_size": spec["batch_size"],
-                  "eval_batch_size": 16, "eval_every": 0, "save_every": 0, "log_every": spec["steps"],
-                  "seed": spec["seed"], **spec.get("ours", {})},
+        "train": {
+            "max_steps": spec["steps"],
+            "batch_size": spec["batch_size"],
+            "micro_batch_size": spec["batch_size"],
+            "eval_batch_size": 16,
+            "eval_every": 0,
+            "save_every": 0,
+            "log_every": spec["steps"],
+            "seed": spec["seed"],
+            **spec.get("ours", {}),
+        },
     }
     if stage == "reward":
         config["loss"] = {"margin": "none"}
@@ -87,12 +106,19 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
         "output_dir": str(out / "run"),
         "model": {"name_or_path": folder},
         "reward": {"kind": "model", "models": [fixtures["reward_models"][spec["size"]]], "normalize": False},
-        "data": {"train": [{"path": fixtures["data"]["pairs"], "format": "prompt_chosen_rejected"}],
-                 "max_length": spec["max_length"], "max_prompt_length": 64},
+        "data": {
+            "train": [{"path": fixtures["data"]["pairs"], "format": "prompt_chosen_rejected"}],
+            "max_length": spec["max_length"],
+            "max_prompt_length": 64,
+        },
         "rollout": {"max_new_tokens": spec["new_tokens"], "temperature": 1.0},
-        "ppo": {"rollout_batch_size": spec["rollout_batch_size"], "mini_batch_size": min(16, spec["rollout_batch_size"]),
-                "micro_batch_size": min(16, spec["rollout_batch_size"])},
-        "iterations": spec["iterations"], "save_every": 0, "sample_table_every": 0, "seed": spec["seed"],
+        "ppo": {
+            "rollout_batch_size": spec["rollout_batch_size"],
+            "mini_batch_size": min(16, spec["rollout_batch_size"]),
+            "micro_batch_size": min(16, spec["rollout_batch_size"]),
+        },
+        "train": {"max_steps": spec["iterations"], "save_every": 0, "seed": spec["seed"]},
+        "sample_table_every": 0,
     }
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -112,13 +138,31 @@ def run_trl(spec: dict, fixtures: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     train = datasets.load_dataset("json", data_files=str(training_rows(spec, fixtures)), split="train")
     common = dict(
-        output_dir=str(out / "run"), per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=spec["lr"], adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-5,
-        weight_decay=0.1, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_steps=spec["warmup_steps"], max_grad_norm=1.0, logging_steps=spec["steps"], save_strategy="no",
-        eval_strategy="no", report_to="none", use_cpu=True, seed=spec["seed"], disable_tqdm=True,
-        gradient_checkpointing=False, bf16=False, fp16=False,  # fp32 like ours (TRL defaults to bf16)
-        max_length=spec["max_length"], dataloader_num_workers=0,
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        max_steps=spec["steps"],
+        learning_rate=spec["lr"],
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-5,
+        weight_decay=0.1,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=spec["warmup_steps"],
+        max_grad_norm=1.0,
+        logging_steps=spec["steps"],
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=spec["seed"],
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,  # fp32 like ours (TRL defaults to bf16)
+        max_length=spec["max_length"],
+        dataloader_num_workers=0,
         **spec.get("trl", {}),
     )
     if stage == "sft":
@@ -130,12 +174,16 @@ def run_trl(spec: dict, fixtures: dict) -> None:
         from trl import RewardConfig, RewardTrainer
 
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
-        trainer = RewardTrainer(model=model, args=RewardConfig(**common), train_dataset=train, processing_class=tokenizer)
+        trainer = RewardTrainer(
+            model=model, args=RewardConfig(**common), train_dataset=train, processing_class=tokenizer
+        )
     else:
         from trl import DPOConfig, DPOTrainer
 
         model = AutoModelForCausalLM.from_pretrained(folder)
-        args = DPOConfig(**common, precompute_ref_log_probs=True, precompute_ref_batch_size=spec["reference_batch_size"], beta=0.1)
+        args = DPOConfig(
+            **common, precompute_ref_log_probs=True, precompute_ref_batch_size=spec["reference_batch_size"], beta=0.1
+        )
         trainer = DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     trainer.train()
 
@@ -153,10 +201,18 @@ def main(spec_path: str, result_path: str) -> None:
     else:
         {"ours": run_ours, "trl": run_trl}[spec["framework"]](spec, fixtures)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    Path(result_path).write_text(json.dumps({
-        "spec": spec, "process_start": PROCESS_START, "step_times": STEP_TIMES,
-        "peak_rss_mb": peak_kib / 1024, "end": time.time(), **extra,
-    }))
+    Path(result_path).write_text(
+        json.dumps(
+            {
+                "spec": spec,
+                "process_start": PROCESS_START,
+                "step_times": STEP_TIMES,
+                "peak_rss_mb": peak_kib / 1024,
+                "end": time.time(),
+                **extra,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,29 +8,18 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from pipeline.config import (
-    STAGES,
-    CompareConfig,
-    ConfigError,
-    DPOConfig,
-    ExperimentConfig,
-    LaunchConfig,
-    PairsConfig,
-    PPOConfig,
-    RewardConfig,
-    SFTConfig,
-    config_from_dict,
-    load_config,
-)
-from pipeline.data.records import DataError
-from pipeline.errors import InputError, RunFailed, report_failure
+from pipeline.config import STAGES, LaunchConfig, config_from_dict, load_config
+from pipeline.errors import ConfigError, DataError, InputError, RunFailed, report_failure
+from pipeline.stages import STAGES as STAGE_TABLE
+from pipeline.stages import Stage
 
 app = typer.Typer(
-    no_args_is_help=True, pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="RLHF (SFT, reward model, PPO) and DPO on the same footing.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Look at and build datasets.")
@@ -49,22 +38,22 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """RLHF (SFT, reward model, PPO) and DPO on the same footing."""
 
 
 ConfigPath = Annotated[Path, typer.Argument(help="The stage's YAML config.")]
-Overrides = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a key: --set optim.lr=1e-4 (repeatable).")
-]
+Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a key: --set optim.lr=1e-4 (repeatable).")]
 NumProcesses = Annotated[
-    Optional[int], typer.Option("--num-processes", help="Shard over N processes (launch.num_processes).")
+    int | None, typer.Option("--num-processes", help="Shard over N processes (launch.num_processes).")
 ]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")]
-Overwrite = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace what an earlier run wrote in output_dir (other files are kept).")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace what an earlier run wrote in output_dir (other files are kept).")
+]
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -80,27 +69,28 @@ def _load(cls: type, config: Path, overrides: list[str] | None, num_processes: i
     return load_config(cls, config, overrides), overrides
 
 
-def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, resume: bool, overwrite: bool = False) -> None:
+def _run_stage(stage: Stage, config: Path, overrides, num_processes=None, resume=False, overwrite=False) -> None:
     """Load and check the config, re-launch under accelerate if asked for, else run here.
 
     The stage module (and with it torch and transformers) is imported only once the config is
     known to be good, so a typo costs a fraction of a second.
     """
     try:
-        cfg, overrides = _load(cls, config, overrides, num_processes)
+        cfg, overrides = _load(stage.config, config, overrides, num_processes)
         from pipeline.launch import inside_launch, relaunch
 
         launch: LaunchConfig = getattr(cfg, "launch", LaunchConfig())  # compare runs in one process
         if launch.num_processes > 1 and not inside_launch():
-            command = ["data", stage] if stage == "pairs" else [stage]
-            args = [*command, str(config), *[a for o in overrides for a in ("--set", o)]]
+            args = [*stage.command, str(config), *[a for o in overrides for a in ("--set", o)]]
             args += ["--resume"] if resume else []
             args += ["--overwrite"] if overwrite else []
             code, message = relaunch(launch, args)
             if message:
                 typer.echo(f"error: {message}", err=True)
             raise typer.Exit(code)
-        importlib.import_module(f"pipeline.{stage}").run(cfg, resume=resume, overwrite=overwrite)
+        options = {"resume": resume} if stage.checkpoints else {}
+        options |= {"overwrite": overwrite} if stage.output else {}
+        importlib.import_module(stage.module).run(cfg, **options)
     except (ConfigError, DataError, InputError) as err:
         _fail(str(err))
     except RunFailed as err:
@@ -109,51 +99,42 @@ def _run_stage(stage: str, cls: type, config: Path, overrides, num_processes, re
         _fail(f"{type(err).__name__}: {err}")
 
 
-@app.command()
-def sft(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False,
-        overwrite: Overwrite = False) -> None:
-    """Supervised fine-tuning, loss on response tokens only."""
-    _run_stage("sft", SFTConfig, config, overrides, num_processes, resume, overwrite)
+def _stage_command(stage: Stage):
+    """The command of a stage, with the options it takes: --num-processes, --resume, --overwrite."""
+    if stage.checkpoints:
+
+        def command(
+            config: ConfigPath,
+            overrides: Overrides = None,
+            num_processes: NumProcesses = None,
+            resume: Resume = False,
+            overwrite: Overwrite = False,
+        ) -> None:
+            _run_stage(stage, config, overrides, num_processes, resume, overwrite)
+    elif stage.sharded:
+
+        def command(
+            config: ConfigPath,
+            overrides: Overrides = None,
+            num_processes: NumProcesses = None,
+            overwrite: Overwrite = False,
+        ) -> None:
+            _run_stage(stage, config, overrides, num_processes, overwrite=overwrite)
+    elif stage.output:
+
+        def command(config: ConfigPath, overrides: Overrides = None, overwrite: Overwrite = False) -> None:
+            _run_stage(stage, config, overrides, overwrite=overwrite)
+    else:
+
+        def command(config: ConfigPath, overrides: Overrides = None) -> None:
+            _run_stage(stage, config, overrides)
+
+    command.__doc__ = stage.help
+    return command
 
 
-@app.command()
-def reward(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False,
-           overwrite: Overwrite = False) -> None:
-    """Bradley-Terry reward model (with Llama 2's margin) on preference pairs."""
-    _run_stage("reward", RewardConfig, config, overrides, num_processes, resume, overwrite)
-
-
-@app.command()
-def dpo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False,
-        overwrite: Overwrite = False) -> None:
-    """Direct preference optimisation (DPO, conservative DPO, IPO, hinge, RPO) from the SFT model."""
-    _run_stage("dpo", DPOConfig, config, overrides, num_processes, resume, overwrite)
-
-
-@app.command()
-def ppo(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None, resume: Resume = False,
-        overwrite: Overwrite = False) -> None:
-    """PPO against the reward model (or the gold reward: PPO-GT) with a KL penalty to the SFT model."""
-    _run_stage("ppo", PPOConfig, config, overrides, num_processes, resume, overwrite)
-
-
-@app.command()
-def compare(config: ConfigPath, overrides: Overrides = None, overwrite: Overwrite = False) -> None:
-    """Sample every policy on held-out prompts; win rates, the reward-vs-KL frontier, cost: report.md."""
-    _run_stage("compare", CompareConfig, config, overrides, None, resume=False, overwrite=overwrite)
-
-
-@app.command()
-def experiment(config: ConfigPath, overrides: Overrides = None) -> None:
-    """Run a list of stages in order (make compare), reusing those whose config and inputs are unchanged."""
-    _run_stage("experiment", ExperimentConfig, config, overrides, None, resume=False)
-
-
-@data_app.command("pairs")
-def data_pairs(config: ConfigPath, overrides: Overrides = None, num_processes: NumProcesses = None,
-               overwrite: Overwrite = False) -> None:
-    """Sample k completions per prompt, score them with the gold reward, write preference pairs."""
-    _run_stage("pairs", PairsConfig, config, overrides, num_processes, resume=False, overwrite=overwrite)
+for _stage in STAGE_TABLE.values():
+    (data_app if _stage.command[0] == "data" else app).command(_stage.command[-1])(_stage_command(_stage))
 
 
 @data_app.command("inspect")
@@ -161,8 +142,12 @@ def data_inspect(
     config: ConfigPath,
     overrides: Overrides = None,
     examples: Annotated[int, typer.Option(help="How many rendered examples to show.")] = 3,
-    stage: Annotated[Optional[str], typer.Option(
-        help="The stage the config is for (sft, pairs, reward, dpo, ppo); default: the one its first line or name says.")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(
+            help="The stage the config is for (sft, pairs, reward, dpo, ppo); default: the one its first line or name says."
+        ),
+    ] = None,
 ) -> None:
     """Counts, drops by reason, length percentiles and rendered examples of a stage's data."""
     try:
@@ -176,7 +161,7 @@ def data_inspect(
         _fail(f"{type(err).__name__}: {err}")
 
 
-DATA_STAGES = ("sft", "pairs", "reward", "dpo", "ppo")
+DATA_STAGES = tuple(name for name, stage in STAGE_TABLE.items() if stage.reads_data)
 
 
 def _stage_of(config: Path, named: str | None) -> str:
@@ -203,17 +188,17 @@ def _stage_of(config: Path, named: str | None) -> str:
     raise ConfigError(f"{config}: cannot tell which stage this config is for; pass --stage ({', '.join(DATA_STAGES)})")
 
 
-Stage = Annotated[str, typer.Argument(help="sft, pairs, reward, dpo, ppo, compare or experiment.")]
+StageName = Annotated[str, typer.Argument(help="sft, pairs, reward, dpo, ppo, compare or experiment.")]
 
 
 @config_app.command("show")
 def config_show(
-    stage: Stage,
-    config: Annotated[Optional[Path], typer.Argument(help="A config to resolve; without it, the defaults.")] = None,
+    stage: StageName,
+    config: Annotated[Path | None, typer.Argument(help="A config to resolve; without it, the defaults.")] = None,
     overrides: Overrides = None,
 ) -> None:
     """Print a stage's whole config as commented YAML: its defaults, or CONFIG as the stage will see it."""
-    from pipeline.config_docs import commented_yaml
+    from pipeline.config.docs import commented_yaml
 
     try:
         cls = _stage_class(stage)
@@ -230,15 +215,21 @@ def config_show(
 
 @config_app.command("new")
 def config_new(
-    stage: Stage,
+    stage: StageName,
     model: Annotated[str, typer.Option("--model", help="A hub id, a local model folder, or 'scratch'.")],
     data: Annotated[str, typer.Option("--data", help="A local data file or a hub dataset id.")],
-    fmt: Annotated[Optional[str], typer.Option("--format", help="The data format; read from the columns if not given.")] = None,
-    reward: Annotated[Optional[str], typer.Option("--reward", help="ppo: the reward model (else the gold reward).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write it (default: STAGE.yaml here).")] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="The data format; read from the columns if not given.")
+    ] = None,
+    reward: Annotated[
+        str | None, typer.Option("--reward", help="ppo: the reward model (else the gold reward).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write it (default: STAGE.yaml here).")
+    ] = None,
 ) -> None:
     """Write a commented starting config for your model and data, after checking both on the spot."""
-    from pipeline.config_docs import command_line, commented_yaml, starting_config
+    from pipeline.config.docs import commented_yaml, starting_config
     from pipeline.data.inspect import inspect_data
 
     try:
@@ -250,10 +241,14 @@ def config_new(
         raw = starting_config(stage, model, data, fmt, reward)
         cfg = config_from_dict(STAGES[stage], raw)
         inspect_data(cfg, 1)  # reads, adapts and tokenizes the data as the stage would; drops are reported
-        header = [command_line(stage, str(target)), f"written by `rlhfdpo config new {stage}` for {model} and {data};",
-                  "every key is shown with its default unless set for your model and data."]
+        command = STAGE_TABLE[stage].command_line(str(target))
+        header = [
+            command,
+            f"written by `rlhfdpo config new {stage}` for {model} and {data};",
+            "every key is shown with its default unless set for your model and data.",
+        ]
         target.write_text(commented_yaml(cfg, header))
-        typer.echo(f"wrote {target}; run it with: {command_line(stage, str(target))}")
+        typer.echo(f"wrote {target}; run it with: {command}")
     except (ConfigError, DataError, InputError) as err:
         _fail(str(err))
     except OSError as err:

@@ -18,19 +18,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import CompareConfig, DataConfig, ModelConfig, SampleConfig
+from pipeline.config import COMPARE_PROMPT_DATA, CompareConfig, ModelConfig, SampleConfig
 from pipeline.data.builtin_sentiment import heldout_prompts_with_references
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
-from pipeline.evaluation import Scored, bootstrap_mean, distinct_n, kl_to_reference, sample_and_score, win_indicators
+from pipeline.evaluation import Scored, bootstrap_mean, distinct_n, kl_to_anchor, sample_and_score, win_indicators
 from pipeline.judges import gold_reward
 from pipeline.launch import init_distributed
 from pipeline.models import from_pretrained, load_tokenizer
 from pipeline.runs import checkpoint_folders, prepare_output_dir
 from pipeline.scoring import RewardModel, load_reward_model
 from pipeline.training import seed_everything
-
-PROMPT_DATA = DataConfig(max_length=256, max_prompt_length=64)
 
 
 @dataclass
@@ -52,14 +50,14 @@ class MethodSamples:
 OUTPUTS = ("report.md", "results.json", "samples.jsonl", "frontier.png", "win_rate_vs_temperature.png")
 
 
-def run(cfg: CompareConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     dist = init_distributed()
     prepare_output_dir(out_dir, dist, resume=False, overwrite=overwrite, produces=OUTPUTS)
-    prompts, references = held_out_prompts(cfg)
+    prompts, dataset_completions = held_out_prompts(cfg)
     gold = gold_reward(cfg.gold)
-    reference_gold = gold(references)
+    dataset_gold = gold(dataset_completions)
 
     sft_path = Path(cfg.sft) / "model"
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(sft_path)))
@@ -76,17 +74,34 @@ def run(cfg: CompareConfig, resume: bool = False, overwrite: bool = False) -> Pa
     for policy in cfg.policies:
         model = from_pretrained(AutoModelForCausalLM, Path(policy.run) / "model").eval()
         for temperature in cfg.temperatures:
-            samples.append(sample_method(model, policy.name, policy.method, temperature, prompts, tokenizer, gold, proxy, sft, cfg))
+            samples.append(
+                sample_method(model, policy.name, policy.method, temperature, prompts, tokenizer, gold, proxy, sft, cfg)
+            )
         for step, path in _checkpoints(Path(policy.run)) if cfg.checkpoints else []:
             checkpoint = from_pretrained(AutoModelForCausalLM, path).eval()
-            point = sample_method(checkpoint, policy.name, policy.method, cfg.frontier_temperature, prompts, tokenizer, gold, None, sft, cfg)
+            point = sample_method(
+                checkpoint,
+                policy.name,
+                policy.method,
+                cfg.frontier_temperature,
+                prompts,
+                tokenizer,
+                gold,
+                None,
+                sft,
+                cfg,
+            )
             frontier.append(_frontier_point(point, step))
         final = next(s for s in samples if s.name == policy.name and s.temperature == cfg.frontier_temperature)
         frontier.append(_frontier_point(final, "final"))
 
-    results = summarize(samples, reference_gold, frontier, cfg)
+    results = summarize(samples, dataset_gold, frontier, cfg)
     results["cost"] = collect_costs(cfg)
-    results["prompts"] = {"count": len(prompts), "seed": cfg.prompt_seed, "reference_gold_mean": sum(reference_gold) / len(reference_gold)}
+    results["prompts"] = {
+        "count": len(prompts),
+        "seed": cfg.prompt_seed,
+        "dataset_gold_mean": sum(dataset_gold) / len(dataset_gold),
+    }
     results["gold"] = getattr(gold, "name", cfg.gold)  # what actually scored (a classifier may fall back to vader)
 
     from pipeline.report import print_tables, write_report
@@ -113,63 +128,96 @@ def held_out_prompts(cfg: CompareConfig) -> tuple[list[str], list[str]]:
     return [p for p, _ in pairs], [r for _, r in pairs]
 
 
-
 @torch.no_grad()
-def sample_method(model, name: str, method: str, temperature: float, prompts: list[str], tokenizer, gold, proxy,
-                  sft, cfg: CompareConfig) -> MethodSamples:
+def sample_method(
+    model,
+    name: str,
+    method: str,
+    temperature: float,
+    prompts: list[str],
+    tokenizer,
+    gold,
+    proxy,
+    sft,
+    cfg: CompareConfig,
+) -> MethodSamples:
     sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
-    scored = sample_and_score(model, tokenizer, prompts, gold, sample, PROMPT_DATA, seed=cfg.seed, batch_size=cfg.batch_size)
-    kl = [0.0] * len(prompts) if model is sft else kl_to_reference(model, sft, scored.sequences, tokenizer.pad_token_id)
+    scored = sample_and_score(
+        model, tokenizer, prompts, gold, sample, COMPARE_PROMPT_DATA, seed=cfg.seed, batch_size=cfg.batch_size
+    )
+    kl = [0.0] * len(prompts) if model is sft else kl_to_anchor(model, sft, scored.sequences, tokenizer.pad_token_id)
     return MethodSamples(
-        name=name, method=method, temperature=temperature, completions=scored.completions, gold=scored.gold,
+        name=name,
+        method=method,
+        temperature=temperature,
+        completions=scored.completions,
+        gold=scored.gold,
         proxy=proxy_scores(proxy, scored, cfg) if proxy is not None else None,
-        kl=kl, lengths=[len(s.input_ids) - s.prompt_length for s in scored.sequences], finished=scored.finished,
+        kl=kl,
+        lengths=[len(s.input_ids) - s.prompt_length for s in scored.sequences],
+        finished=scored.finished,
     )
 
 
-def best_of_n(sft, n: int, temperature: float, prompts: list[str], tokenizer, gold, proxy, cfg: CompareConfig) -> MethodSamples:
+def best_of_n(
+    sft, n: int, temperature: float, prompts: list[str], tokenizer, gold, proxy, cfg: CompareConfig
+) -> MethodSamples:
     """N samples per prompt from the SFT model; the one the reward model ranks highest is kept.
 
     Its KL to the SFT model is the analytic log N - (N - 1) / N (Stiennon et al. 2020, App. G.3).
     """
     repeated = [p for p in prompts for _ in range(n)]
     sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
-    scored = sample_and_score(sft, tokenizer, repeated, gold, sample, PROMPT_DATA, seed=cfg.seed + n, batch_size=cfg.batch_size)
+    scored = sample_and_score(
+        sft, tokenizer, repeated, gold, sample, COMPARE_PROMPT_DATA, seed=cfg.seed + n, batch_size=cfg.batch_size
+    )
     ranks = proxy_scores(proxy, scored, cfg)
     picks = [max(range(i * n, (i + 1) * n), key=lambda j: ranks[j]) for i in range(len(prompts))]
     kl = math.log(n) - (n - 1) / n
     return MethodSamples(
-        name=f"best-of-{n}", method="best_of_n", temperature=temperature,
-        completions=[scored.completions[j] for j in picks], gold=[scored.gold[j] for j in picks],
-        proxy=[ranks[j] for j in picks], kl=[kl] * len(prompts),
+        name=f"best-of-{n}",
+        method="best_of_n",
+        temperature=temperature,
+        completions=[scored.completions[j] for j in picks],
+        gold=[scored.gold[j] for j in picks],
+        proxy=[ranks[j] for j in picks],
+        kl=[kl] * len(prompts),
         lengths=[len(scored.sequences[j].input_ids) - scored.sequences[j].prompt_length for j in picks],
-        finished=[scored.finished[j] for j in picks], extra={"n": n},
+        finished=[scored.finished[j] for j in picks],
+        extra={"n": n},
     )
 
 
 def proxy_scores(proxy: RewardModel, scored: Scored, cfg: CompareConfig) -> list[float]:
     """The reward model's score of each prompt + completion, exactly as PPO scores a rollout."""
-    examples = proxy.examples(scored.prompts, scored.completions, scored.finished, None, PROMPT_DATA.max_prompt_length)
+    examples = proxy.examples(
+        scored.prompts, scored.completions, scored.finished, None, COMPARE_PROMPT_DATA.max_prompt_length
+    )
     return proxy.score(examples, cfg.batch_size, torch.device("cpu")).tolist()
 
 
 # ----------------------------------------------------------------------------------------- stats
 
 
-def summarize(samples: list[MethodSamples], reference_gold: list[float], frontier: list[dict], cfg: CompareConfig) -> dict:
+def summarize(
+    samples: list[MethodSamples], dataset_gold: list[float], frontier: list[dict], cfg: CompareConfig
+) -> dict:
     boot = {"n_resamples": cfg.bootstrap_resamples, "seed": cfg.seed}
     by_key = {(s.name, s.temperature): s for s in samples}
     rows = []
     for s in samples:
         baseline = by_key[("sft", s.temperature)]
         row = {
-            "name": s.name, "method": s.method, "temperature": s.temperature,
+            "name": s.name,
+            "method": s.method,
+            "temperature": s.temperature,
             "gold": _interval(bootstrap_mean(s.gold, **boot)),
             "kl": sum(s.kl) / len(s.kl),
             "length": sum(s.lengths) / len(s.lengths),
             "finished": sum(s.finished) / len(s.finished),
-            "distinct_1": distinct_n(s.completions, 1), "distinct_2": distinct_n(s.completions, 2),
-            "win_vs_reference": _interval(bootstrap_mean(win_indicators(s.gold, reference_gold), **boot)),
+            "distinct_1": distinct_n(s.completions, 1),
+            "distinct_2": distinct_n(s.completions, 2),
+            "win_vs_dataset": _interval(bootstrap_mean(win_indicators(s.gold, dataset_gold), **boot)),
         }
         if s.name != "sft":
             row["win_vs_sft"] = _interval(bootstrap_mean(win_indicators(s.gold, baseline.gold), **boot))
@@ -185,8 +233,14 @@ def summarize(samples: list[MethodSamples], reference_gold: list[float], frontie
         for a in dpo_names:
             for b in ppo_names:
                 wins = win_indicators(by_key[(a, temperature)].gold, by_key[(b, temperature)].gold)
-                head_to_head.append({"dpo": a, "ppo": b, "temperature": temperature,
-                                     "dpo_win_rate": _interval(bootstrap_mean(wins, **boot))})
+                head_to_head.append(
+                    {
+                        "dpo": a,
+                        "ppo": b,
+                        "temperature": temperature,
+                        "dpo_win_rate": _interval(bootstrap_mean(wins, **boot)),
+                    }
+                )
     return {"methods": rows, "head_to_head": head_to_head, "frontier": frontier}
 
 
@@ -196,11 +250,19 @@ def _interval(stats: tuple[float, float, float]) -> dict:
 
 
 def _frontier_point(s: MethodSamples, step) -> dict:
-    return {"name": s.name, "method": s.method, "step": step, "kl": sum(s.kl) / len(s.kl), "gold": sum(s.gold) / len(s.gold)}
+    return {
+        "name": s.name,
+        "method": s.method,
+        "step": step,
+        "kl": sum(s.kl) / len(s.kl),
+        "gold": sum(s.gold) / len(s.gold),
+    }
 
 
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:
-    return [(step, path / "model") for step, path in checkpoint_folders(run / "checkpoints") if (path / "model").is_dir()]
+    return [
+        (step, path / "model") for step, path in checkpoint_folders(run / "checkpoints") if (path / "model").is_dir()
+    ]
 
 
 # ------------------------------------------------------------------------------------------ cost
@@ -208,6 +270,7 @@ def _checkpoints(run: Path) -> list[tuple[int, Path]]:
 
 def collect_costs(cfg: CompareConfig) -> list[dict]:
     """Each run's cost.json; RLHF methods also pay for the pairs and the reward model."""
+
     def read(run: str | None) -> dict | None:
         path = Path(run) / "cost.json" if run else None
         return json.loads(path.read_text()) if path and path.is_file() else None
@@ -220,22 +283,44 @@ def collect_costs(cfg: CompareConfig) -> list[dict]:
         if cost:
             needs = ["pairs"] + (["reward"] if policy.method == "ppo" else [])
             total = _cost_row(cost)["wall_s"] + sum(_cost_row(shared[n])["wall_s"] for n in needs if shared[n])
-            rows.append({"name": policy.name, "method": policy.method, **_cost_row(cost),
-                         "wall_s_with_inputs": total, "inputs": needs})
+            rows.append(
+                {
+                    "name": policy.name,
+                    "method": policy.method,
+                    **_cost_row(cost),
+                    "wall_s_with_inputs": total,
+                    "inputs": needs,
+                }
+            )
     return rows
 
 
 def _cost_row(cost: dict) -> dict:
-    return {"wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"],
-            "tokens": sum(cost["tokens"].values()), "forward_passes": sum(cost["forward_passes"].values())}
+    return {
+        "wall_s": cost["wall_s"],
+        "peak_rss_mb": cost["peak_rss_mb"],
+        "tokens": sum(cost["tokens"].values()),
+        "forward_passes": sum(cost["forward_passes"].values()),
+    }
 
 
 def _write_samples(path: Path, samples: list[MethodSamples], prompts: list[str]) -> None:
     with path.open("w") as handle:
         for s in samples:
             for i, prompt in enumerate(prompts):
-                handle.write(json.dumps({
-                    "method": s.name, "temperature": s.temperature, "prompt": prompt, "completion": s.completions[i],
-                    "gold": s.gold[i], "proxy": s.proxy[i] if s.proxy is not None else None,
-                    "kl": s.kl[i], "length": s.lengths[i], "finished": s.finished[i],
-                }) + "\n")
+                handle.write(
+                    json.dumps(
+                        {
+                            "method": s.name,
+                            "temperature": s.temperature,
+                            "prompt": prompt,
+                            "completion": s.completions[i],
+                            "gold": s.gold[i],
+                            "proxy": s.proxy[i] if s.proxy is not None else None,
+                            "kl": s.kl[i],
+                            "length": s.lengths[i],
+                            "finished": s.finished[i],
+                        }
+                    )
+                    + "\n"
+                )

@@ -44,7 +44,8 @@ class CostMeter:
         """Totals over every process (call on all ranks); memory is the largest of any process."""
         names = sorted(set(self.forward_passes) | set(self.tokens))
         counts = all_reduce_sum(
-            self.dist, torch.tensor([[float(self.forward_passes[n]), float(self.tokens[n])] for n in names] or [[0.0, 0.0]])
+            self.dist,
+            torch.tensor([[float(self.forward_passes[n]), float(self.tokens[n])] for n in names] or [[0.0, 0.0]]),
         )
         peak_rss = max(gather_objects(self.dist, _peak_rss_mb()))
         out = {

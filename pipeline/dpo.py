@@ -13,30 +13,33 @@ from pathlib import Path
 import torch
 
 from pipeline.config import DPOConfig, DPOLossConfig
+from pipeline.console import console
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
-from pipeline.launch import all_reduce_sum, close_distributed, init_distributed, shard
+from pipeline.launch import close_distributed, init_distributed, shard
+from pipeline.logprobs import response_token_logps
 from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss
-from pipeline.models import load_causal_lm, load_tokenizer, response_token_logps
+from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.reference import reference_logps
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
     chat_renderer,
     finish_card,
-    padded_shard,
     report_drops,
     require_examples,
     sample_texts,
+    shard_batches,
     tokenize_records,
 )
 from pipeline.training import (
     BatchPlan,
     StepProgress,
+    Sums,
+    backward_global_mean,
     build_optimizer,
     clip_and_step,
-    console,
     count_over_ranks,
     due,
     ensure_finite,
@@ -45,10 +48,6 @@ from pipeline.training import (
     set_lr,
     sync_on_last,
 )
-
-# Sums over a batch, in this order, from which every logged metric is a mean.
-STAT_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
-
 
 # loss.type -> per-pair loss (B,) from the four summed log-probs (policy chosen, policy rejected,
 # reference chosen, reference rejected), each (B,), and the loss config. `DPOLossConfig.type`
@@ -78,14 +77,18 @@ def forward_pairs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return logps[:half], logps[half:], lengths[:half]
 
 
-def batch_stats(loss_cfg: DPOLossConfig, losses, pc, pr, rc, rr) -> torch.Tensor:
-    """The STAT_NAMES sums of one micro-batch, (7,)."""
+def batch_stats(loss_cfg: DPOLossConfig, losses, pc, pr, rc, rr) -> dict[str, torch.Tensor]:
+    """The sums of one micro-batch from which every logged metric is a mean (TRL's names)."""
     chosen_reward, rejected_reward = implicit_rewards(pc, pr, rc, rr, loss_cfg.beta)
-    return torch.stack([
-        losses.detach().sum(), chosen_reward.sum(), rejected_reward.sum(),
-        (chosen_reward > rejected_reward).float().sum(), (chosen_reward - rejected_reward).sum(),
-        pc.detach().sum(), pr.detach().sum(),
-    ]).float().cpu()
+    return {
+        "loss": losses.detach().sum(),
+        "rewards/chosen": chosen_reward.sum(),
+        "rewards/rejected": rejected_reward.sum(),
+        "rewards/accuracies": (chosen_reward > rejected_reward).float().sum(),
+        "rewards/margins": (chosen_reward - rejected_reward).sum(),
+        "logps/chosen": pc.detach().sum(),
+        "logps/rejected": pr.detach().sum(),
+    }
 
 
 def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -105,10 +108,18 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     report_drops(ledger, dist)
     require_examples(train_set, ledger, "dpo")
     ref_chosen, ref_rejected, cache_hit = reference_logps(
-        cfg.model, train_set + eval_set, cfg.reference.cache_dir, cfg.reference.batch_size, tokenizer.pad_token_id, dist, meter
+        cfg.model,
+        train_set + eval_set,
+        cfg.reference.cache_dir,
+        cfg.reference.batch_size,
+        tokenizer.pad_token_id,
+        dist,
+        meter,
     )
-    reference = {"train": (ref_chosen[: len(train_set)], ref_rejected[: len(train_set)]),
-                 "eval": (ref_chosen[len(train_set) :], ref_rejected[len(train_set) :])}
+    reference = {
+        "train": (ref_chosen[: len(train_set)], ref_rejected[: len(train_set)]),
+        "eval": (ref_chosen[len(train_set) :], ref_rejected[len(train_set) :]),
+    }
 
     # ---- build: the policy (SFT model or the checkpoint being resumed), shards, optimizer
     policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
@@ -138,25 +149,27 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             step_pairs = count_over_ranks(dist, sum(len(ids) for ids in micro))
             lr = lr_at(step, plan.total_steps, cfg.optim)
             set_lr(optimizer, lr)
-            sums = torch.zeros(len(STAT_NAMES))
+            sums = Sums()
             for i, ids in enumerate(micro):
                 sync_on_last(policy, dist, i, len(micro))
                 batch = {k: v.to(dist.device) for k, v in collate_pairs([train_set[j] for j in ids], pad_id).items()}
                 pc, pr, chosen_lengths = forward_pairs(policy, batch)
                 rc, rr = ref_c[ids].to(dist.device), ref_r[ids].to(dist.device)
                 losses = preference_loss(cfg.loss, pc, pr, rc, rr, chosen_lengths)
-                (losses.sum() * dist.world_size / step_pairs).backward()  # mean over the global batch
-                sums += batch_stats(cfg.loss, losses, pc, pr, rc, rr)
+                backward_global_mean(losses.sum(), step_pairs, dist)
+                sums.add(**batch_stats(cfg.loss, losses, pc, pr, rc, rr))
             grad_norm = clip_and_step(policy, optimizer, cfg.optim.max_grad_norm, step + 1)
             done = step + 1
 
-            means = (all_reduce_sum(dist, sums) / step_pairs.cpu()).tolist()
-            metrics = {"step": done, **dict(zip(STAT_NAMES, means)), "lr": lr, "grad_norm": grad_norm}
+            means = {name: total / float(step_pairs) for name, total in sums.over_ranks(dist).items()}
+            metrics = {"step": done, **means, "lr": lr, "grad_norm": grad_norm}
             ensure_finite(done, loss=metrics["loss"])
             if done % cfg.train.log_every == 0 or done == plan.total_steps:
                 run_dir.log(metrics)
-            progress.update(done, {"loss": metrics["loss"], "acc": metrics["rewards/accuracies"],
-                                   "margin": metrics["rewards/margins"]})
+            progress.update(
+                done,
+                {"loss": metrics["loss"], "acc": metrics["rewards/accuracies"], "margin": metrics["rewards/margins"]},
+            )
             if due(done, cfg.train.eval_every, plan.total_steps):
                 run_dir.log({"step": done, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)})
             if due(done, cfg.train.save_every, plan.total_steps):
@@ -171,22 +184,34 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     if dist.is_main:
         console.print("dpo: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step"))
     cost = meter.write(run_dir.root)
-    finish_card(run_dir, "dpo", cfg, metrics, {**final, "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]}, samples, dist)
+    finish_card(
+        run_dir,
+        "dpo",
+        cfg,
+        metrics,
+        {**final, "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]},
+        samples,
+        dist,
+    )
     close_distributed()
     return run_dir.model
 
 
 @torch.no_grad()
-def evaluate(policy, eval_set: list[TokenizedPair], reference: tuple[torch.Tensor, torch.Tensor], cfg: DPOConfig, dist, pad_id: int) -> dict[str, float]:
+def evaluate(
+    policy,
+    eval_set: list[TokenizedPair],
+    reference: tuple[torch.Tensor, torch.Tensor],
+    cfg: DPOConfig,
+    dist,
+    pad_id: int,
+) -> dict[str, float]:
     """The training metrics on held-out pairs, prefixed eval/."""
     if not eval_set:
         return {}
     policy.eval()
-    sums = torch.zeros(len(STAT_NAMES))
-    count = 0
-    slots = padded_shard(len(eval_set), dist)
-    for start in range(0, len(slots), cfg.train.eval_batch_size):
-        part = slots[start : start + cfg.train.eval_batch_size]
+    sums = Sums()
+    for part in shard_batches(len(eval_set), cfg.train.eval_batch_size, dist):
         real = torch.tensor([i is not None for i in part])
         ids = [i if i is not None else 0 for i in part]
         batch = {k: v.to(dist.device) for k, v in collate_pairs([eval_set[i] for i in ids], pad_id).items()}
@@ -195,8 +220,8 @@ def evaluate(policy, eval_set: list[TokenizedPair], reference: tuple[torch.Tenso
         keep = real.to(dist.device)
         pc, pr, rc, rr, chosen_lengths = (t[keep] for t in (pc, pr, rc, rr, chosen_lengths))
         losses = preference_loss(cfg.loss, pc, pr, rc, rr, chosen_lengths)
-        sums += batch_stats(cfg.loss, losses, pc, pr, rc, rr)
-        count += int(real.sum())
+        sums.add(**batch_stats(cfg.loss, losses, pc, pr, rc, rr), pairs=real.sum())
     policy.train()
-    means = all_reduce_sum(dist, sums) / all_reduce_sum(dist, torch.tensor(float(count))).clamp(min=1)
-    return {f"eval/{name}": value for name, value in zip(STAT_NAMES, means.tolist())}
+    totals = sums.over_ranks(dist)
+    pairs = max(totals.pop("pairs"), 1.0)
+    return {f"eval/{name}": total / pairs for name, total in totals.items()}

@@ -1,7 +1,7 @@
 """Failures that end a command with one line and a non-zero exit, never a traceback.
 
-`ConfigError` (config.py) and `DataError` (data/records.py) are bad input found before any model
-loads. The two here are found later:
+`ConfigError` and `DataError` are bad input found before any model loads (exit 2). Two more are
+found later:
 
 - `InputError`: a file or folder the user named cannot be used (a corrupt model, an output folder
   that holds another run, a checkpoint whose config differs). Exit 2, like a bad config.
@@ -18,6 +18,14 @@ from pathlib import Path
 
 # Set by `launch.relaunch` for the processes it starts: where a failing rank leaves its message.
 ERROR_DIR_ENV = "RLHFDPO_ERROR_DIR"
+
+
+class ConfigError(ValueError):
+    """A bad config. The message is one line: `file: key.path: what is wrong`."""
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source and the row."""
 
 
 class InputError(ValueError):

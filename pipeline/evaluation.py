@@ -14,8 +14,8 @@ import torch
 
 from pipeline.config import DataConfig, SampleConfig
 from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
-from pipeline.models import response_token_logps
-from pipeline.sampling import generate
+from pipeline.logprobs import response_token_logps
+from pipeline.sampling import sample as sample_with
 
 
 @dataclass
@@ -33,8 +33,14 @@ class Scored:
 
 @torch.no_grad()
 def sample_and_score(
-    model, tokenizer, prompts: Sequence[str], gold: Callable[[list[str]], list[float]],
-    sample: SampleConfig, data: DataConfig, seed: int = 0, batch_size: int = 64,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    gold: Callable[[list[str]], list[float]],
+    sample: SampleConfig,
+    data: DataConfig,
+    seed: int = 0,
+    batch_size: int = 64,
 ) -> Scored:
     """One completion per prompt (the gold reward scores the completion alone)."""
     model.eval()
@@ -45,12 +51,7 @@ def sample_and_score(
     for start in range(0, len(prompts), batch_size):
         part = prompts[start : start + batch_size]
         prompt_ids = [encode_prompt(tokenizer, p, data) for p in part]
-        out = generate(
-            model, prompt_ids,
-            eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-            max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p,
-            generator=generator,
-        )
+        out = sample_with(model, tokenizer, prompt_ids, sample, generator)
         completions += tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         sequences += [TokenizedExample(p + r, len(p)) for p, r in zip(prompt_ids, out.sequences)]
         finished += out.finished
@@ -69,16 +70,17 @@ def response_logps(model, sequences: list[TokenizedExample], pad_id: int, batch_
     return out
 
 
-def kl_to_reference(policy, reference, sequences: list[TokenizedExample], pad_id: int) -> list[float]:
+def kl_to_anchor(policy, anchor, sequences: list[TokenizedExample], pad_id: int) -> list[float]:
     """Per-sample estimate of KL(pi || pi_ref): sum over response tokens of log pi - log pi_ref,
     on responses sampled from pi (its mean over prompts is the sequence-level KL)."""
     policy_logps = response_logps(policy, sequences, pad_id)
-    reference_logps = response_logps(reference, sequences, pad_id)
-    return [p - r for p, r in zip(policy_logps, reference_logps)]
+    anchor_logps = response_logps(anchor, sequences, pad_id)
+    return [p - a for p, a in zip(policy_logps, anchor_logps)]
 
 
-def bootstrap_mean(values: Sequence[float], n_resamples: int = 2000, seed: int = 0,
-                   level: float = 0.95) -> tuple[float, float, float]:
+def bootstrap_mean(
+    values: Sequence[float], n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """Mean of per-prompt values with a percentile bootstrap interval over prompts: (mean, low, high)."""
     if not values:
         raise ValueError("bootstrap_mean needs at least one value")
@@ -91,8 +93,9 @@ def bootstrap_mean(values: Sequence[float], n_resamples: int = 2000, seed: int =
     return sum(values) / n, low, high
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float, float]:
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
     """Mean of a - b over paired items, with a percentile bootstrap interval: (mean, low, high)."""
     if len(a) != len(b) or not a:
         raise ValueError("paired_bootstrap needs two equally long, non-empty lists")

@@ -14,11 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.config import STAGES, ConfigError, ExperimentConfig, StepSpec, load_config, to_dict
+from pipeline.config import ExperimentConfig, StepSpec, load_config, to_dict
 from pipeline.console import console, plain
+from pipeline.errors import RunFailed
+from pipeline.stages import STAGES
 
 STAMP = ".experiment-stamp"
-COMMANDS = {"pairs": ["data", "pairs"]}
 
 
 def step_stamp(step: StepSpec, upstream: dict[str, str]) -> tuple[str, Path]:
@@ -27,17 +28,16 @@ def step_stamp(step: StepSpec, upstream: dict[str, str]) -> tuple[str, Path]:
     The config is resolved with model-path checks as the stage will see them; a step whose inputs
     are not there yet is always run (its stamp cannot match).
     """
-    cfg = load_config(STAGES[step.stage], step.config, step.set)
+    cfg = load_config(STAGES[step.stage].config, step.config, step.set)
     text = json.dumps({"config": to_dict(cfg), "inputs": [upstream[name] for name in step.after]}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16], Path(cfg.output_dir)
 
 
 def finished(output: Path, stage: str) -> bool:
-    marker = {"pairs": "train.jsonl", "compare": "report.md"}.get(stage, "model/config.json")
-    return (output / marker).is_file()
+    return (output / STAGES[stage].output).is_file()
 
 
-def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run(cfg: ExperimentConfig) -> Path:
     stamps: dict[str, str] = {}
     output = Path(".")
     for step in cfg.steps:
@@ -47,12 +47,14 @@ def run(cfg: ExperimentConfig, resume: bool = False, overwrite: bool = False) ->
         if finished(output, step.stage) and stamp_file.is_file() and stamp_file.read_text() == stamp:
             console.print(f"[green]reused[/green] {plain(step.name)} ({plain(output)})")
             continue
-        console.print(f"[bold]running[/bold] {plain(step.name)}: rlhfdpo {step.stage} {plain(step.config)} {plain(' '.join(step.set))}")
-        command = [sys.executable, "-m", "pipeline.cli", *COMMANDS.get(step.stage, [step.stage]), step.config]
+        console.print(
+            f"[bold]running[/bold] {plain(step.name)}: {plain(STAGES[step.stage].command_line(step.config))} {plain(' '.join(step.set))}"
+        )
+        command = [sys.executable, "-m", "pipeline.cli", *STAGES[step.stage].command, step.config]
         command += [arg for override in step.set for arg in ("--set", override)]
         command += ["--overwrite"]  # the step's output is stale (its stamp differs) or unfinished: replace it
         code = subprocess.run(command, check=False).returncode
         if code != 0:
-            raise ConfigError(f"step {step.name} failed with exit status {code}; finished steps are kept and reused")
+            raise RunFailed(f"step {step.name} failed with exit status {code}; finished steps are kept and reused")
         stamp_file.write_text(stamp)
     return output

@@ -6,7 +6,10 @@ Torch-free on purpose: the config checks a model folder's weights before any mod
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,8 +33,11 @@ def safetensors_problem(path: Path) -> str | None:
         return f"its header cannot be read ({type(err).__name__})"
     if not isinstance(header, dict):
         return "its header is not a table of tensors"
-    ends = [entry["data_offsets"][1] for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
     if 8 + length + max(ends, default=0) != size:
         return f"the file is {size} bytes, its header describes {8 + length + max(ends, default=0)}"
     return None
@@ -44,3 +50,29 @@ def weights_problem(folder: Path) -> str | None:
         if problem:
             return f"{file} is damaged or incomplete ({problem})"
     return None
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(staging)` then rename over `path`: a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    try:
+        write(staging)
+        os.replace(staging, path)
+    finally:
+        if staging.exists():
+            staging.unlink()
+    return path
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Swap the folder `staging` into `target`; the old `target` stays whole until the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)

@@ -65,7 +65,9 @@ def gold_reward(name: str) -> Callable[[list[str]], list[float]]:
         try:
             return ClassifierGold(name[len(CLASSIFIER_PREFIX) :])
         except OSError as err:  # no network, no cached copy
-            print(f"gold reward {name} could not be loaded ({type(err).__name__}); using vader instead", file=sys.stderr)
+            print(
+                f"gold reward {name} could not be loaded ({type(err).__name__}); using vader instead", file=sys.stderr
+            )
             return VaderGold()
     if name not in GOLD_REWARDS:
         raise ValueError(f"unknown gold reward {name!r}; known: {sorted(GOLD_REWARDS)} or hf:<classifier id>")

@@ -24,6 +24,7 @@ import torch.distributed as torch_dist
 
 from pipeline.config import LaunchConfig
 from pipeline.errors import ERROR_DIR_ENV
+from pipeline.files import replace_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,10 +62,15 @@ def accelerate_config_path(launch: LaunchConfig) -> Path:
 def launch_command(launch: LaunchConfig, cli_args: list[str]) -> list[str]:
     """The argument list (never a shell string) that re-runs this CLI under `accelerate launch`."""
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(accelerate_config_path(launch)),
-        "--num_processes", str(launch.num_processes),
-        "--num_machines", "1",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config_path(launch)),
+        "--num_processes",
+        str(launch.num_processes),
+        "--num_machines",
+        "1",
     ]
     if launch.main_process_port is not None:
         command += ["--main_process_port", str(launch.main_process_port)]
@@ -268,15 +274,3 @@ def _without_tied_copies(model, state: dict) -> dict:
         if module is output:
             state.pop(f"{name}.weight", None)
     return state
-
-
-def replace_dir(staging: Path, target: Path) -> None:
-    """Swap `staging` into `target`; the old `target` stays whole until the new one is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)

@@ -8,9 +8,7 @@ the next stage names the folder and never needs to know which it was.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
-from functools import cache
 from pathlib import Path
 
 import torch
@@ -27,7 +25,6 @@ from transformers import (
 from pipeline.config import ArchitectureConfig, ModelConfig, looks_local
 from pipeline.errors import InputError
 from pipeline.files import weights_problem
-from pipeline.losses import IGNORE, scatter_response_logps, selected_logps, token_logps
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -95,7 +92,8 @@ def load_tokenizer(model: ModelConfig, path: str | None = None) -> PreTrainedTok
 
 def load_causal_lm(model: ModelConfig, path: str | None = None) -> PreTrainedModel:
     return from_pretrained(
-        AutoModelForCausalLM, path or model.name_or_path,
+        AutoModelForCausalLM,
+        path or model.name_or_path,
         revision=model.revision if path is None else None,
         dtype=DTYPES[model.dtype],
         trust_remote_code=model.trust_remote_code,
@@ -163,30 +161,6 @@ def local_parameter_count(model: torch.nn.Module) -> int:
     return sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
 
 
-def response_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         labels: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps, mask), each (B, T-1): the log-probability of every labelled next token.
-
-    The LM head runs on the labelled positions only (the response, not the prompt or padding)
-    where the model takes a boolean `logits_to_keep` (transformers 5); on the rest, the full
-    logits are computed and gathered. Both give the same numbers as `token_logps` on full logits.
-    `temperature` scores under softmax(logits / T), the distribution a sampler at T draws from.
-    """
-    kept = labels[:, 1:] != IGNORE  # position t predicts token t+1
-    if keeps_logit_positions(type(model)):
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = kept
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        if logits.dim() == 2 and logits.shape[0] == int(kept.sum()):
-            return scatter_response_logps(selected_logps(_tempered(logits, temperature), labels[:, 1:][kept]), labels)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return token_logps(_tempered(logits, temperature), labels)
-
-
-def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits.float() / temperature
-
-
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Every dropout of the model off: nn.Dropout modules and the attention-dropout rates kept as floats."""
     for module in model.modules():
@@ -195,12 +169,3 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
     return model
-
-
-@cache
-def keeps_logit_positions(model_class: type) -> bool:
-    """Whether the model's forward can run its LM head on chosen positions only (`logits_to_keep`)."""
-    from transformers import modeling_utils
-
-    accepts = "logits_to_keep" in inspect.signature(model_class.forward).parameters
-    return accepts and hasattr(modeling_utils, "slice_logits_to_keep")

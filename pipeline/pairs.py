@@ -10,7 +10,6 @@ JSONL that every stage reads like any other dataset.
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
@@ -18,18 +17,19 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RATING_LEVELS, PairingConfig, PairsConfig, write_resolved
+from pipeline.console import console, plain
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger, PromptRecord
 from pipeline.data.tokenize import encode_prompt
+from pipeline.files import atomic_write
 from pipeline.judges import gold_reward
-from pipeline.launch import close_distributed, gather_objects, init_distributed, shard
+from pipeline.launch import close_distributed, init_distributed, shard
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.sampling import generate
-from pipeline.stage_common import chat_renderer, padded_shard, report_drops
-from pipeline.console import console, plain
 from pipeline.runs import prepare_output_dir
-from pipeline.training import StepProgress, chunks, seed_everything
+from pipeline.sampling import sample
+from pipeline.stage_common import chat_renderer, gather_by_index, report_drops, shard_batches
+from pipeline.training import StepProgress, seed_everything
 
 
 def rating_level(gap: float, thresholds: list[float]) -> str:
@@ -40,8 +40,9 @@ def rating_level(gap: float, thresholds: list[float]) -> str:
     return RATING_LEVELS[-1]
 
 
-def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing: PairingConfig,
-               finished: list[bool] | None = None) -> tuple[list[dict], int]:
+def make_pairs(
+    prompt: str, completions: list[str], scores: list[float], pairing: PairingConfig, finished: list[bool] | None = None
+) -> tuple[list[dict], int]:
     """Pairs of one prompt's completions, higher score chosen; returns (pairs, ties dropped).
 
     `finished` says which completions ended with EOS; each pair records it for both sides, so that
@@ -60,19 +61,26 @@ def make_pairs(prompt: str, completions: list[str], scores: list[float], pairing
         if gap < pairing.min_gap or (chosen, chosen_done) == (rejected, rejected_done):
             ties += 1
             continue
-        pairs.append({
-            "prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "margin": gap, "rating": rating_level(gap, pairing.rating_thresholds),
-            "chosen_score": chosen_score, "rejected_score": rejected_score,
-            "chosen_finished": chosen_done, "rejected_finished": rejected_done,
-        })
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "margin": gap,
+                "rating": rating_level(gap, pairing.rating_thresholds),
+                "chosen_score": chosen_score,
+                "rejected_score": rejected_score,
+                "chosen_finished": chosen_done,
+                "rejected_finished": rejected_done,
+            }
+        )
     return pairs, ties
 
 
 OUTPUTS = ("train.jsonl", "test.jsonl", "summary.json", "README.md", "config.yaml", "cost.json")
 
 
-def run(cfg: PairsConfig, resume: bool = False, overwrite: bool = False) -> Path:
+def run(cfg: PairsConfig, overwrite: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
@@ -110,7 +118,10 @@ def run(cfg: PairsConfig, resume: bool = False, overwrite: bool = False) -> Path
             rows += [{"id": f"{split}-{index}-{j}", "prompt_id": record.source_id, **p} for j, p in enumerate(pairs)]
         _write_jsonl(out_dir / f"{split}.jsonl", rows)
         summary[split] = {
-            "prompts": len(prompts), "samples": len(all_scores), "pairs": len(rows), "ties_dropped": ties,
+            "prompts": len(prompts),
+            "samples": len(all_scores),
+            "pairs": len(rows),
+            "ties_dropped": ties,
             "mean_gold_of_samples": sum(all_scores) / len(all_scores),
             "finished_fraction": sum(all_finished) / len(all_finished),
             "pairs_by_rating": dict(Counter(r["rating"] for r in rows)),
@@ -135,36 +146,30 @@ def run(cfg: PairsConfig, resume: bool = False, overwrite: bool = False) -> Path
 
 
 @torch.no_grad()
-def sample_completions(model, tokenizer, prompts: list[PromptRecord], cfg: PairsConfig, dist) -> list[tuple[list[str], list[bool]]]:
+def sample_completions(
+    model, tokenizer, prompts: list[PromptRecord], cfg: PairsConfig, dist
+) -> list[tuple[list[str], list[bool]]]:
     """k (completion, finished) for every prompt, as two lists (on rank 0; other ranks get an empty list).
 
     Each process samples its share of the prompts; dummy slots keep every rank's number of
     generate calls equal, which FSDP2 needs.
     """
     k = cfg.pairing.samples_per_prompt
-    slots = padded_shard(len(prompts), dist)
-    prompts_per_batch = max(1, cfg.batch_size // k)
     generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
     mine: dict[int, tuple[list[str], list[bool]]] = {}
-    batches = list(chunks(slots, prompts_per_batch))
+    batches = shard_batches(len(prompts), max(1, cfg.batch_size // k), dist)
     with StepProgress(dist, len(batches), 0, "sampling") as progress:
         for done, batch in enumerate(batches, start=1):
             records = [prompts[i if i is not None else 0] for i in batch]
             ids = [encode_prompt(tokenizer, r.prompt, cfg.data) for r in records for _ in range(k)]
-            out = generate(
-                model, ids, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-                max_new_tokens=cfg.sample.max_new_tokens, temperature=cfg.sample.temperature,
-                top_p=cfg.sample.top_p, generator=generator, sync_ranks=dist.sharded,
-            )
+            out = sample(model, tokenizer, ids, cfg.sample, generator, dist.sharded)
             texts = tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
             for j, index in enumerate(batch):
                 if index is not None:
                     mine[index] = (texts[j * k : (j + 1) * k], out.finished[j * k : (j + 1) * k])
             progress.update(done, {})
-    merged: dict[int, tuple[list[str], list[bool]]] = {}
-    for part in gather_objects(dist, mine):
-        merged.update(part)
-    return [merged[i] for i in range(len(prompts))] if dist.is_main else []
+    merged = gather_by_index(dist, mine, len(prompts))
+    return merged if dist.is_main else []
 
 
 def _distinct(prompts: list[PromptRecord]) -> list[PromptRecord]:
@@ -178,12 +183,7 @@ def _distinct(prompts: list[PromptRecord]) -> list[PromptRecord]:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     """Written to a temporary file and renamed, so a reader never sees half a dataset."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    with staging.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    os.replace(staging, path)
+    atomic_write(path, lambda staging: staging.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
 def _card(cfg: PairsConfig, summary: dict) -> str:
@@ -194,7 +194,8 @@ def _card(cfg: PairsConfig, summary: dict) -> str:
         f"scored by the `{cfg.gold_reward}` gold reward, paired `{cfg.pairing.strategy}`.",
         "",
         "| split | prompts | pairs | ties dropped | mean gold of samples | samples finished | "
-        + " | ".join(RATING_LEVELS) + " |",
+        + " | ".join(RATING_LEVELS)
+        + " |",
         "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in RATING_LEVELS) + " |",
     ]
     for split, s in summary.items():
@@ -203,6 +204,9 @@ def _card(cfg: PairsConfig, summary: dict) -> str:
             f"| {split} | {s['prompts']} | {s['pairs']} | {s['ties_dropped']} | {s['mean_gold_of_samples']:+.3f} "
             f"| {100 * s['finished_fraction']:.0f}% | {levels} |"
         )
-    lines += ["", "A sample that reached `sample.max_new_tokens` before EOS is marked unfinished "
-              "(`chosen_finished` / `rejected_finished`): it is trained and scored without an EOS."]
+    lines += [
+        "",
+        "A sample that reached `sample.max_new_tokens` before EOS is marked unfinished "
+        "(`chosen_finished` / `rejected_finished`): it is trained and scored without an EOS.",
+    ]
     return "\n".join(lines) + "\n"

@@ -23,7 +23,8 @@ import torch
 from rich.table import Table
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline.config import PPOConfig, RewardSourceConfig, TrainConfig
+from pipeline.advantages import ADVANTAGE_ESTIMATORS, explained_variance, kl_penalty, masked_whiten, token_rewards
+from pipeline.config import PPOConfig, RewardSourceConfig
 from pipeline.console import cell, console, plain
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_prompts
@@ -32,17 +33,8 @@ from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
 from pipeline.errors import InputError
 from pipeline.judges import gold_reward
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, save_pretrained, shard
-from pipeline.losses import (
-    entropy_from_logits,
-    explained_variance,
-    gae,
-    kl_penalty,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-    token_logps,
-    token_rewards,
-)
+from pipeline.logprobs import entropy_from_logits, response_token_logps, token_logps
+from pipeline.losses import ppo_policy_loss, ppo_value_loss
 from pipeline.models import (
     ScalarHead,
     count_parameters,
@@ -51,21 +43,25 @@ from pipeline.models import (
     load_causal_lm,
     load_tokenizer,
     local_parameter_count,
-    response_token_logps,
 )
 from pipeline.runs import RunDir, Trainable
-from pipeline.sampling import generate
+from pipeline.sampling import sample
 from pipeline.scoring import RewardModel, load_reward_model, same_tokenizer
 from pipeline.stage_common import chat_renderer, report_drops, require_examples, tokenize_records
 from pipeline.training import (
     BatchPlan,
     StepProgress,
+    Sums,
+    backward_global_mean,
     build_optimizer,
+    chunks,
     clip_and_step,
+    due,
     ensure_finite,
     lr_at,
     seed_everything,
     set_lr,
+    sync_on_last,
 )
 
 
@@ -108,8 +104,9 @@ class Rollout:
 # ------------------------------------------------------------------------------------- scoring
 
 
-def combine_scores(reward: RewardSourceConfig, per_model: list[tuple[torch.Tensor, torch.Tensor]],
-                   unsafe: torch.Tensor) -> torch.Tensor:
+def combine_scores(
+    reward: RewardSourceConfig, per_model: list[tuple[torch.Tensor, torch.Tensor]], unsafe: torch.Tensor
+) -> torch.Tensor:
     """One score per rollout (B,) from each model's (raw, normalised) scores, each (B,)."""
     if len(per_model) == 1:
         return per_model[0][1]
@@ -142,7 +139,9 @@ class Scorer:
         self.retokenized = [not same_tokenizer(policy_tokenizer, m.tokenizer) for m in self.models]
 
     @torch.no_grad()
-    def __call__(self, prompts: list[RolloutPrompt], responses: list[str], finished: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, prompts: list[RolloutPrompt], responses: list[str], finished: list[bool]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores used for training, gold scores for logging), each (B,)."""
         gold = torch.tensor(self.gold(responses), dtype=torch.float32)
         if self.cfg.kind == "gold":
@@ -150,8 +149,13 @@ class Scorer:
         else:
             per_model = []
             for model in self.models:
-                examples = model.examples([p.text for p in prompts], responses, finished,
-                                          [p.messages for p in prompts], self.max_prompt_length)
+                examples = model.examples(
+                    [p.text for p in prompts],
+                    responses,
+                    finished,
+                    [p.messages for p in prompts],
+                    self.max_prompt_length,
+                )
                 raw = model.score(examples, self.batch_size, self.dist.device)
                 per_model.append((raw, (raw - model.mean) / model.std if self.cfg.normalize else raw))
             scores = combine_scores(self.cfg, per_model, torch.tensor([p.unsafe for p in prompts]))
@@ -167,7 +171,7 @@ class Scorer:
 
 def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     dist = init_distributed()
-    seed_everything(cfg.seed)
+    seed_everything(cfg.train.seed)
     run_dir = RunDir(cfg.output_dir, dist, resume, overwrite, produces=("value",))
     meter = CostMeter(dist)
     checkpoint = run_dir.resume_point(cfg) if resume else None
@@ -179,12 +183,14 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     distinct: dict[str, RolloutPrompt] = {}  # prompt text -> prompt, flagged unsafe if any duplicate is
     for record in train_prompts:
         seen = distinct.get(record.prompt)
-        distinct[record.prompt] = RolloutPrompt(record.prompt, [], (seen is not None and seen.unsafe) or record.unsafe,
-                                                record.messages)
+        distinct[record.prompt] = RolloutPrompt(
+            record.prompt, [], (seen is not None and seen.unsafe) or record.unsafe, record.messages
+        )
     prompts = tokenize_records(
         list(distinct.values()),
         lambda p: RolloutPrompt(p.text, encode_prompt(tokenizer, p.text, cfg.data), p.unsafe, p.messages),
-        ledger, "ppo prompts",
+        ledger,
+        "ppo prompts",
     )
     report_drops(ledger, dist)
     require_examples(prompts, ledger, "ppo")
@@ -194,8 +200,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist).eval().requires_grad_(False)
     value_source = str(checkpoint / "value") if checkpoint else cfg.value_model_path
     check_value_tokenizer(value_source, tokenizer)
-    value_hf = from_pretrained(AutoModelForSequenceClassification, value_source, num_labels=1,
-                               pad_token_id=tokenizer.pad_token_id)
+    value_hf = from_pretrained(
+        AutoModelForSequenceClassification, value_source, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     value = shard(ScalarHead(value_hf), dist)
     if cfg.ppo.disable_dropout:
         disable_dropout(policy)
@@ -210,13 +217,14 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     value_optimizer = build_optimizer(value, cfg.optim)
     value_lr_scale = (cfg.ppo.value_lr or cfg.optim.lr) / cfg.optim.lr
     kl_ctl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
-    plan = BatchPlan.build(len(prompts), TrainConfig(
-        batch_size=cfg.ppo.rollout_batch_size, micro_batch_size=cfg.ppo.rollout_batch_size,
-        max_steps=cfg.iterations, seed=cfg.seed), dist.world_size)
-    trainables = [Trainable("model", policy, policy_optimizer, tokenizer),
-                  Trainable("value", value, value_optimizer, tokenizer, hf_model=value_hf, prefix="model.")]
+    plan = BatchPlan.build(len(prompts), cfg.train, dist.world_size, batch_size=cfg.ppo.rollout_batch_size)
+    iterations = plan.total_steps
+    trainables = [
+        Trainable("model", policy, policy_optimizer, tokenizer),
+        Trainable("value", value, value_optimizer, tokenizer, hf_model=value_hf, prefix="model."),
+    ]
     # Rollouts are sampled from this generator, one per process; a checkpoint keeps its state.
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank)
+    generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist.rank)
     start = 0
     if checkpoint:
         state = run_dir.load_trainer_state(checkpoint, trainables)
@@ -230,24 +238,36 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     if dist.is_main:
         retokenized = [path for path, again in zip(cfg.reward.models, scorer.retokenized) if again]
         console.print(
-            f"ppo: {len(prompts)} prompts, {cfg.iterations} iterations of {cfg.ppo.rollout_batch_size} rollouts, "
+            f"ppo: {len(prompts)} prompts, {iterations} iterations of {cfg.ppo.rollout_batch_size} rollouts, "
             f"{cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.mini_batch_size}; score from "
             + plain(cfg.reward.kind if cfg.reward.kind == "gold" else ", ".join(cfg.reward.models))
-            + (f" (rollouts re-tokenized for {plain(', '.join(retokenized))}, whose tokenizer is not the policy's)"
-               if retokenized else "")
+            + (
+                f" (rollouts re-tokenized for {plain(', '.join(retokenized))}, whose tokenizer is not the policy's)"
+                if retokenized
+                else ""
+            )
         )
 
     # ---- loop: rollout, score, advantages, update
     metrics: dict = {}
-    with StepProgress(dist, cfg.iterations, start, "ppo") as progress:
-        for iteration in range(start, cfg.iterations):
+    with StepProgress(dist, iterations, start, "ppo") as progress:
+        for iteration in range(start, iterations):
             ids = [i for part in plan.micro_batches(iteration, dist) for i in part]
-            lr = lr_at(iteration, cfg.iterations, cfg.optim)
+            lr = lr_at(iteration, iterations, cfg.optim)
             set_lr(policy_optimizer, lr)
             set_lr(value_optimizer, lr * value_lr_scale)
             done = iteration + 1
             rollout, stats, table = collect_rollout(
-                policy, reference, value, scorer, tokenizer, [prompts[i] for i in ids], cfg, kl_ctl.value, dist, generator
+                policy,
+                reference,
+                value,
+                scorer,
+                tokenizer,
+                [prompts[i] for i in ids],
+                cfg,
+                kl_ctl.value,
+                dist,
+                generator,
             )
             ensure_finite(done, **{"mean score": stats["objective/scores"]})
             clock = time.perf_counter()
@@ -256,21 +276,30 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             ensure_finite(done, **{"policy loss": stats["loss/policy"], "value loss": stats["loss/value"]})
             kl_ctl.update(stats["objective/kl"], cfg.ppo.rollout_batch_size)
             metrics = {"step": done, **stats, "objective/kl_coef": kl_ctl.value, "lr": lr}
-            if done % cfg.log_every == 0 or done == cfg.iterations:
+            if done % cfg.train.log_every == 0 or done == iterations:
                 run_dir.log(metrics)
-            progress.update(done, {"score": stats["objective/scores"], "kl": stats["objective/kl"], "gold": stats["gold/mean"]})
+            progress.update(
+                done, {"score": stats["objective/scores"], "kl": stats["objective/kl"], "gold": stats["gold/mean"]}
+            )
             if dist.is_main and cfg.sample_table_every and (done % cfg.sample_table_every == 0 or done == 1):
                 console.print(_sample_table(done, table))
-            if cfg.save_every and done % cfg.save_every == 0 and done != cfg.iterations:
+            if due(done, cfg.train.save_every, iterations):
                 extra = {"kl_coef": kl_ctl.value, "generator": generator.get_state()}
-                run_dir.save_checkpoint(done, trainables, extra, cfg.keep_checkpoints, cfg)
+                run_dir.save_checkpoint(done, trainables, extra, cfg.train.keep_checkpoints, cfg)
 
     # ---- save: the policy (and the value model beside it), card
     run_dir.save_model(policy, tokenizer)
     save_pretrained(value, tokenizer, run_dir.root / "value", dist, hf_model=value_hf, prefix="model.")
     cost = meter.write(run_dir.root)
-    run_dir.write_card("ppo", cfg, {**{k: v for k, v in metrics.items() if k != "step"},
-                                    "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]})
+    run_dir.write_card(
+        "ppo",
+        cfg,
+        {
+            **{k: v for k, v in metrics.items() if k != "step"},
+            "wall_s": cost["wall_s"],
+            "peak_rss_mb": cost["peak_rss_mb"],
+        },
+    )
     close_distributed()
     return run_dir.model
 
@@ -294,11 +323,7 @@ def check_value_tokenizer(path: str, tokenizer) -> None:
 @torch.no_grad()
 def sample_rollouts(policy, tokenizer, prompts: list[RolloutPrompt], cfg: PPOConfig, dist, generator):
     """A response per prompt, sampled at the rollout temperature: (examples, texts, finished)."""
-    out = generate(
-        policy, [p.ids for p in prompts], eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-        max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-        generator=generator, sync_ranks=dist.sharded,
-    )
+    out = sample(policy, tokenizer, [p.ids for p in prompts], cfg.rollout, generator, dist.sharded)
     examples = [TokenizedExample(p.ids + r, len(p.ids)) for p, r in zip(prompts, out.sequences)]
     return examples, tokenizer.batch_decode(out.sequences, skip_special_tokens=True), out.finished
 
@@ -312,14 +337,16 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
     """
     temperature = cfg.rollout.temperature
     old_logps, ref_logps, old_values, entropies, masks = [], [], [], [], []
-    for rows in _row_chunks(batch["input_ids"].shape[0], cfg.ppo.micro_batch_size):
-        part = {k: v[rows] for k, v in batch.items()}
+    for rows in chunks(range(batch["input_ids"].shape[0]), cfg.ppo.micro_batch_size):
+        part = {k: v[rows.start : rows.stop] for k, v in batch.items()}
         logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits.float() / temperature
         logps, mask = token_logps(logits, part["labels"])
         old_logps.append(logps)
         masks.append(mask)
         entropies.append(entropy_from_logits(logits[:, :-1]) * mask)
-        ref_logps.append(response_token_logps(reference, part["input_ids"], part["attention_mask"], part["labels"], temperature)[0])
+        ref_logps.append(
+            response_token_logps(reference, part["input_ids"], part["attention_mask"], part["labels"], temperature)[0]
+        )
         old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
     mask = torch.cat(masks)
     return torch.cat(old_logps), torch.cat(ref_logps), torch.cat(old_values) * mask, torch.cat(entropies), mask
@@ -329,7 +356,7 @@ def advantages_and_returns(scores, old_logps, ref_logps, old_values, mask, cfg: 
     """(per-token KL, advantages, returns), each (B, T-1): KL-penalised rewards through GAE, whitened."""
     kl = kl_penalty(old_logps, ref_logps, cfg.kl.estimator) * mask  # (B, T-1)
     rewards = token_rewards(scores.to(kl.device), kl, mask, kl_coef)
-    advantages, returns = gae(rewards, old_values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+    advantages, returns = ADVANTAGE_ESTIMATORS[cfg.ppo.advantage](rewards, old_values, mask, cfg.ppo)
     if cfg.ppo.whiten_advantages:  # over the whole rollout batch, all processes
         n = all_reduce_sum(dist, mask.sum().float())
         mean = all_reduce_sum(dist, (advantages * mask).sum()) / n
@@ -339,8 +366,18 @@ def advantages_and_returns(scores, old_logps, ref_logps, old_values, mask, cfg: 
 
 
 @torch.no_grad()
-def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[RolloutPrompt], cfg: PPOConfig,
-                    kl_coef: float, dist, generator) -> tuple[Rollout, dict, list]:
+def collect_rollout(
+    policy,
+    reference,
+    value,
+    scorer,
+    tokenizer,
+    prompts: list[RolloutPrompt],
+    cfg: PPOConfig,
+    kl_coef: float,
+    dist,
+    generator,
+) -> tuple[Rollout, dict, list]:
     """Sample, score and compute advantages for this process's prompts.
 
     Every pass runs in eval mode, as in TRL and OpenRLHF: with dropout, the "old" log-probs would be
@@ -359,85 +396,99 @@ def collect_rollout(policy, reference, value, scorer, tokenizer, prompts: list[R
     kl, advantages, returns = advantages_and_returns(scores, old_logps, ref_logps, old_values, mask, cfg, kl_coef, dist)
     advantages_s = time.perf_counter() - clock
 
-    device = kl.device
-    k1_kl = ((old_logps - ref_logps) * mask).sum(-1)  # per-sequence KL, the k1 estimate, for logging
-    scores = scores.to(device)
-    sums = torch.stack([
-        k1_kl.sum(), entropy.sum(), scores.sum(), (scores - kl_coef * kl.sum(-1)).sum(), gold.sum().to(device),
-        mask.sum().float(), torch.tensor(finished, dtype=torch.float32).sum().to(device),
-        torch.tensor(float(len(examples)), device=device),
-    ])
-    kl_sum, entropy_sum, score_sum, rlhf_sum, gold_sum, length_sum, finished_sum, n_rollouts = all_reduce_sum(dist, sums).tolist()
-    stats = {
-        "objective/kl": kl_sum / n_rollouts, "objective/entropy": entropy_sum / n_rollouts,
-        "objective/scores": score_sum / n_rollouts, "objective/rlhf_reward": rlhf_sum / n_rollouts,
-        "gold/mean": gold_sum / n_rollouts, "rollout/response_length": length_sum / n_rollouts,
-        "rollout/finished": finished_sum / n_rollouts,
+    scores = scores.to(kl.device)
+    sums = Sums()
+    sums.add(
+        **{
+            "objective/kl": ((old_logps - ref_logps) * mask).sum(),  # per-sequence KL, the k1 estimate, for logging
+            "objective/entropy": entropy.sum(),
+            "objective/scores": scores.sum(),
+            "objective/rlhf_reward": (scores - kl_coef * kl.sum(-1)).sum(),
+            "gold/mean": gold.sum(),
+            "rollout/response_length": mask.sum(),
+            "rollout/finished": sum(finished),
+            "rollouts": len(examples),
+        }
+    )
+    totals = sums.over_ranks(dist)
+    n_rollouts = totals.pop("rollouts")
+    stats = {name: total / n_rollouts for name, total in totals.items()} | {
         "val/explained_variance": explained_variance(old_values, returns, mask),
         # this process's seconds per phase (rank 0's are logged): where an iteration's time goes
-        "time/generate": generate_s, "time/score": score_s, "time/advantages": advantages_s,
+        "time/generate": generate_s,
+        "time/score": score_s,
+        "time/advantages": advantages_s,
     }
     table = [(p.text, r, float(s), float(g)) for p, r, s, g in list(zip(prompts, responses, scores, gold))[:4]]
     rollout = Rollout(batch["input_ids"], batch["attention_mask"], mask, old_logps, old_values, advantages, returns)
     return rollout, stats, table
 
 
-def ppo_update(policy, value, policy_optimizer, value_optimizer, rollout: Rollout, cfg: PPOConfig, dist, iteration: int) -> dict:
+def ppo_update(
+    policy, value, policy_optimizer, value_optimizer, rollout: Rollout, cfg: PPOConfig, dist, iteration: int
+) -> dict:
     """`ppo.epochs` passes of minibatches over the rollout batch; returns mean losses and statistics."""
     rows_per_mini = cfg.ppo.mini_batch_size // dist.world_size
     n_rows = rollout.input_ids.shape[0]
     temperature = cfg.rollout.temperature
     policy.train()
     value.train()
-    totals = torch.zeros(6)  # policy loss, value loss, clipfrac, approxkl, value clipfrac, tokens
+    sums = Sums()
     for epoch in range(cfg.ppo.epochs):
-        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(cfg.seed + 7919 * iteration + epoch))
+        order = torch.randperm(
+            n_rows, generator=torch.Generator().manual_seed(cfg.train.seed + 7919 * iteration + epoch)
+        )
         for start in range(0, n_rows, rows_per_mini):
             mini = order[start : start + rows_per_mini]
             tokens = all_reduce_sum(dist, rollout.mask[mini].sum().float())  # normaliser over all processes
-            micro_chunks = list(_row_chunks(len(mini), cfg.ppo.micro_batch_size))
+            micro_chunks = list(chunks(range(len(mini)), cfg.ppo.micro_batch_size))
             for i, chunk in enumerate(micro_chunks):
-                rows = mini[chunk]
-                if dist.sharded:
-                    last = i == len(micro_chunks) - 1
-                    policy.set_requires_gradient_sync(last)
-                    value.set_requires_gradient_sync(last)
+                rows = mini[chunk.start : chunk.stop]
+                sync_on_last(policy, dist, i, len(micro_chunks))
+                sync_on_last(value, dist, i, len(micro_chunks))
                 mask = rollout.mask[rows]
                 labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
                 if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
-                    logits = policy(input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows]).logits
+                    logits = policy(
+                        input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows]
+                    ).logits
                     logits = logits.float() / temperature
                     logps, _ = token_logps(logits, labels)
                 else:
-                    logps, _ = response_token_logps(policy, rollout.input_ids[rows], rollout.attention_mask[rows], labels,
-                                                    temperature)
-                policy_loss, policy_stats = ppo_policy_loss(logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range)
+                    logps, _ = response_token_logps(
+                        policy, rollout.input_ids[rows], rollout.attention_mask[rows], labels, temperature
+                    )
+                policy_loss, policy_stats = ppo_policy_loss(
+                    logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range
+                )
                 values = value(rollout.input_ids[rows], rollout.attention_mask[rows])[:, :-1]
-                value_loss, value_clipped = ppo_value_loss(values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range)
+                value_loss, value_clipped = ppo_value_loss(
+                    values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range
+                )
                 loss = policy_loss + cfg.ppo.value_coef * value_loss
                 if cfg.ppo.entropy_coef:
                     loss = loss - cfg.ppo.entropy_coef * (entropy_from_logits(logits[:, :-1]) * mask).sum()
-                (loss * dist.world_size / tokens).backward()  # token mean over the global minibatch
-                totals += torch.stack([policy_loss.detach(), value_loss.detach(), policy_stats["clipfrac"],
-                                       policy_stats["approxkl"], value_clipped, mask.sum().float()]).cpu()
+                backward_global_mean(loss, tokens, dist)  # a token mean over the global minibatch
+                sums.add(
+                    **{
+                        "loss/policy": policy_loss,
+                        "loss/value": value_loss,
+                        "policy/clipfrac": policy_stats["clipfrac"],
+                        "policy/approxkl": policy_stats["approxkl"],
+                        "val/clipfrac": value_clipped,
+                        "tokens": mask.sum(),
+                    }
+                )
             clip_and_step(policy, policy_optimizer, cfg.optim.max_grad_norm, iteration + 1)
             clip_and_step(value, value_optimizer, cfg.optim.max_grad_norm, iteration + 1)
-    policy_loss, value_loss, clipfrac, approxkl, value_clipfrac, tokens = all_reduce_sum(dist, totals).tolist()
-    return {
-        "loss/policy": policy_loss / tokens, "loss/value": value_loss / tokens,
-        "policy/clipfrac": clipfrac / tokens, "policy/approxkl": approxkl / tokens,
-        "val/clipfrac": value_clipfrac / tokens,
-    }
+    totals = sums.over_ranks(dist)
+    tokens = totals.pop("tokens")
+    return {name: total / tokens for name, total in totals.items()}
 
 
 def _label_mask(mask: torch.Tensor) -> torch.Tensor:
     """The (B, T) label positions of a (B, T-1) response mask: token t+1 is scored at position t."""
     return torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)
-
-
-def _row_chunks(n: int, size: int):
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
 
 
 def _sample_table(step: int, rows: list) -> Table:

@@ -10,18 +10,19 @@ the file, and any change to the data or the reference model computes it afresh.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.console import console, plain
 from pipeline.cost import CostMeter
 from pipeline.data.tokenize import TokenizedPair, collate_pairs
-from pipeline.launch import Dist, barrier, gather_objects, shard
-from pipeline.models import load_causal_lm, response_token_logps
-from pipeline.stage_common import padded_shard
-from pipeline.console import console, plain
+from pipeline.files import atomic_write
+from pipeline.launch import Dist, barrier, shard
+from pipeline.logprobs import response_token_logps
+from pipeline.models import load_causal_lm
+from pipeline.stage_common import gather_by_index, shard_batches
 from pipeline.training import StepProgress
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
@@ -75,7 +76,12 @@ def _read_cache(path: Path, n_pairs: int) -> tuple[tuple[torch.Tensor, torch.Ten
 
 
 def reference_logps(
-    model: ModelConfig, pairs: list[TokenizedPair], cache_dir: str, batch_size: int, pad_id: int, dist: Dist,
+    model: ModelConfig,
+    pairs: list[TokenizedPair],
+    cache_dir: str,
+    batch_size: int,
+    pad_id: int,
+    dist: Dist,
     meter: CostMeter | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(chosen, rejected) summed response log-probs under the reference, each (N,), and cache hit."""
@@ -85,20 +91,23 @@ def reference_logps(
         if cached is not None:
             return cached[0], cached[1], True
         if dist.is_main:
-            console.print(f"[yellow]warning:[/yellow] the reference log-prob cache {plain(path)} {plain(problem)}; computing it again")
+            console.print(
+                f"[yellow]warning:[/yellow] the reference log-prob cache {plain(path)} {plain(problem)}; computing it again"
+            )
 
     reference = shard(load_causal_lm(model), dist)
     reference.eval()
     if meter is not None:
         meter.watch(reference, "reference")
-    slots = padded_shard(len(pairs), dist)
     mine = {}
-    batches = [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]
+    batches = shard_batches(len(pairs), batch_size, dist)
     with torch.no_grad(), StepProgress(dist, len(batches), 0, "reference log-probs") as progress:
         for done, part in enumerate(batches, start=1):
             batch = collate_pairs([pairs[i if i is not None else 0] for i in part], pad_id)
             batch = {k: v.to(dist.device) for k, v in batch.items()}
-            token_logps, _ = response_token_logps(reference, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            token_logps, _ = response_token_logps(
+                reference, batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
             logps = token_logps.sum(-1)  # (2B,)
             half = len(part)
             for j, index in enumerate(part):
@@ -106,16 +115,11 @@ def reference_logps(
                     mine[index] = (float(logps[j]), float(logps[half + j]))
             progress.update(done, {})
     del reference  # the reference model is not kept in memory during training
-    merged = {}
-    for part in gather_objects(dist, mine):
-        merged.update(part)
-    chosen = torch.tensor([merged[i][0] for i in range(len(pairs))])
-    rejected = torch.tensor([merged[i][1] for i in range(len(pairs))])
+    merged = gather_by_index(dist, mine, len(pairs))
+    chosen = torch.tensor([c for c, _ in merged])
+    rejected = torch.tensor([r for _, r in merged])
     if dist.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.tmp")
-        torch.save({"chosen": chosen, "rejected": rejected}, staging)
-        os.replace(staging, path)
+        atomic_write(path, lambda staging: torch.save({"chosen": chosen, "rejected": rejected}, staging))
         console.print(f"reference log-probs for {len(pairs)} pairs cached in {plain(path)}")
     barrier(dist)
     return chosen, rejected, False

@@ -29,16 +29,33 @@ def main_rows(results: dict, temperature: float) -> list[list[str]]:
     for m in results["methods"]:
         if m["temperature"] != temperature:
             continue
-        rows.append([
-            m["name"], f"{m['gold']['mean']:+.3f}", f"{m['kl']:.2f}", _ci(m.get("win_vs_sft"), percent=True),
-            _ci(m.get("proxy_win_vs_sft"), percent=True), _ci(m.get("win_vs_reference"), percent=True),
-            f"{m['length']:.1f}", f"{100 * m['finished']:.0f}%" if "finished" in m else "", f"{m['distinct_2']:.3f}",
-        ])
+        rows.append(
+            [
+                m["name"],
+                f"{m['gold']['mean']:+.3f}",
+                f"{m['kl']:.2f}",
+                _ci(m.get("win_vs_sft"), percent=True),
+                _ci(m.get("proxy_win_vs_sft"), percent=True),
+                _ci(m.get("win_vs_dataset"), percent=True),
+                f"{m['length']:.1f}",
+                f"{100 * m['finished']:.0f}%" if "finished" in m else "",
+                f"{m['distinct_2']:.3f}",
+            ]
+        )
     return rows
 
 
-MAIN_HEADER = ["method", "gold reward", "KL to SFT", "gold win rate vs SFT (95% CI)",
-               "reward-model win rate vs SFT", "win rate vs dataset completion", "length", "finished", "distinct-2"]
+MAIN_HEADER = [
+    "method",
+    "gold reward",
+    "KL to SFT",
+    "gold win rate vs SFT (95% CI)",
+    "reward-model win rate vs SFT",
+    "win rate vs dataset completion",
+    "length",
+    "finished",
+    "distinct-2",
+]
 
 
 def print_tables(results: dict) -> None:
@@ -59,8 +76,11 @@ def print_tables(results: dict) -> None:
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |",
-            *["| " + " | ".join(row) + " |" for row in rows]]
+    return [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join("---" for _ in header) + " |",
+        *["| " + " | ".join(row) + " |" for row in rows],
+    ]
 
 
 def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
@@ -72,30 +92,77 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
         f"{results['prompts']['count']} held-out prompts (seed {results['prompts']['seed']}), one completion each per "
         f"method and temperature, scored by the `{results['gold']}` gold reward. Win rates count ties as half and carry "
         f"95% paired bootstrap intervals over prompts ({cfg.bootstrap_resamples} resamples). The dataset's own "
-        f"completions score {results['prompts']['reference_gold_mean']:+.3f} on average. \"finished\" is the share of "
+        f'completions score {results["prompts"]["dataset_gold_mean"]:+.3f} on average. "finished" is the share of '
         f"completions that ended with EOS within {cfg.max_new_tokens} tokens; the rest are scored as cut text, "
         "without EOS, as PPO and the reward model see them.",
         "",
     ]
     for temperature in cfg.temperatures:
-        lines += [f"## Temperature {temperature:g}{' (greedy)' if temperature == 0 else ''}", "",
-                  *_markdown_table(MAIN_HEADER, main_rows(results, temperature)), ""]
+        lines += [
+            f"## Temperature {temperature:g}{' (greedy)' if temperature == 0 else ''}",
+            "",
+            *_markdown_table(MAIN_HEADER, main_rows(results, temperature)),
+            "",
+        ]
     if results["head_to_head"]:
-        lines += ["## DPO against PPO", "", *_markdown_table(
-            ["DPO", "PPO", "temperature", "DPO win rate (95% CI)"],
-            [[h["dpo"], h["ppo"], f"{h['temperature']:g}", _ci(h["dpo_win_rate"], percent=True)] for h in results["head_to_head"]],
-        ), ""]
-    lines += ["## Reward against KL", "", f"![frontier]({frontier_png.name})", "",
-              *_markdown_table(["run", "method", "step", "KL to SFT", "gold reward"],
-                               [[p["name"], p["method"], str(p["step"]), f"{p['kl']:.2f}", f"{p['gold']:+.3f}"] for p in results["frontier"]]),
-              "", "## Win rate against temperature", "", f"![win rate]({temperature_png.name})", ""]
+        lines += [
+            "## DPO against PPO",
+            "",
+            *_markdown_table(
+                ["DPO", "PPO", "temperature", "DPO win rate (95% CI)"],
+                [
+                    [h["dpo"], h["ppo"], f"{h['temperature']:g}", _ci(h["dpo_win_rate"], percent=True)]
+                    for h in results["head_to_head"]
+                ],
+            ),
+            "",
+        ]
+    lines += [
+        "## Reward against KL",
+        "",
+        f"![frontier]({frontier_png.name})",
+        "",
+        *_markdown_table(
+            ["run", "method", "step", "KL to SFT", "gold reward"],
+            [
+                [p["name"], p["method"], str(p["step"]), f"{p['kl']:.2f}", f"{p['gold']:+.3f}"]
+                for p in results["frontier"]
+            ],
+        ),
+        "",
+        "## Win rate against temperature",
+        "",
+        f"![win rate]({temperature_png.name})",
+        "",
+    ]
     if results["cost"]:
-        lines += ["## Cost", "", "RLHF's PPO also pays for the preference pairs and the reward model; DPO for the pairs.", "",
-                  *_markdown_table(["run", "wall time (s)", "with its inputs (s)", "peak memory (MB)", "tokens", "forward passes"],
-                                   [[c["name"], f"{c['wall_s']:.0f}", f"{c.get('wall_s_with_inputs', c['wall_s']):.0f}",
-                                     f"{c['peak_rss_mb']:.0f}", f"{c['tokens']:,}", f"{c['forward_passes']:,}"] for c in results["cost"]]), ""]
-    lines += ["## How this was made", "", f"- command: `{' '.join(['rlhfdpo', *sys.argv[1:]])}`",
-              f"- compare config digest: `{digest(cfg)}`"]
+        lines += [
+            "## Cost",
+            "",
+            "RLHF's PPO also pays for the preference pairs and the reward model; DPO for the pairs.",
+            "",
+            *_markdown_table(
+                ["run", "wall time (s)", "with its inputs (s)", "peak memory (MB)", "tokens", "forward passes"],
+                [
+                    [
+                        c["name"],
+                        f"{c['wall_s']:.0f}",
+                        f"{c.get('wall_s_with_inputs', c['wall_s']):.0f}",
+                        f"{c['peak_rss_mb']:.0f}",
+                        f"{c['tokens']:,}",
+                        f"{c['forward_passes']:,}",
+                    ]
+                    for c in results["cost"]
+                ],
+            ),
+            "",
+        ]
+    lines += [
+        "## How this was made",
+        "",
+        f"- command: `{' '.join(['rlhfdpo', *sys.argv[1:]])}`",
+        f"- compare config digest: `{digest(cfg)}`",
+    ]
     for run in [cfg.sft, cfg.reward, *[p.run for p in cfg.policies]]:
         config = Path(run) / "config.yaml" if run else None
         if config and config.is_file():
@@ -131,8 +198,13 @@ def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
     plt, fig, ax = _figure()
     for method in sorted({p["method"] for p in points}):
         mine = [p for p in points if p["method"] == method]
-        ax.scatter([p["kl"] for p in mine], [p["gold"] for p in mine], label=method.replace("_", "-").upper(),
-                   color=COLOURS.get(method), alpha=0.8)
+        ax.scatter(
+            [p["kl"] for p in mine],
+            [p["gold"] for p in mine],
+            label=method.replace("_", "-").upper(),
+            color=COLOURS.get(method),
+            alpha=0.8,
+        )
     ax.set_xlabel("KL(π ‖ π_SFT), summed over the response")
     ax.set_ylabel("mean gold reward")
     ax.set_title(f"Reward against KL (temperature {temperature:g})")
@@ -154,10 +226,18 @@ def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
         family = [n for n in names if method_of[n] == method_of[name]]
         shade = 0.45 + 0.45 * family.index(name) / max(1, len(family) - 1)
         colour = matplotlib.colormaps[SHADES.get(method_of[name], "Greys")](shade)
-        ax.errorbar([m["temperature"] for m in mine], [m["win_vs_sft"]["mean"] for m in mine],
-                    yerr=[[m["win_vs_sft"]["mean"] - m["win_vs_sft"]["low"] for m in mine],
-                          [m["win_vs_sft"]["high"] - m["win_vs_sft"]["mean"] for m in mine]],
-                    label=name, marker="o", capsize=3, color=colour)
+        ax.errorbar(
+            [m["temperature"] for m in mine],
+            [m["win_vs_sft"]["mean"] for m in mine],
+            yerr=[
+                [m["win_vs_sft"]["mean"] - m["win_vs_sft"]["low"] for m in mine],
+                [m["win_vs_sft"]["high"] - m["win_vs_sft"]["mean"] for m in mine],
+            ],
+            label=name,
+            marker="o",
+            capsize=3,
+            color=colour,
+        )
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel("gold win rate against SFT")

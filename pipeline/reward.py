@@ -18,23 +18,31 @@ from rich.table import Table
 from transformers import AutoModelForSequenceClassification
 
 from pipeline.config import RATING_LEVELS, RewardConfig
-from pipeline.console import cell
+from pipeline.console import cell, console
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger, PreferencePair
 from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
-from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
+from pipeline.launch import close_distributed, init_distributed, shard
 from pipeline.losses import bradley_terry_loss, reward_centering_penalty
 from pipeline.models import DTYPES, ScalarHead, from_pretrained, load_tokenizer
 from pipeline.runs import RunDir, Trainable
 from pipeline.scoring import sequence_scores
-from pipeline.stage_common import chat_renderer, padded_shard, report_drops, require_examples, tokenize_records
+from pipeline.stage_common import (
+    chat_renderer,
+    gather_by_index,
+    report_drops,
+    require_examples,
+    shard_batches,
+    tokenize_records,
+)
 from pipeline.training import (
     BatchPlan,
     StepProgress,
+    Sums,
+    backward_global_mean,
     build_optimizer,
     clip_and_step,
-    console,
     count_over_ranks,
     due,
     ensure_finite,
@@ -81,8 +89,12 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
 
     # ---- build: scalar head on the SFT backbone, shards, optimizer, batch plan
     hf_model = from_pretrained(
-        AutoModelForSequenceClassification, source, num_labels=1, pad_token_id=tokenizer.pad_token_id,
-        dtype=DTYPES[cfg.model.dtype], revision=cfg.model.revision if not checkpoint else None,
+        AutoModelForSequenceClassification,
+        source,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=DTYPES[cfg.model.dtype],
+        revision=cfg.model.revision if not checkpoint else None,
         trust_remote_code=cfg.model.trust_remote_code,
     )
     hf_model.config.pad_token_id = tokenizer.pad_token_id
@@ -108,7 +120,7 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
             step_pairs = count_over_ranks(dist, sum(len(b["margin"]) for b in batches))
             lr = lr_at(step, plan.total_steps, cfg.optim)
             set_lr(optimizer, lr)
-            sums = torch.zeros(4)  # loss, correct, margin, pairs
+            sums = Sums()
             rewards_seen = []
             for i, batch in enumerate(batches):
                 sync_on_last(model, dist, i, len(batches))
@@ -117,19 +129,27 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
                 losses = bradley_terry_loss(chosen, rejected, batch["margin"])  # Llama 2, Eq. 2
                 if cfg.loss.center_coef:
                     losses = losses + cfg.loss.center_coef * reward_centering_penalty(chosen, rejected)
-                (losses.sum() * dist.world_size / step_pairs).backward()  # mean over the global batch
+                backward_global_mean(losses.sum(), step_pairs, dist)
                 diff = (chosen - rejected).detach()
-                sums += torch.stack([losses.detach().sum(), (diff > 0).sum(), diff.sum(), torch.tensor(float(len(diff)))]).cpu()
+                sums.add(loss=losses.detach().sum(), correct=(diff > 0).sum(), margin=diff.sum(), pairs=len(diff))
                 rewards_seen.append(torch.cat([chosen, rejected]).detach().cpu())
             grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm, step + 1)
             done = step + 1
 
-            loss, correct, margin, n = all_reduce_sum(dist, sums).tolist()
+            totals = sums.over_ranks(dist)
+            loss, correct, margin, n = (totals[k] for k in ("loss", "correct", "margin", "pairs"))
             ensure_finite(done, loss=loss / n)
             rewards = torch.cat(rewards_seen)  # this rank's share: a cheap running view, not a global statistic
-            metrics = {"step": done, "loss": loss / n, "accuracy": correct / n, "margin": margin / n,
-                       "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()), "lr": lr,
-                       "grad_norm": grad_norm}
+            metrics = {
+                "step": done,
+                "loss": loss / n,
+                "accuracy": correct / n,
+                "margin": margin / n,
+                "reward/mean": float(rewards.mean()),
+                "reward/std": float(rewards.std()),
+                "lr": lr,
+                "grad_norm": grad_norm,
+            }
             if done % cfg.train.log_every == 0 or done == plan.total_steps:
                 run_dir.log(metrics)
             progress.update(done, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]})
@@ -151,8 +171,12 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
         console.print(_tables(report))
     cost = meter.write(run_dir.root)
     final |= {"wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]}
-    run_dir.write_card("reward", cfg, {k: v for k, v in final.items() if not isinstance(v, dict)},
-                       notes=["## Held-out accuracy", "", *_markdown_tables(report)])
+    run_dir.write_card(
+        "reward",
+        cfg,
+        {k: v for k, v in final.items() if not isinstance(v, dict)},
+        notes=["## Held-out accuracy", "", *_markdown_tables(report)],
+    )
     close_distributed()
     return run_dir.model
 
@@ -163,15 +187,13 @@ def evaluate(model, eval_set: list[TokenizedPair], cfg: RewardConfig, dist, pad_
     if not eval_set:
         return {"metrics": {}, "by_rating": {}, "by_gap": {}}
     model.eval()
-    slots = padded_shard(len(eval_set), dist)
-    rows = []  # (index, r_chosen, r_rejected) of this rank's real slots
-    for start in range(0, len(slots), cfg.train.eval_batch_size):
-        part = slots[start : start + cfg.train.eval_batch_size]
+    mine = {}  # index -> (r_chosen, r_rejected) of this rank's real slots
+    for part in shard_batches(len(eval_set), cfg.train.eval_batch_size, dist):
         batch = collate_pairs([eval_set[i if i is not None else 0] for i in part], pad_id)
         chosen, rejected = score_pairs(model, {k: v.to(dist.device) for k, v in batch.items()})
-        rows += [(i, c, r) for i, c, r in zip(part, chosen.tolist(), rejected.tolist()) if i is not None]
+        mine |= {i: (c, r) for i, c, r in zip(part, chosen.tolist(), rejected.tolist()) if i is not None}
     model.train()
-    scored = sorted(r for part in gather_objects(dist, rows) for r in part)
+    scored = [(i, c, r) for i, (c, r) in enumerate(gather_by_index(dist, mine, len(eval_set)))]
 
     by_rating: dict[str, list[int]] = defaultdict(list)
     by_gap: dict[str, list[int]] = defaultdict(list)
@@ -184,16 +206,19 @@ def evaluate(model, eval_set: list[TokenizedPair], cfg: RewardConfig, dist, pad_
         by_gap[f"[{lo:g}, {hi:g})"].append(right)
     all_rewards = torch.tensor([x for _, c, r in scored for x in (c, r)])
     losses = bradley_terry_loss(
-        torch.tensor([c for _, c, _ in scored]), torch.tensor([r for _, _, r in scored]),
+        torch.tensor([c for _, c, _ in scored]),
+        torch.tensor([r for _, _, r in scored]),
         torch.tensor([eval_set[i].margin for i, _, _ in scored]),
     )
     accuracy = sum(c > r for _, c, r in scored) / len(scored)
     rating_stats, gap_stats = _accuracy_by_group(by_rating), _accuracy_by_group(by_gap)
     return {
         "metrics": {
-            "eval/loss": float(losses.mean()), "eval/accuracy": accuracy,
+            "eval/loss": float(losses.mean()),
+            "eval/accuracy": accuracy,
             "eval/margin": float(sum(c - r for _, c, r in scored) / len(scored)),
-            "eval/reward_mean": float(all_rewards.mean()), "eval/reward_std": float(all_rewards.std()),
+            "eval/reward_mean": float(all_rewards.mean()),
+            "eval/reward_std": float(all_rewards.std()),
         },
         "by_rating": {k: rating_stats[k] for k in sorted(rating_stats, key=_level_order)},
         "by_gap": {k: gap_stats[k] for k in sorted(gap_stats, key=lambda b: float(b[1:].split(",")[0]))},

@@ -30,16 +30,15 @@ import yaml
 from pipeline import config as config_module
 from pipeline.console import console, plain
 from pipeline.errors import InputError, RunFailed
+from pipeline.files import replace_dir, weights_problem
 from pipeline.launch import (
     Dist,
     broadcast_object,
     full_optimizer_state,
     gather_objects,
     load_full_optimizer_state,
-    replace_dir,
     save_pretrained,
 )
-from pipeline.files import weights_problem
 from pipeline.training import rng_state, set_rng_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -50,9 +49,18 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "README.md"
 # Keys a resumed run may change: they decide how often it logs, evaluates and saves, how long it
 # runs, how many processes share it and what it prints, never the model, the data or the batch order.
 RESUMABLE_CHANGES = (
-    "train.max_steps", "train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-    "train.eval_batch_size", "iterations", "log_every", "save_every", "keep_checkpoints", "sample_table_every",
-    "launch.", "sample.", "reference.batch_size", "reference.cache_dir", "data.max_eval_examples",
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.eval_batch_size",
+    "sample_table_every",
+    "launch.",
+    "sample.",
+    "reference.batch_size",
+    "reference.cache_dir",
+    "data.max_eval_examples",
 )
 
 
@@ -90,8 +98,10 @@ def _output_dir_problem(root: Path, resume: bool, overwrite: bool, produces: tup
     if not overwrite:
         held = sorted(p.name for p in root.iterdir())
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        return (f"{root} already holds {shown}; pass --resume to continue the run there, or --overwrite to "
-                "replace what an earlier run wrote (other files are kept), or choose another output_dir")
+        return (
+            f"{root} already holds {shown}; pass --resume to continue the run there, or --overwrite to "
+            "replace what an earlier run wrote (other files are kept), or choose another output_dir"
+        )
     for name in produces:
         path = root / name
         if name == "checkpoints" and path.is_dir():
@@ -127,8 +137,14 @@ class Trainable:
 
 
 class RunDir:
-    def __init__(self, root: str | Path, dist: Dist, resume: bool = False, overwrite: bool = False,
-                 produces: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        root: str | Path,
+        dist: Dist,
+        resume: bool = False,
+        overwrite: bool = False,
+        produces: tuple[str, ...] = (),
+    ):
         self.root = Path(root)
         self.dist = dist
         self.checkpoints = self.root / "checkpoints"
@@ -231,8 +247,11 @@ class RunDir:
         kept = [p.name for _, p in checkpoint_folders(self.checkpoints)]
         return RunFailed(
             f"cannot write checkpoint {target}: {problem}; "
-            + (f"the earlier checkpoints ({', '.join(kept)}) are kept: free space, then --resume" if kept
-               else "no earlier checkpoint exists: free space and start again")
+            + (
+                f"the earlier checkpoints ({', '.join(kept)}) are kept: free space, then --resume"
+                if kept
+                else "no earlier checkpoint exists: free space and start again"
+            )
         )
 
     def load_trainer_state(self, checkpoint: Path, trainables: list[Trainable]) -> dict:
@@ -244,15 +263,19 @@ class RunDir:
         try:  # weights_only: a checkpoint is tensors and plain values; anything else is not loaded, let alone run
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - torch raises several types for a damaged or hostile file
-            raise InputError(f"{path}: cannot be loaded as a checkpoint ({type(err).__name__}); "
-                             "remove that checkpoint folder to resume from an earlier one") from None
+            raise InputError(
+                f"{path}: cannot be loaded as a checkpoint ({type(err).__name__}); "
+                "remove that checkpoint folder to resume from an earlier one"
+            ) from None
         for t in trainables:
             load_full_optimizer_state(t.model, t.optimizer, state["optimizers"][t.name])
         ranks = state.get("ranks") or [{"rng": state["rng"]}]
         mine = ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0]
         if len(ranks) != self.dist.world_size and self.dist.is_main:
-            console.print(f"[yellow]the checkpoint was written by {len(ranks)} process(es), this run has "
-                          f"{self.dist.world_size}: sampling continues from other random states than an uninterrupted run")
+            console.print(
+                f"[yellow]the checkpoint was written by {len(ranks)} process(es), this run has "
+                f"{self.dist.world_size}: sampling continues from other random states than an uninterrupted run"
+            )
         set_rng_state(mine["rng"])
         return {"step": state["step"], **{k: v for k, v in mine.items() if k != "rng"}}
 
@@ -322,13 +345,19 @@ def check_resume_config(config: Any, checkpoint: Path, root: Path) -> list[str]:
     changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k, _MISSING) != current.get(k, _MISSING))
     refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES) and k != "output_dir"]
     if refused:
-        shown = ", ".join(f"{k} ({_show(saved.get(k, _MISSING))} -> {_show(current.get(k, _MISSING))})" for k in refused[:5])
+        shown = ", ".join(
+            f"{k} ({_show(saved.get(k, _MISSING))} -> {_show(current.get(k, _MISSING))})" for k in refused[:5]
+        )
         raise InputError(
             f"--resume: the config differs from the one {checkpoint} was trained with in {shown}"
             f"{' and more' if len(refused) > 5 else ''}; these change the model, the data or the batch order. "
             "Undo the change, or start a fresh run with --overwrite (or another output_dir)"
         )
-    return [f"{k} ({_show(saved.get(k, _MISSING))} -> {_show(current.get(k, _MISSING))})" for k in changed if k != "output_dir"]
+    return [
+        f"{k} ({_show(saved.get(k, _MISSING))} -> {_show(current.get(k, _MISSING))})"
+        for k in changed
+        if k != "output_dir"
+    ]
 
 
 _MISSING = object()
@@ -350,4 +379,3 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out |= _flatten(value, f"{prefix}{i}.")
         return out
     return {prefix[:-1]: tree}
-

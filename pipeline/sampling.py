@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
-from pipeline.models import keeps_logit_positions
+from pipeline.logprobs import keeps_logit_positions
 
 
 @dataclass
@@ -30,7 +30,9 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """Sample one token per row from logits (B, V); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -71,7 +73,9 @@ def generate(
 
     # The prompt's logits are never used, only the last position's: skip the LM head on the rest.
     last_only = {"logits_to_keep": 1} if keeps_logit_positions(type(model)) else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **last_only)
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **last_only
+    )
     cache, logits = out.past_key_values, out.logits[:, -1, :]
     next_position = position_ids[:, -1] + 1  # (B,)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -112,3 +116,20 @@ def _all_done(done: torch.Tensor, sync_ranks: bool) -> bool:
         flag = flag.clone().cpu()
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def sample(
+    model, tokenizer, prompts: list[list[int]], settings, generator: torch.Generator | None, sync_ranks: bool = False
+) -> Generation:
+    """`generate` with a SampleConfig's length, temperature and top-p, stopping at the tokenizer's EOS."""
+    return generate(
+        model,
+        prompts,
+        eos_id=tokenizer.eos_token_id,
+        pad_id=tokenizer.pad_token_id,
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        generator=generator,
+        sync_ranks=sync_ranks,
+    )

@@ -33,8 +33,12 @@ def same_tokenizer(a, b) -> bool:
     """Whether two tokenizers map every text to the same ids (same vocabulary, same special tokens)."""
     if a is b:
         return True
-    return (a.get_vocab() == b.get_vocab() and a.eos_token_id == b.eos_token_id and a.bos_token_id == b.bos_token_id
-            and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))
+    return (
+        a.get_vocab() == b.get_vocab()
+        and a.eos_token_id == b.eos_token_id
+        and a.bos_token_id == b.bos_token_id
+        and getattr(a, "chat_template", None) == getattr(b, "chat_template", None)
+    )
 
 
 @dataclass
@@ -47,8 +51,14 @@ class RewardModel:
     mean: float | None
     std: float | None
 
-    def examples(self, prompts: Sequence[str], responses: Sequence[str], finished: Sequence[bool],
-                 messages: Sequence[tuple[dict, ...] | None] | None, max_prompt_length: int) -> list[TokenizedExample]:
+    def examples(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        finished: Sequence[bool],
+        messages: Sequence[tuple[dict, ...] | None] | None,
+        max_prompt_length: int,
+    ) -> list[TokenizedExample]:
         """prompt + response as this model was trained to read them (see `reward_example`).
 
         A prompt keeps its last `max_prompt_length` tokens; a response is cut only at the model's
@@ -57,7 +67,10 @@ class RewardModel:
         positions = self.positions
         data = DataConfig(max_length=positions, max_prompt_length=min(max_prompt_length, positions - 1))
         messages = messages or [None] * len(prompts)
-        return [reward_example(self.tokenizer, p, r, f, m, data) for p, r, f, m in zip(prompts, responses, finished, messages)]
+        return [
+            reward_example(self.tokenizer, p, r, f, m, data)
+            for p, r, f, m in zip(prompts, responses, finished, messages)
+        ]
 
     @property
     def positions(self) -> int:
@@ -70,8 +83,9 @@ class RewardModel:
         return score_examples(self.head, examples, self.tokenizer.pad_token_id, batch_size, device)
 
 
-def reward_example(tokenizer, prompt: str, response: str, finished: bool, messages: tuple[dict, ...] | None,
-                   data: DataConfig) -> TokenizedExample:
+def reward_example(
+    tokenizer, prompt: str, response: str, finished: bool, messages: tuple[dict, ...] | None, data: DataConfig
+) -> TokenizedExample:
     """(prompt, response, finished) tokenized as the reward stage tokenizes a pair's side.
 
     With a chat template and the prompt's messages, the conversation is rendered with this
@@ -81,9 +95,11 @@ def reward_example(tokenizer, prompt: str, response: str, finished: bool, messag
     if messages and template:
         prompt_text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         if finished:
-            full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=False)
+            full = tokenizer.apply_chat_template(
+                [*messages, {"role": "assistant", "content": response}], tokenize=False
+            )
             if full.startswith(prompt_text):
-                return tokenize_example(tokenizer, prompt_text, full[len(prompt_text):], data, finished)
+                return tokenize_example(tokenizer, prompt_text, full[len(prompt_text) :], data, finished)
         prompt = prompt_text
     return tokenize_example(tokenizer, prompt, response, data, finished)
 
@@ -110,8 +126,10 @@ def load_reward_model(path: str | Path, dtype: str, dist: Dist, require_stats: b
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise InputError(f"{path}: the reward model has no tokenizer to read text with ({type(err).__name__}); "
-                         "save its tokenizer beside it") from None
+        raise InputError(
+            f"{path}: the reward model has no tokenizer to read text with ({type(err).__name__}); "
+            "save its tokenizer beside it"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     mean, std = getattr(hf.config, "reward_mean", None), getattr(hf.config, "reward_std", None)

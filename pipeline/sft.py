@@ -12,37 +12,33 @@ from pathlib import Path
 import torch
 
 from pipeline.config import SFTConfig
+from pipeline.console import console
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_sft_examples
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate, tokenize_sft
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
-from pipeline.models import (
-    create_scratch_model,
-    is_scratch,
-    load_causal_lm,
-    load_tokenizer,
-    local_parameter_count,
-    response_token_logps,
-)
+from pipeline.logprobs import response_token_logps
+from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, load_tokenizer, local_parameter_count
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
     chat_renderer,
     finish_card,
-    padded_shard,
     report_drops,
     require_examples,
     sample_texts,
     scratch_tokenizer,
+    shard_batches,
     tokenize_records,
 )
 from pipeline.training import (
     BatchPlan,
     StepProgress,
+    Sums,
     Throughput,
+    backward_global_mean,
     build_optimizer,
     clip_and_step,
-    console,
     count_over_ranks,
     due,
     ensure_finite,
@@ -116,9 +112,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
                 batch = {k: v.to(dist.device) for k, v in batch.items()}
                 logps, _ = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
                 nll = -logps.sum()  # Llama 2, Sec. 3.1: the loss on answer tokens only
-                # FSDP2 averages gradients over ranks; scaling by world size makes it a sum, so the
-                # step's gradient is that of the mean over every response token of the global batch.
-                (nll * dist.world_size / step_tokens).backward()
+                backward_global_mean(nll, step_tokens, dist)
                 nll_total += nll.detach().cpu()
                 throughput.add(int(batch["attention_mask"].sum()))
             grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm, step + 1)
@@ -128,7 +122,10 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
             ensure_finite(done, loss=loss)
             if done % cfg.train.log_every == 0 or done == plan.total_steps:
                 metrics = {
-                    "step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                    "step": done,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
                     "tokens_per_s": throughput.rate() * dist.world_size,
                 }
                 run_dir.log(metrics)
@@ -147,7 +144,15 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     if dist.is_main and "eval/loss" in final:
         console.print(f"sft: eval loss {final['eval/loss']:.4f}, perplexity {final['eval/perplexity']:.2f}")
     cost = meter.write(run_dir.root)
-    finish_card(run_dir, "sft", cfg, metrics, {**final, "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]}, samples, dist)
+    finish_card(
+        run_dir,
+        "sft",
+        cfg,
+        metrics,
+        {**final, "wall_s": cost["wall_s"], "peak_rss_mb": cost["peak_rss_mb"]},
+        samples,
+        dist,
+    )
     close_distributed()
     return run_dir.model
 
@@ -158,15 +163,14 @@ def evaluate(model, eval_set: list[TokenizedExample], cfg: SFTConfig, dist, pad_
     if not eval_set:
         return {}
     model.eval()
-    slots = padded_shard(len(eval_set), dist)
-    # A dummy slot repeats the first example with every label masked, so it adds nothing.
-    examples = [eval_set[i] if i is not None else TokenizedExample(eval_set[0].input_ids, len(eval_set[0].input_ids)) for i in slots]
-    nll_sum, n_tokens = torch.zeros(()), torch.zeros(())
-    for start in range(0, len(examples), cfg.train.eval_batch_size):
-        batch = {k: v.to(dist.device) for k, v in collate(examples[start : start + cfg.train.eval_batch_size], pad_id).items()}
+    dummy = TokenizedExample(eval_set[0].input_ids, len(eval_set[0].input_ids))  # every label masked: adds nothing
+    sums = Sums()
+    for part in shard_batches(len(eval_set), cfg.train.eval_batch_size, dist):
+        examples = [eval_set[i] if i is not None else dummy for i in part]
+        batch = {k: v.to(dist.device) for k, v in collate(examples, pad_id).items()}
         logps, mask = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        nll_sum -= logps.sum().cpu()
-        n_tokens += mask.sum().cpu()
+        sums.add(nll=-logps.sum(), tokens=mask.sum())
     model.train()
-    loss = float(all_reduce_sum(dist, nll_sum) / all_reduce_sum(dist, n_tokens).clamp(min=1))
+    totals = sums.over_ranks(dist)
+    loss = totals["nll"] / max(totals["tokens"], 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}

@@ -12,7 +12,7 @@ from pipeline.config import DataConfig, ModelConfig, SampleConfig
 from pipeline.console import console, plain
 from pipeline.data.records import DataError, Drop, DropLedger
 from pipeline.data.tokenize import encode_prompt
-from pipeline.launch import Dist, barrier
+from pipeline.launch import Dist, barrier, gather_objects
 from pipeline.models import load_tokenizer, train_tokenizer
 
 Record = TypeVar("Record")
@@ -64,8 +64,10 @@ def report_drops(ledger: DropLedger, dist: Dist) -> None:
 def require_examples(train_set: Sequence, ledger: DropLedger, stage: str) -> None:
     """Stop, naming the drop counts, when tokenization left nothing to train on (before any cache is written)."""
     if not train_set:
-        raise DataError(f"{stage}: no training example is left after tokenization; "
-                        + ("; ".join(ledger.summary_lines()) or "the data is empty"))
+        raise DataError(
+            f"{stage}: no training example is left after tokenization; "
+            + ("; ".join(ledger.summary_lines()) or "the data is empty")
+        )
 
 
 def padded_shard(n: int, dist: Dist) -> list[int | None]:
@@ -79,34 +81,50 @@ def padded_shard(n: int, dist: Dist) -> list[int | None]:
     return mine + [None] * (per_rank - len(mine))
 
 
+def shard_batches(n: int, batch_size: int, dist: Dist) -> list[list[int | None]]:
+    """This rank's padded share of range(n) in batches: as many batches on every rank (FSDP2)."""
+    slots = padded_shard(n, dist)
+    return [slots[i : i + batch_size] for i in range(0, len(slots), batch_size)]
+
+
+def gather_by_index(dist: Dist, mine: dict[int, Record], n: int) -> list[Record]:
+    """Every rank's {index: result} for its shard, merged into one list in index order, on every rank."""
+    merged: dict[int, Record] = {}
+    for part in gather_objects(dist, mine):
+        merged.update(part)
+    return [merged[i] for i in range(n)]
+
+
 @torch.no_grad()
-def sample_texts(model, tokenizer, prompts: list[str], sample: SampleConfig, data: DataConfig, seed: int, dist: Dist) -> list[tuple[str, str]]:
+def sample_texts(
+    model, tokenizer, prompts: list[str], sample: SampleConfig, data: DataConfig, seed: int, dist: Dist
+) -> list[tuple[str, str]]:
     """(prompt, continuation) for a few prompts: the samples printed and written to a run's card.
 
     Every rank generates the same prompts (FSDP2 needs each rank in every forward pass).
     """
-    from pipeline.sampling import generate
+    from pipeline.sampling import sample as sample_with
 
     if not prompts:
         return []
     was_training = model.training
     model.eval()
-    out = generate(
-        model, [encode_prompt(tokenizer, p, data) for p in prompts],
-        eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
-        max_new_tokens=sample.max_new_tokens, temperature=sample.temperature, top_p=sample.top_p,
-        generator=torch.Generator().manual_seed(seed), sync_ranks=dist.sharded,
-    )
+    prompt_ids = [encode_prompt(tokenizer, p, data) for p in prompts]
+    out = sample_with(model, tokenizer, prompt_ids, sample, torch.Generator().manual_seed(seed), dist.sharded)
     model.train(was_training)
     return [(p, tokenizer.decode(seq, skip_special_tokens=True)) for p, seq in zip(prompts, out.sequences)]
 
 
-def finish_card(run_dir, stage: str, cfg, metrics: dict, final: dict, samples: list[tuple[str, str]], dist: Dist) -> None:
+def finish_card(
+    run_dir, stage: str, cfg, metrics: dict, final: dict, samples: list[tuple[str, str]], dist: Dist
+) -> None:
     """Print the samples and write the run's card with the last training and final metrics."""
     if dist.is_main:
         for prompt, text in samples:
             console.print(f"  [bold]{plain(prompt)}[/bold]{plain(text)}")
     run_dir.write_card(
-        stage, cfg, {**{k: v for k, v in metrics.items() if k != "step"}, **final},
+        stage,
+        cfg,
+        {**{k: v for k, v in metrics.items() if k != "step"}, **final},
         notes=["## Samples", "", *[f"- **{p}**{t}" for p, t in samples]],
     )

@@ -5,6 +5,7 @@ No trainer class: a stage's `run` calls these and keeps its loop in view.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -14,12 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipeline.config import OptimConfig, TrainConfig
-from pipeline.console import console
+from pipeline.config import GROUP_BATCHES, OptimConfig, TrainConfig
+from pipeline.console import console  # the progress bars draw on it
 from pipeline.errors import RunFailed
 from pipeline.launch import Dist
-
-GROUP_BATCHES = 64  # batches per length-sorted megabatch under train.group_by_length (as transformers)
 
 
 def seed_everything(seed: int) -> None:
@@ -116,7 +115,17 @@ class BatchPlan:
     _orders: dict[int, list[int]] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, n_examples: int, train: TrainConfig, world_size: int, lengths: Sequence[int] | None = None) -> BatchPlan:
+    def build(
+        cls,
+        n_examples: int,
+        train: TrainConfig,
+        world_size: int,
+        lengths: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> BatchPlan:
+        """`batch_size` stands for train.batch_size, in one micro-batch per step (PPO's prompts per rollout)."""
+        if batch_size is not None:
+            train = dataclasses.replace(train, batch_size=batch_size, micro_batch_size=batch_size)
         micro, accumulation = train.accumulation_steps(world_size)
         steps_per_epoch = n_examples // train.batch_size
         if steps_per_epoch == 0:
@@ -126,8 +135,17 @@ class BatchPlan:
         total = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
         if lengths is not None and len(lengths) != n_examples:
             raise ValueError(f"{len(lengths)} lengths for {n_examples} examples")
-        return cls(n_examples, train.batch_size, micro, accumulation, steps_per_epoch, total, train.seed,
-                   tuple(lengths) if lengths is not None else None, train.group_by_length and lengths is not None)
+        return cls(
+            n_examples,
+            train.batch_size,
+            micro,
+            accumulation,
+            steps_per_epoch,
+            total,
+            train.seed,
+            tuple(lengths) if lengths is not None else None,
+            train.group_by_length and lengths is not None,
+        )
 
     def _permutation(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -162,11 +180,6 @@ class BatchPlan:
             # The step's gradient is the same sum in any order; similar lengths pad less.
             mine = sorted(mine, key=lambda i: -self.lengths[i])
         return [mine[i : i + self.micro_batch_size] for i in range(0, len(mine), self.micro_batch_size)]
-
-
-def shard_indices(n: int, dist: Dist) -> list[int]:
-    """This rank's strided share of range(n), for evaluation."""
-    return list(range(dist.rank, n, dist.world_size))
 
 
 def chunks(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -237,6 +250,37 @@ def count_over_ranks(dist: Dist, local: float) -> torch.Tensor:
     from pipeline.launch import all_reduce_sum
 
     return all_reduce_sum(dist, torch.tensor(float(local))).to(dist.device)
+
+
+def backward_global_mean(loss_sum: torch.Tensor, global_count: torch.Tensor, dist: Dist) -> None:
+    """Backward of this micro-batch's share of a mean over the whole step, on every process.
+
+    `loss_sum` sums per-token (or per-pair) losses of this micro-batch; `global_count` counts the
+    tokens (or pairs) of the whole optimizer step over all processes. FSDP2 averages gradients over
+    ranks; scaling by the world size makes that a sum, so the step's gradient is the gradient of one
+    mean over every token of the global batch, however the batch is split across processes and
+    micro-batches (the loss curve of N processes is that of one).
+    """
+    (loss_sum * dist.world_size / global_count).backward()
+
+
+class Sums:
+    """Named running sums of a step's statistics, summed over processes in one all-reduce."""
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] = {}
+
+    def add(self, **values) -> None:
+        for name, value in values.items():
+            value = torch.as_tensor(value, dtype=torch.float32).detach().cpu()
+            self.values[name] = self.values[name] + value if name in self.values else value
+
+    def over_ranks(self, dist: Dist) -> dict[str, float]:
+        from pipeline.launch import all_reduce_sum
+
+        names = list(self.values)
+        totals = all_reduce_sum(dist, torch.stack([self.values[n] for n in names])).tolist() if names else []
+        return dict(zip(names, totals))
 
 
 def sync_on_last(model, dist: Dist, index: int, n_micro_batches: int) -> None:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from pipeline.config import DataConfig, ModelConfig, SampleConfig
 from pipeline.data.builtin_sentiment import heldout_prompts
-from pipeline.evaluation import kl_to_reference, paired_bootstrap, sample_and_score
+from pipeline.evaluation import kl_to_anchor, paired_bootstrap, sample_and_score
 from pipeline.judges import gold_reward
 from pipeline.models import load_tokenizer
 
@@ -44,7 +44,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = load_tokenizer(ModelConfig(name_or_path=path))
         scored = sample_and_score(model, tokenizer, prompts, gold, sample, data, seed=args.seed)
-        kl = kl_to_reference(model, reference, scored.sequences, tokenizer.pad_token_id)
+        kl = kl_to_anchor(model, reference, scored.sequences, tokenizer.pad_token_id)
         if baseline_gold is None:
             baseline_gold = scored.gold
             print(f"| {path} | {scored.mean:+.3f} | | {sum(kl) / len(kl):.2f} |")

@@ -1,55 +1,16 @@
-"""Shared fixtures: paths, a tiny SFT config, and a CLI runner."""
+"""Shared fixtures: the real data folder, the small pipeline built once, tiny models in process.
+
+Plain helpers (paths, configs, the CLI runner) are in helpers.py.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
-TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 96, "vocab_size": 400}
-
-
-def tiny_sft_config(output_dir: Path, **train) -> dict:
-    """SFT on a few hundred built-in reviews with a 2-layer, 32-wide GPT-2: seconds on a CPU."""
-    return {
-        "output_dir": str(output_dir),
-        "model": {"name_or_path": "scratch", "architecture": dict(TINY_ARCH)},
-        "data": {
-            "train": [{"path": "builtin:sentiment", "format": "reviews", "split": "train", "max_rows": 400}],
-            "eval": [{"path": "builtin:sentiment", "format": "reviews", "split": "test", "max_rows": 40}],
-            "max_length": 96,
-            "max_prompt_length": 16,
-        },
-        "optim": {"lr": 1e-2, "min_warmup_steps": 2},
-        "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 6, "log_every": 1,
-                  "eval_every": 3, "save_every": 3, **train},
-        "sample": {"num_prompts": 2, "max_new_tokens": 8},
-    }
-
-
-def write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def run_cli(*args: str, timeout: int = 900, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
-    )
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+from helpers import SHARED_DATA, run_cli, run_ok, small_pipeline_configs
 
 
 @pytest.fixture
@@ -57,77 +18,6 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is not there")
     return SHARED_DATA
-
-
-# ------------------------------------------------------------------- a small but real pipeline
-
-
-def small_pipeline_configs(root: Path) -> dict[str, Path]:
-    """SFT, pairs, reward and DPO configs for a 2-layer GPT-2 on the built-in task.
-
-    Small enough for the test suite (about a minute of SFT and sampling), large enough that the
-    SFT model writes recognisable reviews and the later stages have something real to learn.
-    """
-    data_pairs = {
-        "train": [{"path": str(root / "pairs" / "train.jsonl"), "format": "prompt_chosen_rejected"}],
-        "eval": [{"path": str(root / "pairs" / "test.jsonl"), "format": "prompt_chosen_rejected"}],
-        "max_length": 64, "max_prompt_length": 16,
-    }
-    sft_model = str(root / "sft" / "model")
-    configs = {
-        "sft": {
-            "output_dir": str(root / "sft"),
-            "model": {"name_or_path": "scratch",
-                      "architecture": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 96, "vocab_size": 512}},
-            "data": {"train": [{"path": "builtin:sentiment", "format": "reviews", "split": "train", "max_rows": 9600}],
-                     "eval": [{"path": "builtin:sentiment", "format": "reviews", "split": "test", "max_rows": 64}],
-                     "max_length": 96, "max_prompt_length": 16},
-            "optim": {"lr": 5e-3, "min_warmup_steps": 10},
-            "train": {"batch_size": 32, "micro_batch_size": 32, "eval_every": 0, "save_every": 0, "log_every": 25},
-            "sample": {"num_prompts": 2, "max_new_tokens": 16},
-        },
-        "pairs": {
-            "output_dir": str(root / "pairs"),
-            "model": {"name_or_path": sft_model},
-            "data": {"train": [{"path": "builtin:sentiment", "format": "reviews", "split": "train", "max_rows": 1500}],
-                     "eval": [{"path": "builtin:sentiment", "format": "reviews", "split": "test", "max_rows": 200}],
-                     "max_length": 96, "max_prompt_length": 16},
-            "num_train_prompts": 1200, "num_eval_prompts": 150,
-            "pairing": {"samples_per_prompt": 4},
-            "sample": {"max_new_tokens": 40},
-            "batch_size": 128,
-        },
-        "reward": {
-            "output_dir": str(root / "reward"),
-            "model": {"name_or_path": sft_model},
-            "data": data_pairs,
-            "optim": {"lr": 1e-3, "min_warmup_steps": 5},
-            "train": {"batch_size": 32, "micro_batch_size": 32, "eval_every": 0, "save_every": 0},
-        },
-        "dpo": {
-            "output_dir": str(root / "dpo"),
-            "model": {"name_or_path": sft_model},
-            "data": data_pairs,
-            "loss": {"beta": 0.1},
-            "optim": {"lr": 5e-4, "min_warmup_steps": 5},
-            "reference": {"cache_dir": str(root / "cache")},
-            "train": {"batch_size": 32, "micro_batch_size": 32, "eval_every": 0, "save_every": 0, "log_every": 1},
-            "sample": {"num_prompts": 2, "max_new_tokens": 16},
-        },
-        "ppo": {
-            "output_dir": str(root / "ppo"),
-            "model": {"name_or_path": sft_model},
-            "reward": {"kind": "model", "models": [str(root / "reward" / "model")]},
-            "data": {"train": [{"path": "builtin:sentiment", "format": "reviews", "split": "train", "max_rows": 3000}],
-                     "max_length": 96, "max_prompt_length": 16},
-            "rollout": {"max_new_tokens": 32},
-            "ppo": {"rollout_batch_size": 64, "mini_batch_size": 16, "micro_batch_size": 16, "epochs": 4},
-            "kl": {"coef": 0.05},
-            "optim": {"lr": 1e-4, "schedule": "constant", "warmup_ratio": 0.0},
-            "iterations": 12, "sample_table_every": 0, "save_every": 0,
-        },
-    }
-    return {name: write_yaml(root / f"{name}.yaml", config) for name, config in configs.items()}
 
 
 @pytest.fixture(scope="session")
@@ -139,6 +29,13 @@ def small_pipeline(tmp_path_factory) -> dict[str, Path]:
         result = run_cli(*command, str(configs[command[-1]]))
         assert result.returncode == 0, result.stderr[-3000:]
     return {"root": root, **configs}
+
+
+@pytest.fixture(scope="session")
+def small_dpo_run(small_pipeline) -> Path:
+    """A DPO run on the small pipeline's pairs (which also fills its reference log-prob cache)."""
+    run_ok("dpo", str(small_pipeline["dpo"]))
+    return small_pipeline["root"] / "dpo"
 
 
 @pytest.fixture(scope="session")

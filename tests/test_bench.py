@@ -33,8 +33,12 @@ def test_flops_per_token_is_palm_formula():
 
 
 def test_summary_mfu_and_time_to_first_step():
-    result = {"spec": {"framework": "ours", "stage": "sft", "size": "3M", "batch_size": 2},
-              "process_start": 100.0, "step_times": [105.0, 106.0, 107.0, 108.0], "peak_rss_mb": 500.0}
+    result = {
+        "spec": {"framework": "ours", "stage": "sft", "size": "3M", "batch_size": 2},
+        "process_start": 100.0,
+        "step_times": [105.0, 106.0, 107.0, 108.0],
+        "peak_rss_mb": 500.0,
+    }
     row = summarize(result, peak_gflops=1.0, flops_per_token=1e6, tokens_per_example=50, warmup=0, window=1)
     assert row["examples_per_s"] == 2.0 and row["tokens_per_s"] == 100.0
     assert row["time_to_first_step_s"] == 5.0
@@ -47,12 +51,27 @@ def test_worker_times_our_dpo_stage(tmp_path):
     fx = fixtures.build(tmp_path / "fx", n_rows=64, sizes={"tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2}})
     assert fx["max_tokens"] <= fixtures.MAX_LENGTH
     assert fx["tokens_per_example"]["pair"] > fx["tokens_per_example"]["sft"]
-    spec = {"framework": "ours", "stage": "dpo", "size": "tiny", "batch_size": 4, "steps": 5, "max_length": fixtures.MAX_LENGTH,
-            "lr": 1e-4, "warmup_steps": 1, "seed": 0, "reference_batch_size": 8,
-            "fixtures": str(tmp_path / "fx" / "fixtures.json"), "out": str(tmp_path / "run")}
+    spec = {
+        "framework": "ours",
+        "stage": "dpo",
+        "size": "tiny",
+        "batch_size": 4,
+        "steps": 5,
+        "max_length": fixtures.MAX_LENGTH,
+        "lr": 1e-4,
+        "warmup_steps": 1,
+        "seed": 0,
+        "reference_batch_size": 8,
+        "fixtures": str(tmp_path / "fx" / "fixtures.json"),
+        "out": str(tmp_path / "run"),
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "benchmarks.worker", str(tmp_path / "spec.json"), str(tmp_path / "result.json")],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.worker", str(tmp_path / "spec.json"), str(tmp_path / "result.json")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     result = json.loads((tmp_path / "result.json").read_text())
     assert len(result["step_times"]) == 5  # one optimizer step recorded per training step
     assert result["step_times"][0] > result["process_start"]
@@ -63,14 +82,40 @@ def test_worker_times_our_dpo_stage(tmp_path):
 
 
 def test_markdown_has_ratio_rollout_and_scaling_tables():
-    row = {"stage": "dpo", "size": "3M", "batch_size": 8, "examples_per_s": 10.0, "tokens_per_s": 2000.0,
-           "peak_rss_mb": 900.0, "time_to_first_step_s": 3.0, "mfu": 0.5}
+    row = {
+        "stage": "dpo",
+        "size": "3M",
+        "batch_size": 8,
+        "examples_per_s": 10.0,
+        "tokens_per_s": 2000.0,
+        "peak_rss_mb": 900.0,
+        "time_to_first_step_s": 3.0,
+        "mfu": 0.5,
+    }
     bench = {
-        "matmul_peak_gflops": 100.0, "machine": "2 CPU cores", "command": "python -m benchmarks.run",
-        "training": [{**row, "framework": "ours"}, {**row, "framework": "trl", "examples_per_s": 8.0, "peak_rss_mb": 1000.0}],
-        "rollout": [{"size": "3M", "batch": 32, "new_tokens": 96, "ours_tokens_per_s": 3000.0,
-                     "generate_tokens_per_s": 1500.0, "speedup": 2.0, "same_greedy_outputs": True}],
-        "ppo_iteration": {"size": "3M", "rollout_batch_size": 32, "seconds": {"generate": 1.0, "score": 1.0, "advantages": 0.0, "update": 2.0}},
+        "matmul_peak_gflops": 100.0,
+        "machine": "2 CPU cores",
+        "command": "python -m benchmarks.run",
+        "training": [
+            {**row, "framework": "ours"},
+            {**row, "framework": "trl", "examples_per_s": 8.0, "peak_rss_mb": 1000.0},
+        ],
+        "rollout": [
+            {
+                "size": "3M",
+                "batch": 32,
+                "new_tokens": 96,
+                "ours_tokens_per_s": 3000.0,
+                "generate_tokens_per_s": 1500.0,
+                "speedup": 2.0,
+                "same_greedy_outputs": True,
+            }
+        ],
+        "ppo_iteration": {
+            "size": "3M",
+            "rollout_batch_size": 32,
+            "seconds": {"generate": 1.0, "score": 1.0, "advantages": 0.0, "update": 2.0},
+        },
         "scaling": [{**row, "framework": "ours", "seq_len": 128}],
     }
     text = markdown(bench)
@@ -81,13 +126,30 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
 
 @pytest.mark.slow
 def test_worker_splits_a_ppo_iteration_into_phases(tmp_path):
-    fx = fixtures.build(tmp_path / "fx", n_rows=32, sizes={"tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2}})
-    spec = {"framework": "ours", "stage": "ppo", "size": "tiny", "iterations": 3, "rollout_batch_size": 4, "new_tokens": 6,
-            "batch_size": 4, "steps": 3, "max_length": fixtures.MAX_LENGTH, "lr": 1e-5, "warmup_steps": 0, "seed": 0,
-            "fixtures": str(tmp_path / "fx" / "fixtures.json"), "out": str(tmp_path / "ppo")}
+    fixtures.build(tmp_path / "fx", n_rows=32, sizes={"tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2}})
+    spec = {
+        "framework": "ours",
+        "stage": "ppo",
+        "size": "tiny",
+        "iterations": 3,
+        "rollout_batch_size": 4,
+        "new_tokens": 6,
+        "batch_size": 4,
+        "steps": 3,
+        "max_length": fixtures.MAX_LENGTH,
+        "lr": 1e-5,
+        "warmup_steps": 0,
+        "seed": 0,
+        "fixtures": str(tmp_path / "fx" / "fixtures.json"),
+        "out": str(tmp_path / "ppo"),
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    subprocess.run([sys.executable, "-m", "benchmarks.worker", str(tmp_path / "spec.json"), str(tmp_path / "result.json")],
-                   cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.worker", str(tmp_path / "spec.json"), str(tmp_path / "result.json")],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     phases = json.loads((tmp_path / "result.json").read_text())["ppo_phases"]
     assert set(phases) == {"generate", "score", "advantages", "update"}
     assert all(seconds > 0 for seconds in phases.values())

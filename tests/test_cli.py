@@ -9,15 +9,21 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli, tiny_sft_config, write_yaml
+from helpers import read_metrics, run_cli, sets, tiny_sft_config, write_yaml
 
 
 def test_data_inspect_on_real_hh_prints_counts_drops_lengths_and_examples(shared_data, tmp_path):
-    config = write_yaml(tmp_path / "dpo.yaml", {
-        "model": {"name_or_path": "scratch", "architecture": {"vocab_size": 512}},
-        "data": {"train": [{"path": str(shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"}],
-                 "max_length": 256, "max_prompt_length": 192},
-    })
+    config = write_yaml(
+        tmp_path / "dpo.yaml",
+        {
+            "model": {"name_or_path": "scratch", "architecture": {"vocab_size": 512}},
+            "data": {
+                "train": [{"path": str(shared_data / "hh-rlhf" / "harmless-base-test.jsonl.gz"), "format": "hh_rlhf"}],
+                "max_length": 256,
+                "max_prompt_length": 192,
+            },
+        },
+    )
     result = run_cli("data", "inspect", str(config))
     assert result.returncode == 0, result.stderr
     out = " ".join((result.stdout + result.stderr).split())  # rich wraps long lines
@@ -29,7 +35,9 @@ def test_data_inspect_on_real_hh_prints_counts_drops_lengths_and_examples(shared
 
 
 def test_data_inspect_reports_a_missing_file_in_one_line(tmp_path):
-    config = write_yaml(tmp_path / "sft.yaml", {"data": {"train": [{"path": str(tmp_path / "nope.jsonl"), "format": "text"}]}})
+    config = write_yaml(
+        tmp_path / "sft.yaml", {"data": {"train": [{"path": str(tmp_path / "nope.jsonl"), "format": "text"}]}}
+    )
     result = run_cli("data", "inspect", str(config))
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "no such file" in result.stderr
@@ -45,8 +53,13 @@ def test_every_stage_is_a_command():
 
 
 def test_a_stage_with_a_missing_model_fails_in_one_line(tmp_path):
-    config = write_yaml(tmp_path / "dpo.yaml", {"model": {"name_or_path": str(tmp_path / "no-model")},
-                                                "data": {"train": [{"path": str(tmp_path / "p.jsonl"), "format": "prompt_chosen_rejected"}]}})
+    config = write_yaml(
+        tmp_path / "dpo.yaml",
+        {
+            "model": {"name_or_path": str(tmp_path / "no-model")},
+            "data": {"train": [{"path": str(tmp_path / "p.jsonl"), "format": "prompt_chosen_rejected"}]},
+        },
+    )
     (tmp_path / "p.jsonl").write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n')
     result = run_cli("dpo", str(config))
     assert result.returncode == 2, result.stderr[-2000:]
@@ -54,6 +67,7 @@ def test_a_stage_with_a_missing_model_fails_in_one_line(tmp_path):
 
 
 # ------------------------------------------------------------------- faults end to end (slow)
+
 
 def last_line(result) -> str:
     return result.stderr.strip().splitlines()[-1]
@@ -63,9 +77,13 @@ def last_line(result) -> str:
 def test_divergence_stops_naming_the_step_and_saves_no_nan(tmp_path):
     run_dir = tmp_path / "run"
     config = write_yaml(tmp_path / "sft.yaml", tiny_sft_config(run_dir))
-    result = run_cli("sft", str(config), "--set", "optim.lr=1e3", "--set", "train.max_steps=30", "--set", "train.save_every=1")
+    result = run_cli(
+        "sft", str(config), "--set", "optim.lr=1e3", "--set", "train.max_steps=30", "--set", "train.save_every=1"
+    )
     assert result.returncode == 1, result.stderr[-2000:]
-    assert last_line(result).startswith("error: step ") and "the run stopped before this step's update" in last_line(result)
+    assert last_line(result).startswith("error: step ") and "the run stopped before this step's update" in last_line(
+        result
+    )
     assert not (run_dir / "model").exists()
     kept = sorted((run_dir / "checkpoints").iterdir())
     assert kept  # the last good checkpoints are still there, and hold finite weights
@@ -115,8 +133,13 @@ def test_errors_in_a_two_process_run_end_with_the_ranks_own_line(tmp_path):
     result = run_cli("sft", str(config), "--num-processes", "2")
     assert result.returncode == 2, result.stderr[-3000:]
     assert last_line(result).startswith("error: rank 0: ") and "already holds README.md" in last_line(result)
-    diverged = run_cli("sft", str(config), "--num-processes", "2", "--set", f"output_dir={tmp_path / 'other'}",
-                       "--set", "optim.lr=1e3", "--set", "train.max_steps=30")
+    diverged = run_cli(
+        "sft",
+        str(config),
+        "--num-processes",
+        "2",
+        *sets(f"output_dir={tmp_path / 'other'}", "optim.lr=1e3", "train.max_steps=30"),
+    )
     assert diverged.returncode == 1, diverged.stderr[-3000:]
     assert last_line(diverged).startswith("error: rank ") and "the gradient norm is" in last_line(diverged)
 
@@ -149,13 +172,26 @@ def test_damaged_model_files_are_named_in_one_line(tmp_path, tiny_folders):
     policy = tiny_folders("policy")
     weights = policy / "model.safetensors"
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": "the film", "chosen": f" is good {i}.", "rejected": " is bad."}) + "\n"
-                             for i in range(40)))
-    config = write_yaml(tmp_path / "dpo.yaml", {
-        "output_dir": str(tmp_path / "dpo"), "model": {"name_or_path": str(policy)},
-        "data": {"train": [{"path": str(pairs), "format": "prompt_chosen_rejected"}], "max_length": 32, "max_prompt_length": 8},
-        "reference": {"cache_dir": str(tmp_path / "cache")}, "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 1},
-    })
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": "the film", "chosen": f" is good {i}.", "rejected": " is bad."}) + "\n"
+            for i in range(40)
+        )
+    )
+    config = write_yaml(
+        tmp_path / "dpo.yaml",
+        {
+            "output_dir": str(tmp_path / "dpo"),
+            "model": {"name_or_path": str(policy)},
+            "data": {
+                "train": [{"path": str(pairs), "format": "prompt_chosen_rejected"}],
+                "max_length": 32,
+                "max_prompt_length": 8,
+            },
+            "reference": {"cache_dir": str(tmp_path / "cache")},
+            "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 1},
+        },
+    )
     for damage in (lambda b: b[: len(b) // 2], lambda b: os.urandom(len(b))):
         weights.write_bytes(damage(weights.read_bytes()))
         result = run_cli("dpo", str(config), "--overwrite")
@@ -168,14 +204,26 @@ def test_damaged_model_files_are_named_in_one_line(tmp_path, tiny_folders):
 def test_every_pair_dropped_is_one_line_with_the_counts_and_writes_no_cache(tmp_path, tiny_folders):
     policy = tiny_folders("policy")
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": "a very long prompt " * 10, "chosen": " good.", "rejected": " bad."}) + "\n"
-                             for _ in range(20)))
-    config = write_yaml(tmp_path / "dpo.yaml", {
-        "output_dir": str(tmp_path / "dpo"), "model": {"name_or_path": str(policy)},
-        "data": {"train": [{"path": str(pairs), "format": "prompt_chosen_rejected"}], "max_length": 32,
-                 "max_prompt_length": 8, "long_prompts": "drop"},
-        "reference": {"cache_dir": str(tmp_path / "cache")},
-    })
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": "a very long prompt " * 10, "chosen": " good.", "rejected": " bad."}) + "\n"
+            for _ in range(20)
+        )
+    )
+    config = write_yaml(
+        tmp_path / "dpo.yaml",
+        {
+            "output_dir": str(tmp_path / "dpo"),
+            "model": {"name_or_path": str(policy)},
+            "data": {
+                "train": [{"path": str(pairs), "format": "prompt_chosen_rejected"}],
+                "max_length": 32,
+                "max_prompt_length": 8,
+                "long_prompts": "drop",
+            },
+            "reference": {"cache_dir": str(tmp_path / "cache")},
+        },
+    )
     result = run_cli("dpo", str(config))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no training example is left" in last_line(result) and "prompt too long" in last_line(result)
@@ -184,8 +232,10 @@ def test_every_pair_dropped_is_one_line_with_the_counts_and_writes_no_cache(tmp_
 
 def test_data_inspect_checks_with_the_stages_own_schema(tmp_path):
     config = tmp_path / "mine.yaml"
-    config.write_text("# rlhfdpo sft mine.yaml\nmodel: {architecture: {n_positions: 64}}\n"
-                      "data: {max_length: 128, max_prompt_length: 16}\n")
+    config.write_text(
+        "# rlhfdpo sft mine.yaml\nmodel: {architecture: {n_positions: 64}}\n"
+        "data: {max_length: 128, max_prompt_length: 16}\n"
+    )
     result = run_cli("data", "inspect", str(config))
     assert result.returncode == 2
     assert "data.max_length" in result.stderr and "64 positions" in result.stderr
@@ -204,8 +254,10 @@ def test_a_truncated_compressed_file_is_named_not_aborted(tmp_path):
     from pipeline.data.sources import read_rows
 
     words = [f"w{i * 7919 % 10007}" for i in range(4000)]  # little repetition: the gzip stream is long
-    for name, text in (("rows.jsonl.gz", "".join(json.dumps({"text": w}) + "\n" for w in words)),
-                       ("rows.csv.gz", "text\n" + "".join(w + "\n" for w in words))):
+    for name, text in (
+        ("rows.jsonl.gz", "".join(json.dumps({"text": w}) + "\n" for w in words)),
+        ("rows.csv.gz", "text\n" + "".join(w + "\n" for w in words)),
+    ):
         path = tmp_path / name
         compressed = gzip.compress(text.encode())
         path.write_bytes(compressed[: len(compressed) // 2])
@@ -215,4 +267,6 @@ def test_a_truncated_compressed_file_is_named_not_aborted(tmp_path):
     config = write_yaml(tmp_path / "sft.yaml", {"data": {"train": [{"path": str(path), "format": "text"}]}})
     result = run_cli("data", "inspect", str(config))
     assert result.returncode == 2 and "Aborted" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: {path}: the compressed file ends early (truncated); download or write it again"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: the compressed file ends early (truncated); download or write it again"
+    ]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, write_yaml
+from helpers import run_cli, write_yaml
 from pipeline.evaluation import distinct_n, win_indicators
 
 pytestmark = pytest.mark.slow
@@ -24,17 +24,29 @@ def comparison(small_pipeline, small_reward_model, tmp_path_factory):
     root = small_pipeline["root"]
     work = tmp_path_factory.mktemp("compare")
     runs = {"dpo": work / "dpo", "ppo": work / "ppo"}
-    for stage, extra in (("dpo", ["--set", "train.max_steps=30", "--set", "train.save_every=15"]),
-                         ("ppo", ["--set", "iterations=4", "--set", "save_every=2"])):
+    for stage, extra in (
+        ("dpo", ["--set", "train.max_steps=30", "--set", "train.save_every=15"]),
+        ("ppo", ["--set", "train.max_steps=4", "--set", "train.save_every=2"]),
+    ):
         result = run_cli(stage, str(small_pipeline[stage]), "--set", f"output_dir={runs[stage]}", *extra)
         assert result.returncode == 0, result.stderr[-3000:]
-    config = write_yaml(work / "compare.yaml", {
-        "output_dir": str(work / "report"), "sft": str(root / "sft"), "reward": str(small_reward_model),
-        "policies": [{"name": "dpo", "method": "dpo", "run": str(runs["dpo"])},
-                     {"name": "ppo", "method": "ppo", "run": str(runs["ppo"])}],
-        "best_of_n": [2], "num_prompts": 40, "temperatures": [0.0, 1.0], "max_new_tokens": 24,
-        "bootstrap_resamples": 200,
-    })
+    config = write_yaml(
+        work / "compare.yaml",
+        {
+            "output_dir": str(work / "report"),
+            "sft": str(root / "sft"),
+            "reward": str(small_reward_model),
+            "policies": [
+                {"name": "dpo", "method": "dpo", "run": str(runs["dpo"])},
+                {"name": "ppo", "method": "ppo", "run": str(runs["ppo"])},
+            ],
+            "best_of_n": [2],
+            "num_prompts": 40,
+            "temperatures": [0.0, 1.0],
+            "max_new_tokens": 24,
+            "bootstrap_resamples": 200,
+        },
+    )
     result = run_cli("compare", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     return work / "report", config
@@ -44,9 +56,17 @@ def test_report_holds_every_method_temperature_and_interval(comparison):
     out, _ = comparison
     results = json.loads((out / "results.json").read_text())
     keys = {(m["name"], m["temperature"]) for m in results["methods"]}
-    assert keys == {("sft", 0.0), ("sft", 1.0), ("best-of-2", 1.0), ("dpo", 0.0), ("dpo", 1.0), ("ppo", 0.0), ("ppo", 1.0)}
+    assert keys == {
+        ("sft", 0.0),
+        ("sft", 1.0),
+        ("best-of-2", 1.0),
+        ("dpo", 0.0),
+        ("dpo", 1.0),
+        ("ppo", 0.0),
+        ("ppo", 1.0),
+    }
     for m in results["methods"]:
-        for key in ("win_vs_sft", "proxy_win_vs_sft", "win_vs_reference"):
+        for key in ("win_vs_sft", "proxy_win_vs_sft", "win_vs_dataset"):
             if key in m:
                 assert 0.0 <= m[key]["low"] <= m[key]["mean"] <= m[key]["high"] <= 1.0
         assert ("win_vs_sft" in m) == (m["name"] != "sft")
@@ -54,7 +74,10 @@ def test_report_holds_every_method_temperature_and_interval(comparison):
             assert m["kl"] == 0.0
     best = next(m for m in results["methods"] if m["name"] == "best-of-2")
     assert best["kl"] == pytest.approx(0.6931472 - 0.5)  # log N - (N - 1) / N
-    assert {(h["dpo"], h["ppo"], h["temperature"]) for h in results["head_to_head"]} == {("dpo", "ppo", 0.0), ("dpo", "ppo", 1.0)}
+    assert {(h["dpo"], h["ppo"], h["temperature"]) for h in results["head_to_head"]} == {
+        ("dpo", "ppo", 0.0),
+        ("dpo", "ppo", 1.0),
+    }
     steps = {(p["name"], p["step"]) for p in results["frontier"]}
     assert {("dpo", 15), ("dpo", "final"), ("ppo", 2), ("ppo", "final")} <= steps
     cost_names = {c["name"] for c in results["cost"]}
@@ -72,7 +95,13 @@ def test_samples_and_pictures_are_written(comparison):
     for picture in ("frontier.png", "win_rate_vs_temperature.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
-    for heading in ("## Temperature 0 (greedy)", "## Temperature 1", "## DPO against PPO", "## Reward against KL", "## Cost"):
+    for heading in (
+        "## Temperature 0 (greedy)",
+        "## Temperature 1",
+        "## DPO against PPO",
+        "## Reward against KL",
+        "## Cost",
+    ):
         assert heading in report
     assert "config digest" in report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, SFTConfig, load_config
+from pipeline.config import RATING_LEVELS, DPOConfig, RewardConfig, RewardLossConfig, SFTConfig, load_config
+from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +63,10 @@ def test_wrong_type_names_expected_type(tmp_path):
 
 
 def test_literal_choice_suggests_closest(tmp_path):
-    with pytest.raises(ConfigError, match=r"optim\.schedule: expected one of cosine, linear, constant, got 'cosin'; did you mean 'cosine'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"optim\.schedule: expected one of cosine, linear, constant, got 'cosin'; did you mean 'cosine'",
+    ):
         load_config(SFTConfig, write(tmp_path, "optim: {schedule: cosin}\n"))
 
 
@@ -98,7 +103,8 @@ def test_yaml_is_read_with_safe_load(tmp_path):
 def test_overrides_set_nested_keys_and_list_items(tmp_path):
     path = write(tmp_path, "data:\n  train:\n    - {path: a.jsonl, format: text}\n")
     cfg = load_config(
-        SFTConfig, path,
+        SFTConfig,
+        path,
         ["optim.lr=3e-4", "train.max_steps=7", "data.train.0.path=b.jsonl", "model.architecture.n_layer=2"],
     )
     assert cfg.optim.lr == pytest.approx(3e-4)
@@ -137,7 +143,9 @@ def test_resolved_config_round_trips(tmp_path):
 def test_cli_reports_one_line_without_traceback(args, needle):
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "sft", str(ROOT / "configs" / "sft.yaml"), *args],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -148,7 +156,9 @@ def test_cli_reports_one_line_without_traceback(args, needle):
 
 def test_cli_misspelled_key_in_file(tmp_path):
     path = write(tmp_path, "trian: {epochs: 1}\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", str(path)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "sft", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {path}: trian: unknown key; did you mean 'train'?"
 
@@ -164,7 +174,9 @@ def test_every_shipped_config_loads(name, tmp_path):
     if name == "ppo":
         fake_reward = tmp_path / "reward"  # a reward model is a one-label sequence classifier
         fake_reward.mkdir()
-        (fake_reward / "config.json").write_text('{"architectures": ["GPT2ForSequenceClassification"], "id2label": {"0": "LABEL_0"}}')
+        (fake_reward / "config.json").write_text(
+            '{"architectures": ["GPT2ForSequenceClassification"], "id2label": {"0": "LABEL_0"}}'
+        )
         overrides.append(f"reward.models.0={fake_reward}")
     cfg = load_config(STAGES[name], ROOT / "configs" / f"{name}.yaml", overrides)
     assert cfg.output_dir == f"runs/{name}"
@@ -210,8 +222,12 @@ def test_non_finite_numbers_are_config_errors(tmp_path, value):
 
 def test_a_malformed_set_value_is_one_line(tmp_path):
     path = write(tmp_path, "{}\n")
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", str(path), "--set", "optim.lr=[1,"],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "sft", str(path), "--set", "optim.lr=[1,"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --set optim.lr=[1,: the value is not valid YAML ("), lines
@@ -221,7 +237,9 @@ def test_a_malformed_set_value_is_one_line(tmp_path):
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
     path = tmp_path / "sft.yaml"
     path.write_bytes("optim: {lr: 1.0e-3}  # \u00e9\n".encode("latin-1"))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "sft", str(path)], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "sft", str(path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "not UTF-8 text" in lines[0] and str(path) in lines[0], result.stderr
@@ -231,10 +249,10 @@ def test_every_config_choice_is_exactly_a_dispatch_table(tmp_path):
     """A value the config accepts always has an implementation, and every implementation is reachable."""
     import typing
 
-    from pipeline.config import DPOLossConfig, KLConfig, SourceConfig
+    from pipeline.advantages import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS
+    from pipeline.config import DPOLossConfig, KLConfig, PPOAlgoConfig, SourceConfig, StepSpec
     from pipeline.data.adapters import FORMATS
     from pipeline.dpo import PREFERENCE_LOSSES
-    from pipeline.losses import KL_ESTIMATORS
 
     def allowed(cls, name):
         return set(typing.get_args(typing.get_type_hints(cls)[name]))
@@ -242,16 +260,21 @@ def test_every_config_choice_is_exactly_a_dispatch_table(tmp_path):
     assert allowed(DPOLossConfig, "type") == set(PREFERENCE_LOSSES)
     assert allowed(SourceConfig, "format") == set(FORMATS)
     assert allowed(KLConfig, "estimator") == set(KL_ESTIMATORS)
+    assert allowed(PPOAlgoConfig, "advantage") == set(ADVANTAGE_ESTIMATORS)
+    # An experiment step names any stage that leaves an output folder (the stage table's entries).
+    from pipeline.stages import STAGES as stage_table
+
+    assert allowed(StepSpec, "stage") == {name for name, stage in stage_table.items() if stage.output}
 
 
 def test_an_unknown_name_past_the_config_lists_the_valid_ones():
     import torch
 
+    from pipeline.advantages import kl_penalty
     from pipeline.config import DPOLossConfig, SourceConfig
     from pipeline.data.adapters import pair_adapter
     from pipeline.data.records import DataError
     from pipeline.dpo import preference_loss
-    from pipeline.losses import kl_penalty
 
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="unknown DPO loss 'robust'; valid: sigmoid, ipo, hinge"):
@@ -272,3 +295,26 @@ def test_a_reward_model_must_be_a_one_label_classifier(tmp_path):
     path.write_text(f"model: {{name_or_path: {causal}}}\nreward: {{models: [{causal}]}}\n")
     with pytest.raises(ConfigError, match=r"reward\.models\.0: .* is not a reward model \(GPT2LMHeadModel"):
         load_config(PPOConfig, path)
+
+
+def test_unknown_rating_level_in_margin_map_is_rejected(tmp_path):
+    path = tmp_path / "reward.yaml"
+    path.write_text("model: {name_or_path: gpt2}\nloss:\n  rating_margins: {significantly beter: 1.0}\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"loss\.rating_margins\.significantly beter: unknown rating level; did you mean 'significantly better'",
+    ):
+        load_config(RewardConfig, path)
+
+
+@pytest.mark.parametrize("variant", ["ipo", "hinge"])
+def test_option_a_dpo_variant_does_not_use_is_rejected(tmp_path, variant):
+    path = tmp_path / "dpo.yaml"
+    path.write_text(f"model: {{name_or_path: gpt2}}\nloss: {{type: {variant}, label_smoothing: 0.1}}\n")
+    with pytest.raises(ConfigError, match=rf"loss\.label_smoothing: only used by type 'sigmoid'.*not '{variant}'"):
+        load_config(DPOConfig, path)
+
+
+def test_rating_levels_are_llama2s_four():
+    assert RATING_LEVELS == ("significantly better", "better", "slightly better", "negligibly better")
+    assert math.isclose(RewardLossConfig().rating_margins["slightly better"], 1 / 3)

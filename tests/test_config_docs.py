@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, write_yaml
+from helpers import run_cli, sets, write_yaml
 from pipeline.config import STAGES, config_from_dict, load_config, to_dict
-from pipeline.config_docs import commented_yaml
+from pipeline.config.docs import commented_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,9 @@ def fake_models(tmp_path: Path) -> tuple[Path, Path]:
     model.mkdir()
     (model / "config.json").write_text("{}")
     reward.mkdir()
-    (reward / "config.json").write_text(json.dumps({"architectures": ["GPT2ForSequenceClassification"],
-                                                    "id2label": {"0": "LABEL_0"}}))
+    (reward / "config.json").write_text(
+        json.dumps({"architectures": ["GPT2ForSequenceClassification"], "id2label": {"0": "LABEL_0"}})
+    )
     return model, reward
 
 
@@ -37,11 +38,18 @@ def test_the_defaults_of_every_stage_round_trip_through_the_commented_yaml():
 def test_config_show_of_a_shipped_config_loads_back_unchanged(stage, tmp_path):
     model, reward = fake_models(tmp_path)
     overrides = {
-        "sft": [], "experiment": [],
-        "pairs": [f"model.name_or_path={model}"], "reward": [f"model.name_or_path={model}"],
+        "sft": [],
+        "experiment": [],
+        "pairs": [f"model.name_or_path={model}"],
+        "reward": [f"model.name_or_path={model}"],
         "dpo": [f"model.name_or_path={model}"],
         "ppo": [f"model.name_or_path={model}", f"reward.models.0={reward}"],
-        "compare": [f"sft={model.parent}", "policies=[]", "reward=null", "best_of_n=[]"],  # sft names the run: <sft>/model
+        "compare": [
+            f"sft={model.parent}",
+            "policies=[]",
+            "reward=null",
+            "best_of_n=[]",
+        ],  # sft names the run: <sft>/model
     }[stage]
     config = ROOT / "configs" / f"{stage}.yaml"
     args = [a for o in overrides for a in ("--set", o)]
@@ -97,9 +105,19 @@ def test_config_new_on_the_shared_imdb_and_hh_files_writes_configs_that_run(shar
     assert result.returncode == 0, result.stderr[-2000:]
     written = (tmp_path / "sft.yaml").read_text()
     assert written.startswith("# rlhfdpo sft sft.yaml\n") and "format: reviews" in written
-    small = ["--set", "train.max_steps=2", "--set", "train.batch_size=8", "--set", "train.micro_batch_size=8",
-             "--set", "model.architecture.n_layer=1", "--set", "model.architecture.n_embd=32",
-             "--set", "model.architecture.vocab_size=400", "--set", "data.max_eval_examples=8", "--set", "sample.num_prompts=1"]
+    small = [
+        *sets(
+            "train.max_steps=2",
+            "data.train.0.max_rows=300",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "model.architecture.n_layer=1",
+            "model.architecture.n_embd=32",
+            "model.architecture.vocab_size=400",
+            "data.max_eval_examples=8",
+            "sample.num_prompts=1",
+        ),
+    ]
     result = run_cli("sft", "sft.yaml", *small, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -110,7 +128,16 @@ def test_config_new_on_the_shared_imdb_and_hh_files_writes_configs_that_run(shar
     written = (tmp_path / "dpo.yaml").read_text()
     assert "format: hh_rlhf" in written and "max_length: 96" in written  # fitted to the model's 96 positions
     assert "kept 2303, dropped 9" in " ".join(result.stderr.split())  # the data was read and counted on the spot
-    result = run_cli("dpo", "dpo.yaml", "--set", "train.max_steps=1", "--set", "train.batch_size=8",
-                     "--set", "train.micro_batch_size=8", "--set", "data.train.0.max_rows=200",
-                     "--set", "sample.num_prompts=1", cwd=tmp_path)
+    result = run_cli(
+        "dpo",
+        "dpo.yaml",
+        *sets(
+            "train.max_steps=1",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "data.train.0.max_rows=200",
+            "sample.num_prompts=1",
+        ),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]

@@ -193,8 +193,12 @@ def test_prompt_chosen_rejected_csv():
     kept, dropped = adapt_all(path, pairs(), format="prompt_chosen_rejected")
     assert kept == {
         fid("prompt_chosen_rejected.csv", 0): PreferencePair(
-            "Name a colour.", "Blue.", "Fish.", fid("prompt_chosen_rejected.csv", 0),
-            rating="significantly better", margin=1.5,
+            "Name a colour.",
+            "Blue.",
+            "Fish.",
+            fid("prompt_chosen_rejected.csv", 0),
+            rating="significantly better",
+            margin=1.5,
         ),
         fid("prompt_chosen_rejected.csv", 1): PreferencePair(
             "Name a fruit.", "An apple.", "A chair.", fid("prompt_chosen_rejected.csv", 1)
@@ -225,9 +229,7 @@ def test_preference_formats_give_sft_on_chosen_and_prompts_with_reference():
 def test_conversational_fixture():
     kept, dropped = adapt_all(FIXTURES / "conversational.jsonl", pairs(tag_render), format="conversational")
     assert kept == {
-        "c-implicit": PreferencePair(
-            "<|user|>hi there\n<|assistant|>", "hello friend\n", "go away\n", "c-implicit"
-        ),
+        "c-implicit": PreferencePair("<|user|>hi there\n<|assistant|>", "hello friend\n", "go away\n", "c-implicit"),
         "c-explicit": PreferencePair("<|user|>name a colour\n<|assistant|>", "blue\n", "fish\n", "c-explicit"),
     }
     assert dropped == {
@@ -275,12 +277,18 @@ def test_shp_fixture():
     kept, dropped = adapt_all(path, pairs(), format="shp")
     assert kept == {
         fid("shp.jsonl", 0): PreferencePair(
-            "What is the best way to learn to cook?", "Start with eggs; they teach heat control.",
-            "Buy a microwave.", fid("shp.jsonl", 0), margin=math.log(4.0),
+            "What is the best way to learn to cook?",
+            "Start with eggs; they teach heat control.",
+            "Buy a microwave.",
+            fid("shp.jsonl", 0),
+            margin=math.log(4.0),
         ),
         fid("shp.jsonl", 1): PreferencePair(
-            "Why is the sky blue?", "Rayleigh scattering favours short wavelengths.", "Because it is.",
-            fid("shp.jsonl", 1), margin=math.log(4.0),
+            "Why is the sky blue?",
+            "Rayleigh scattering favours short wavelengths.",
+            "Because it is.",
+            fid("shp.jsonl", 1),
+            margin=math.log(4.0),
         ),
     }
     assert dropped == {fid("shp.jsonl", 2): "below score ratio", fid("shp.jsonl", 3): "missing field"}
@@ -383,3 +391,16 @@ def test_imdb_real_reviews(imdb_rows):
     assert all(p.prompt + p.reference == t.response for p, t in zip(prompts_, texts, strict=True))
     assert not any("<br" in p.prompt.lower() or "<br" in p.reference.lower() for p in prompts_)
     assert [adapt_prompt(row) for row in imdb_rows[:50]] == prompts_[:50]
+
+
+def test_prompts_carry_an_optional_unsafe_flag():
+    from pipeline.config import SourceConfig
+    from pipeline.data.adapters import prompt_adapter
+
+    adapt = prompt_adapter(SourceConfig(path="x.jsonl", format="prompt_completion"), None, seed=0)
+    assert adapt({"_id": "1", "prompt": "how do I", "completion": " ok", "unsafe": True}).unsafe is True
+    assert adapt({"_id": "2", "prompt": "how do I", "completion": " ok"}).unsafe is False
+    renamed = prompt_adapter(
+        SourceConfig(path="x.jsonl", format="prompt_completion", columns={"unsafe": "is_adversarial"}), None, seed=0
+    )
+    assert renamed({"_id": "3", "prompt": "p", "completion": " c", "is_adversarial": 1}).unsafe is True

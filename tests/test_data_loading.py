@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DataConfig, SourceConfig
-from pipeline.data.loading import drop_report, load_pairs, load_prompts, load_sft_examples, source_label
+from pipeline.data.loading import load_pairs, load_prompts, load_sft_examples, source_label
 from pipeline.data.records import DataError, DropLedger, PreferencePair, PromptRecord, SFTExample
 from pipeline.data.sources import is_local, read_rows
 
@@ -197,12 +197,13 @@ def test_pairs_from_fixture_with_ledger():
     assert [p.chosen for p in train] == ["Blue.", "An apple."] and evaluation == []
     label = f"{FIXTURES / 'prompt_chosen_rejected.csv'}[train]"
     assert source_label(source) == label
-    assert drop_report(ledger) == [f"{label}: kept 2, dropped 2 (1 chosen equals rejected, 1 empty response)"]
+    assert ledger.summary_lines() == [f"{label}: kept 2, dropped 2 (1 chosen equals rejected, 1 empty response)"]
 
 
 def test_strict_mode_names_the_row():
-    data = DataConfig(train=[SourceConfig(path=str(FIXTURES / "prompt_completion.json"), format="prompt_completion")],
-                      strict=True)
+    data = DataConfig(
+        train=[SourceConfig(path=str(FIXTURES / "prompt_completion.json"), format="prompt_completion")], strict=True
+    )
     with pytest.raises(DataError, match=r"prompt_completion\.json\[train\]: row pc-3 dropped \(empty response"):
         load_sft_examples(data, DropLedger(strict=True))
 
@@ -295,8 +296,12 @@ def test_mixed_sources_keep_source_order():
     ledger = DropLedger()
     train, _ = load_sft_examples(data, ledger)
     assert [r.response for r in train] == [
-        "The quick brown fox jumps over the lazy dog.", "A second line of plain text.", " cat", " 4",
-        "A fine film. The cast is great but the plot drags. Still, worth it.", "Dull. Dull.",
+        "The quick brown fox jumps over the lazy dog.",
+        "A second line of plain text.",
+        " cat",
+        " 4",
+        "A fine film. The cast is great but the plot drags. Still, worth it.",
+        "Dull. Dull.",
     ]
     assert sum(ledger.kept.values()) == 6 and ledger.reasons() == {"empty response": 3, "missing field": 2}
 
@@ -309,7 +314,9 @@ def test_prompts_of_every_format():
     expected = {
         "prompt_completion.json": ("prompt_completion", "2 + 2 =", " 4"),
         "hh_rlhf.jsonl": (
-            "hh_rlhf", "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant:", " Blue."
+            "hh_rlhf",
+            "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant:",
+            " Blue.",
         ),
         "prompt_chosen_rejected.csv": ("prompt_chosen_rejected", "Name a fruit.", "An apple."),
         "conversational.jsonl": ("conversational", "<user>name a colour\n<assistant>", "blue\n"),
@@ -350,7 +357,7 @@ def test_imdb_real_file_through_the_loader():
     source = SourceConfig(path=str(IMDB_FILE), format="reviews")
     ledger = DropLedger()
     train, evaluation = load_prompts(DataConfig(train=[source], max_eval_examples=100), ledger)
-    assert drop_report(ledger) == [f"{IMDB_FILE}[train]: kept 3180, dropped 0 (none)"]
+    assert ledger.summary_lines() == [f"{IMDB_FILE}[train]: kept 3180, dropped 0 (none)"]
     assert (len(train), len(evaluation)) == (3024, 100)  # 156 held out (5%), capped at 100
     assert all(2 <= len(p.prompt.split()) <= 8 for p in train + evaluation)
     assert all(p.prompt + p.reference == " ".join(p.prompt.split() + p.reference.split()) for p in train)

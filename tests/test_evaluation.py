@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import ArchitectureConfig, DataConfig, SampleConfig
 from pipeline.data.builtin_sentiment import load_rows
-from pipeline.evaluation import kl_to_reference, paired_bootstrap, sample_and_score
+from pipeline.evaluation import kl_to_anchor, paired_bootstrap, sample_and_score
 from pipeline.models import create_scratch_model, train_tokenizer
 
 
@@ -41,16 +41,23 @@ def tiny_policy():
 def test_kl_to_itself_is_zero_and_to_another_model_is_positive(tiny_policy):
     model, tokenizer = tiny_policy
     prompts = ["i saw this", "the movie was", "we rented it", "my wife and i"] * 4
-    scored = sample_and_score(model, tokenizer, prompts, lambda texts: [0.0] * len(texts),
-                              SampleConfig(max_new_tokens=10), DataConfig(max_length=64, max_prompt_length=16), seed=0)
+    scored = sample_and_score(
+        model,
+        tokenizer,
+        prompts,
+        lambda texts: [0.0] * len(texts),
+        SampleConfig(max_new_tokens=10),
+        DataConfig(max_length=64, max_prompt_length=16),
+        seed=0,
+    )
     assert len(scored.sequences) == len(prompts)
-    assert all(abs(k) < 1e-5 for k in kl_to_reference(model, model, scored.sequences, tokenizer.pad_token_id))
+    assert all(abs(k) < 1e-5 for k in kl_to_anchor(model, model, scored.sequences, tokenizer.pad_token_id))
     other = copy.deepcopy(model)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    kl = kl_to_reference(model, other, scored.sequences, tokenizer.pad_token_id)
+    kl = kl_to_anchor(model, other, scored.sequences, tokenizer.pad_token_id)
     assert sum(kl) / len(kl) > 0  # a Monte Carlo estimate of a positive KL over 16 samples
 
 

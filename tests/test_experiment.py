@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli, sets
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,11 @@ def test_a_second_run_reuses_every_step_and_a_change_reruns_only_its_dependents(
     assert outcome["running"] == [] and len(outcome["reused"]) == 9
     assert report.stat().st_mtime_ns == before
 
-    changed = run_cli("experiment", "configs/experiment-quick.yaml", "--set",
-                      "steps.4.set=[loss.beta=0.7, output_dir=runs/quick/dpo-b0.5]", cwd=work)
+    changed = run_cli(
+        "experiment",
+        "configs/experiment-quick.yaml",
+        *sets("steps.4.set=[loss.beta=0.7, output_dir=runs/quick/dpo-b0.5]"),
+        cwd=work,
+    )
     assert changed.returncode == 0, changed.stderr[-3000:]
     assert steps_by_outcome(changed.stdout + changed.stderr)["running"] == ["dpo-b0.5", "compare"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification
 
-from conftest import read_metrics, run_cli
+from helpers import read_metrics, run_cli, sets
 from pipeline.config import (
     ArchitectureConfig,
     DataConfig,
@@ -24,7 +24,7 @@ from pipeline.data.tokenize import encode_prompt
 from pipeline.evaluation import paired_bootstrap, sample_and_score
 from pipeline.judges import gold_reward
 from pipeline.launch import init_distributed
-from pipeline.losses import token_logps
+from pipeline.logprobs import token_logps
 from pipeline.models import ScalarHead, create_scratch_model, disable_dropout, load_tokenizer, train_tokenizer
 from pipeline.ppo import KLController, RolloutPrompt, Scorer, collect_rollout, combine_scores, ppo_update
 from pipeline.training import build_optimizer
@@ -46,8 +46,10 @@ def tiny_setup():
         ppo=PPOAlgoConfig(rollout_batch_size=8, mini_batch_size=8, micro_batch_size=4, epochs=1),
         optim=OptimConfig(lr=1e-3, schedule="constant", warmup_ratio=0.0),
     )
-    prompts = [RolloutPrompt(" ".join(t.split()[:3]), encode_prompt(tokenizer, " ".join(t.split()[:3]), cfg.data))
-               for t in texts[:8]]
+    prompts = [
+        RolloutPrompt(" ".join(t.split()[:3]), encode_prompt(tokenizer, " ".join(t.split()[:3]), cfg.data))
+        for t in texts[:8]
+    ]
     return tokenizer, policy, value, cfg, prompts
 
 
@@ -59,10 +61,20 @@ def rollout_and_update(tiny_setup, epochs: int):
     dist = init_distributed()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     rollout, stats, _ = collect_rollout(
-        policy, reference, value, Scorer(cfg, tokenizer, dist), tokenizer, prompts, cfg, 0.05, dist,
+        policy,
+        reference,
+        value,
+        Scorer(cfg, tokenizer, dist),
+        tokenizer,
+        prompts,
+        cfg,
+        0.05,
+        dist,
         torch.Generator().manual_seed(0),
     )
-    update = ppo_update(policy, value, build_optimizer(policy, cfg.optim), build_optimizer(value, cfg.optim), rollout, cfg, dist, 0)
+    update = ppo_update(
+        policy, value, build_optimizer(policy, cfg.optim), build_optimizer(value, cfg.optim), rollout, cfg, dist, 0
+    )
     return rollout, stats, update
 
 
@@ -89,9 +101,21 @@ def with_dropout(tiny_setup, p: float):
 def first_iteration(policy, value, tokenizer, cfg, prompts):
     dist = init_distributed()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    rollout, stats, _ = collect_rollout(policy, reference, value, Scorer(cfg, tokenizer, dist), tokenizer, prompts, cfg,
-                                        0.05, dist, torch.Generator().manual_seed(0))
-    update = ppo_update(policy, value, build_optimizer(policy, cfg.optim), build_optimizer(value, cfg.optim), rollout, cfg, dist, 0)
+    rollout, stats, _ = collect_rollout(
+        policy,
+        reference,
+        value,
+        Scorer(cfg, tokenizer, dist),
+        tokenizer,
+        prompts,
+        cfg,
+        0.05,
+        dist,
+        torch.Generator().manual_seed(0),
+    )
+    update = ppo_update(
+        policy, value, build_optimizer(policy, cfg.optim), build_optimizer(value, cfg.optim), rollout, cfg, dist, 0
+    )
     return rollout, stats, update
 
 
@@ -117,8 +141,18 @@ def test_the_rollout_log_probs_are_tempered(tiny_setup):
     cfg.rollout.temperature = 0.7
     dist = init_distributed()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    rollout, stats, _ = collect_rollout(policy, reference, copy.deepcopy(value), Scorer(cfg, tokenizer, dist), tokenizer,
-                                        prompts, cfg, 0.05, dist, torch.Generator().manual_seed(0))
+    rollout, stats, _ = collect_rollout(
+        policy,
+        reference,
+        copy.deepcopy(value),
+        Scorer(cfg, tokenizer, dist),
+        tokenizer,
+        prompts,
+        cfg,
+        0.05,
+        dist,
+        torch.Generator().manual_seed(0),
+    )
     with torch.no_grad():
         logits = reference(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits
     labels = rollout.input_ids.masked_fill(~torch.cat([torch.zeros_like(rollout.mask[:, :1]), rollout.mask], 1), -100)
@@ -163,10 +197,14 @@ def test_two_reward_models_combine_by_the_llama2_rule():
     no_flags = torch.tensor([False, False, False])
     combined = combine_scores(reward, [(helpful, helpful), (safety_raw, safety_raw * 10)], no_flags)
     assert combined.tolist() == [-30.0, 2.0, 3.0]
-    flagged = combine_scores(reward, [(helpful, helpful), (safety_raw, safety_raw * 10)], torch.tensor([False, False, True]))
+    flagged = combine_scores(
+        reward, [(helpful, helpful), (safety_raw, safety_raw * 10)], torch.tensor([False, False, True])
+    )
     assert flagged.tolist() == [-30.0, 2.0, 30.0]  # an unsafe prompt is scored by the safety model
     weighted = RewardSourceConfig(models=["h", "s"], combine="weighted", weights=[0.75, 0.25])
-    assert combine_scores(weighted, [(helpful, helpful), (safety_raw, safety_raw)], no_flags).tolist() == pytest.approx([0.0, 1.5, 3.0])
+    assert combine_scores(weighted, [(helpful, helpful), (safety_raw, safety_raw)], no_flags).tolist() == pytest.approx(
+        [0.0, 1.5, 3.0]
+    )
 
 
 # ------------------------------------------------------------------------- seeded runs end to end
@@ -207,8 +245,16 @@ def test_adaptive_kl_keeps_the_measured_kl_near_its_target(small_pipeline, small
     out = tmp_path / "ppo-adaptive"
     target = 1.0
     result = run_cli(
-        "ppo", str(small_pipeline["ppo"]), "--set", f"output_dir={out}", "--set", "reward.kind=gold",
-        "--set", "iterations=16", "--set", f"kl.target={target}", "--set", "kl.coef=0.2", "--set", "kl.horizon=640",
+        "ppo",
+        str(small_pipeline["ppo"]),
+        *sets(
+            f"output_dir={out}",
+            "reward.kind=gold",
+            "train.max_steps=16",
+            f"kl.target={target}",
+            "kl.coef=0.2",
+            "kl.horizon=640",
+        ),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = iterations(out)
@@ -221,8 +267,11 @@ def test_adaptive_kl_keeps_the_measured_kl_near_its_target(small_pipeline, small
 @pytest.mark.slow
 def test_ppo_runs_sharded_over_two_processes_and_resumes(small_pipeline, small_reward_model, tmp_path):
     out = tmp_path / "ppo-sharded"
-    args = ["ppo", str(small_pipeline["ppo"]), "--set", f"output_dir={out}", "--set", "iterations=3",
-            "--set", "save_every=2", "--set", "ppo.epochs=1"]
+    args = [
+        "ppo",
+        str(small_pipeline["ppo"]),
+        *sets(f"output_dir={out}", "train.max_steps=3", "train.save_every=2", "ppo.epochs=1"),
+    ]
     result = run_cli(*args, "--num-processes", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(out)
@@ -244,9 +293,20 @@ def test_a_resumed_run_ends_with_bit_identical_weights(small_pipeline, tmp_path)
     from safetensors.torch import load_file
 
     out = tmp_path / "ppo-resume"
-    args = ["ppo", str(small_pipeline["ppo"]), "--set", f"output_dir={out}", "--set", "reward.kind=gold",
-            "--set", "iterations=4", "--set", "save_every=2", "--set", "ppo.rollout_batch_size=16",
-            "--set", "ppo.mini_batch_size=8", "--set", "ppo.micro_batch_size=8", "--set", "ppo.epochs=2"]
+    args = [
+        "ppo",
+        str(small_pipeline["ppo"]),
+        *sets(
+            f"output_dir={out}",
+            "reward.kind=gold",
+            "train.max_steps=4",
+            "train.save_every=2",
+            "ppo.rollout_batch_size=16",
+            "ppo.mini_batch_size=8",
+            "ppo.micro_batch_size=8",
+            "ppo.epochs=2",
+        ),
+    ]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     uninterrupted = {name: load_file(out / name / "model.safetensors") for name in ("model", "value")}

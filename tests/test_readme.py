@@ -17,12 +17,12 @@ pytestmark = pytest.mark.slow
 # Small overrides so the path runs in about a minute; the commands themselves are the README's.
 FASTER = {
     "make sft": ' ARGS="--set train.max_steps=3 --set data.train.0.max_rows=2000 --set data.max_eval_examples=16'
-                ' --set sample.num_prompts=1"',
+    ' --set sample.num_prompts=1"',
     "rlhfdpo data pairs configs/pairs.yaml": " --set num_train_prompts=48 --set num_eval_prompts=16"
-                                             " --set data.train.0.max_rows=200 --set data.eval.0.max_rows=50",
+    " --set data.train.0.max_rows=200 --set data.eval.0.max_rows=50",
     "rlhfdpo reward configs/reward.yaml": " --set train.max_steps=2 --set train.batch_size=16 --set train.micro_batch_size=16",
     "rlhfdpo dpo configs/dpo.yaml": " --set train.max_steps=2 --set train.batch_size=16 --set train.micro_batch_size=16"
-                                    " --set sample.num_prompts=1",
+    " --set sample.num_prompts=1",
 }
 LAST = "rlhfdpo dpo configs/dpo.yaml"
 
@@ -44,8 +44,13 @@ def readme_commands() -> list[str]:
 
 def copy_of_the_project(target):
     """The project's files (tracked, or new and not ignored) with their times, and its .venv linked."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in listed:
         source = ROOT / name
         if source.is_file():
@@ -59,13 +64,19 @@ def test_the_readme_path_from_the_first_line_to_dpo(tmp_path):
     assert commands[:2] == ["make sft", "make test"] and commands[2] == ". .venv/bin/activate"
     project = tmp_path / "project"
     copy_of_the_project(project)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "LANG": os.environ.get("LANG", "C.UTF-8")}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+    }
     if subprocess.run(["make", "-q", "setup"], cwd=project, env=env).returncode != 0:
         pytest.skip("`make setup` is not up to date here (pyproject.toml changed since .venv was built)")
     script = "\n".join(c + FASTER.get(c, "") for c in commands if c != "make test")  # make test: what runs this
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=project, env=env,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=project, env=env, capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, (script, result.stdout[-2000:], result.stderr[-3000:])
     assert "next: . .venv/bin/activate" in result.stdout  # make sft says where to go from there
     assert (project / "runs" / "dpo" / "model" / "model.safetensors").is_file()

@@ -83,7 +83,9 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    torch.save({"step": 5, "optimizers": {}, "rng": Payload()}, tmp_path / "checkpoints" / "step-5" / "trainer_state.pt")
+    torch.save(
+        {"step": 5, "optimizers": {}, "rng": Payload()}, tmp_path / "checkpoints" / "step-5" / "trainer_state.pt"
+    )
     run = RunDir(tmp_path, init_distributed(), resume=True)
     with pytest.raises(InputError, match="cannot be loaded as a checkpoint"):
         run.load_trainer_state(tmp_path / "checkpoints" / "step-5", [])
@@ -107,7 +109,9 @@ def test_a_genuine_trainer_state_loads_with_weights_only(tmp_path, tiny_folders)
     run = RunDir(tmp_path, init_distributed())
     cfg = SFTConfig()
     generator = torch.Generator().manual_seed(3)
-    run.save_checkpoint(1, [Trainable("model", model, optimizer)], {"kl_coef": 0.25, "generator": generator.get_state()}, 2, cfg)
+    run.save_checkpoint(
+        1, [Trainable("model", model, optimizer)], {"kl_coef": 0.25, "generator": generator.get_state()}, 2, cfg
+    )
     expected_draw = torch.rand(3, generator=generator)
     state = run.load_trainer_state(tmp_path / "checkpoints" / "step-1", [Trainable("model", model, optimizer)])
     assert state["step"] == 1 and state["kl_coef"] == 0.25
@@ -156,10 +160,12 @@ def test_resume_refuses_changes_to_the_model_data_or_batches_and_allows_the_rest
     fake_checkpoint(tmp_path, 10, cfg)
     checkpoint = tmp_path / "checkpoints" / "step-10"
     assert check_resume_config(cfg, checkpoint, tmp_path) == []
-    for key, change in (("model.architecture.n_layer", lambda c: setattr(c.model.architecture, "n_layer", 2)),
-                        ("train.batch_size", lambda c: setattr(c.train, "batch_size", 64)),
-                        ("train.seed", lambda c: setattr(c.train, "seed", 1)),
-                        ("data.train.0.path", lambda c: setattr(c.data.train[0], "path", "other.jsonl"))):
+    for key, change in (
+        ("model.architecture.n_layer", lambda c: setattr(c.model.architecture, "n_layer", 2)),
+        ("train.batch_size", lambda c: setattr(c.train, "batch_size", 64)),
+        ("train.seed", lambda c: setattr(c.train, "seed", 1)),
+        ("data.train.0.path", lambda c: setattr(c.data.train[0], "path", "other.jsonl")),
+    ):
         changed = SFTConfig()
         change(changed)
         with pytest.raises(InputError, match=rf"--resume: the config differs .* in {key.replace('.', '[.]')} "):

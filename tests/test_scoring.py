@@ -26,8 +26,11 @@ WHOLE = " is wonderful."
 
 
 def ppo_scorer(reward_folder, tokenizer, normalize=False) -> Scorer:
-    cfg = PPOConfig(reward=RewardSourceConfig(models=[str(reward_folder)], normalize=normalize),
-                    data=DataConfig(max_length=96, max_prompt_length=16), ppo=PPOAlgoConfig(micro_batch_size=4))
+    cfg = PPOConfig(
+        reward=RewardSourceConfig(models=[str(reward_folder)], normalize=normalize),
+        data=DataConfig(max_length=96, max_prompt_length=16),
+        ppo=PPOAlgoConfig(micro_batch_size=4),
+    )
     return Scorer(cfg, tokenizer, init_distributed())
 
 
@@ -37,14 +40,15 @@ def test_a_truncated_pair_scores_the_same_in_the_reward_stage_ppo_and_compare(ti
     data = DataConfig(max_length=64, max_prompt_length=16)
     tokenized = tokenize_pair(tiny_tokenizer, pair, data)
     eos = tiny_tokenizer.eos_token_id
-    assert tokenized.chosen.input_ids[-1] == eos and tokenized.rejected.input_ids[-1] != eos  # EOS only where it finished
+    assert (
+        tokenized.chosen.input_ids[-1] == eos and tokenized.rejected.input_ids[-1] != eos
+    )  # EOS only where it finished
 
     head = ScalarHead(AutoModelForSequenceClassification.from_pretrained(folder)).eval()
     with torch.no_grad():
         trained_chosen, trained_rejected = score_pairs(head, collate_pairs([tokenized], tiny_tokenizer.pad_token_id))
 
-    scores, _ = ppo_scorer(folder, tiny_tokenizer)(
-        [RolloutPrompt(PROMPT, [], False)] * 2, [WHOLE, CUT], [True, False])
+    scores, _ = ppo_scorer(folder, tiny_tokenizer)([RolloutPrompt(PROMPT, [], False)] * 2, [WHOLE, CUT], [True, False])
     assert scores.tolist() == pytest.approx([float(trained_chosen), float(trained_rejected)], abs=1e-5)
 
     proxy = load_reward_model(folder, "float32", init_distributed())
@@ -108,5 +112,7 @@ def test_a_damaged_reward_model_is_named_in_one_line(tiny_folders):
     folder = tiny_folders("rm-damaged", reward=True)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(InputError, match=r"model\.safetensors is damaged or incomplete .*re-run the stage that wrote it"):
+    with pytest.raises(
+        InputError, match=r"model\.safetensors is damaged or incomplete .*re-run the stage that wrote it"
+    ):
         load_reward_model(folder, "float32", init_distributed())

@@ -16,15 +16,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from pipeline.config import SourceConfig
+from pipeline.config import DEFAULT_MIN_SCORE_RATIO, DEFAULT_PROMPT_WORDS, SourceConfig
 from pipeline.data.records import DataError, Drop, PreferencePair, PromptRecord, SFTExample
 
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 Record = SFTExample | PreferencePair | PromptRecord
 
 HH_ASSISTANT = "\n\nAssistant:"
-DEFAULT_PROMPT_WORDS = (2, 8)  # the DPO paper's IMDb prompts are review prefixes of 2-8 tokens
-DEFAULT_MIN_SCORE_RATIO = 2.0  # the SHP paper keeps pairs whose preferred score is at least twice the other
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
@@ -75,8 +73,7 @@ def _optional(row: dict, name: str) -> Any:
 def _messages(row: dict, name: str) -> list[dict]:
     value = row.get(name)
     if not isinstance(value, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in value
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     ):
         raise Drop("missing field", f"'{name}' is {_what(row, name)}, not a list of {{role, content}} messages")
     return value
@@ -196,9 +193,14 @@ def prompt_chosen_rejected_pair(row: dict) -> PreferencePair:
     margin = _number(row, "margin") if _optional(row, "margin") is not None else None
     rating = _optional(row, "rating")
     return _pair(
-        _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected"), row,
-        margin=margin, rating=None if rating is None else str(rating),
-        chosen_finished=_flag(row, "chosen_finished"), rejected_finished=_flag(row, "rejected_finished"),
+        _text(row, "prompt"),
+        _text(row, "chosen"),
+        _text(row, "rejected"),
+        row,
+        margin=margin,
+        rating=None if rating is None else str(rating),
+        chosen_finished=_flag(row, "chosen_finished"),
+        rejected_finished=_flag(row, "rejected_finished"),
     )
 
 
@@ -221,7 +223,7 @@ def _chat_pair(chosen: list[dict], rejected: list[dict], render: Render, row: di
         full = render(messages, False)
         if not full.startswith(prompt):
             raise Drop("differing context", f"the rendered prompt is not a prefix of the rendered '{side}'")
-        responses.append(full[len(prompt):])
+        responses.append(full[len(prompt) :])
     return _pair(prompt, *responses, row, context=tuple(context), **extra)
 
 
@@ -269,9 +271,12 @@ def shp_pair(row: dict, min_score_ratio: float) -> PreferencePair:
 # error that lists the valid ones, never a fall-back to another format's reader.
 
 
-def _chat(adapt: Callable[..., PreferencePair]) -> Callable[[SourceConfig, Render | None], Callable[[dict], PreferencePair]]:
+def _chat(
+    adapt: Callable[..., PreferencePair],
+) -> Callable[[SourceConfig, Render | None], Callable[[dict], PreferencePair]]:
     def build(source: SourceConfig, render: Render | None) -> Callable[[dict], PreferencePair]:
         return partial(adapt, render=_need_render(source, render))
+
     return build
 
 
@@ -317,7 +322,9 @@ def sft_adapter(source: SourceConfig, render: Render | None) -> Callable[[dict],
 
     def adapt(row: dict) -> SFTExample:
         pair = to_pair(row)
-        return SFTExample(prompt=pair.prompt, response=pair.chosen, source_id=pair.source_id, finished=pair.chosen_finished)
+        return SFTExample(
+            prompt=pair.prompt, response=pair.chosen, source_id=pair.source_id, finished=pair.chosen_finished
+        )
 
     return adapt
 
@@ -338,20 +345,22 @@ def prompt_adapter(source: SourceConfig, render: Render | None, seed: int) -> Ca
     if fmt in PAIR_ADAPTERS:
         to_pair = pair_adapter(source, render)
 
-        def from_pair(row: dict) -> PromptRecord:
+        def parts(row: dict) -> tuple:  # the prompt, its preferred reply as the dataset's own, the conversation
             pair = to_pair(row)
-            return PromptRecord(prompt=pair.prompt, source_id=pair.source_id, reference=pair.chosen,
-                                unsafe=bool(row.get(flag_column, False)), messages=pair.context)
+            return pair.prompt, pair.source_id, pair.chosen, pair.context
 
-        return from_pair
-    to_example = sft_adapter(source, render)  # prompt_completion
+    else:  # prompt_completion
+        to_example = sft_adapter(source, render)
 
-    def from_example(row: dict) -> PromptRecord:
-        example = to_example(row)
-        return PromptRecord(prompt=example.prompt, source_id=example.source_id, reference=example.response,
-                            unsafe=bool(row.get(flag_column, False)))
+        def parts(row: dict) -> tuple:
+            example = to_example(row)
+            return example.prompt, example.source_id, example.response, None
 
-    return from_example
+    def adapt(row: dict) -> PromptRecord:
+        prompt, source_id, reference, messages = parts(row)
+        return PromptRecord(prompt, source_id, reference, unsafe=bool(row.get(flag_column, False)), messages=messages)
+
+    return adapt
 
 
 def _known(source: SourceConfig) -> None:
@@ -374,6 +383,7 @@ def _need_render(source: SourceConfig, render: Render | None) -> Render:
 
 def guess_format(row: dict) -> str | None:
     """The format a raw row looks like (by its columns), for `rlhfdpo config new`; None if none fits."""
+
     def text(name: str) -> bool:
         return isinstance(row.get(name), str)
 

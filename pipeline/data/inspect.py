@@ -9,15 +9,13 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.console import console
 from pipeline.data.adapters import PAIR_FORMATS
 from pipeline.data.loading import load_pairs, load_sft_examples
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, tokenize_example
 from pipeline.models import is_scratch, load_tokenizer, train_tokenizer
 from pipeline.stage_common import chat_renderer, tokenize_records
-from pipeline.console import console
-
-
 
 
 def percentiles(values: list[int], qs=(0, 50, 90, 99, 100)) -> dict[int, int]:
@@ -55,8 +53,10 @@ def inspect_data(cfg, n_examples: int = 3) -> None:
 
     tokenized = {name: tokenize_records(train, fn, ledger, "tokenize") for name, fn in sides.items()}
 
-    console.print(f"[bold]{'preference pairs' if wants_pairs else 'SFT examples'}[/bold]: "
-                  f"{len(train)} train, {len(evaluation)} eval")
+    console.print(
+        f"[bold]{'preference pairs' if wants_pairs else 'SFT examples'}[/bold]: "
+        f"{len(train)} train, {len(evaluation)} eval"
+    )
     for line in ledger.summary_lines():
         console.print(f"  {line}")
     drops = ledger.reasons()

@@ -46,11 +46,6 @@ def load_prompts(
     return _load(data, ledger, lambda source: prompt_adapter(source, render, data.seed))
 
 
-def drop_report(ledger: DropLedger) -> list[str]:
-    """One line per source: kept, dropped, and dropped by reason."""
-    return ledger.summary_lines()
-
-
 def source_label(source: SourceConfig) -> str:
     """How the ledger names a source: its path and split."""
     return f"{source.path}[{source.split}]"
@@ -71,8 +66,10 @@ def _load(
         train = [r for r, out in zip(train, held_out, strict=True) if not out]
     if not train:
         raise DataError(
-            "no training records left from " + ", ".join(source_label(s) for s in data.train)
-            + ": " + ("; ".join(ledger.summary_lines()) or "the sources are empty")
+            "no training records left from "
+            + ", ".join(source_label(s) for s in data.train)
+            + ": "
+            + ("; ".join(ledger.summary_lines()) or "the sources are empty")
         )
     if data.max_eval_examples is not None and len(evaluation) > data.max_eval_examples:
         evaluation = _first_by_hash(evaluation, data.max_eval_examples, data.seed, "eval")

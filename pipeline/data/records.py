@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from pipeline.errors import DataError
+
 
 @dataclass(frozen=True)
 class SFTExample:
@@ -68,10 +70,6 @@ DROP_REASONS = (
     "below score ratio",
     "tie",
 )
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the source and the row."""
 
 
 class Drop(Exception):

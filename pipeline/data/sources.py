@@ -57,9 +57,7 @@ def _read_builtin(source: SourceConfig) -> list[dict]:
     if source.path != BUILTIN_SENTIMENT:
         raise DataError(f"{source.path}: unknown built-in source; the only one is {BUILTIN_SENTIMENT}")
     if source.split not in BUILTIN_SPLITS:
-        raise DataError(
-            f"{source.path}: no split '{source.split}'; valid splits: {', '.join(BUILTIN_SPLITS)}"
-        )
+        raise DataError(f"{source.path}: no split '{source.split}'; valid splits: {', '.join(BUILTIN_SPLITS)}")
     from pipeline.data import builtin_sentiment  # generating the corpus is only paid for when used
 
     return builtin_sentiment.load_rows(source.split, n=source.max_rows)
@@ -135,9 +133,7 @@ def _read_hub(source: SourceConfig) -> list[dict]:
     from datasets.exceptions import DatasetNotFoundError
 
     try:
-        dataset = datasets.load_dataset(
-            source.path, name=source.name, data_dir=source.data_dir, split=source.split
-        )
+        dataset = datasets.load_dataset(source.path, name=source.name, data_dir=source.data_dir, split=source.split)
     except DatasetNotFoundError:
         raise DataError(
             f"{source.path}: not a local file (none with a suffix of {', '.join(LOCAL_SUFFIXES)}) "
@@ -151,4 +147,3 @@ def _read_hub(source: SourceConfig) -> list[dict]:
     if source.max_rows is not None:
         dataset = dataset.select(range(min(source.max_rows, len(dataset))))
     return dataset.to_list()
-

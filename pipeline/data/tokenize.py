@@ -70,7 +70,9 @@ def encode_response(tokenizer, response: str, budget: int, data: DataConfig, fin
     return ids[-budget:]
 
 
-def tokenize_example(tokenizer, prompt: str, response: str, data: DataConfig, finished: bool = True) -> TokenizedExample:
+def tokenize_example(
+    tokenizer, prompt: str, response: str, data: DataConfig, finished: bool = True
+) -> TokenizedExample:
     prompt_ids = encode_prompt(tokenizer, prompt, data)
     response_ids = encode_response(tokenizer, response, data.max_length - len(prompt_ids), data, finished)
     return TokenizedExample(prompt_ids + response_ids, len(prompt_ids))

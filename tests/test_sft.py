@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import read_metrics, run_cli, tiny_sft_config, write_yaml
+from helpers import read_metrics, run_cli, tiny_sft_config, write_yaml
 
 pytestmark = pytest.mark.slow
 

@@ -50,7 +50,9 @@ def test_generation_is_deterministic_and_ignores_global_random_state() -> None:
 
 
 def test_generation_does_not_depend_on_hash_randomization() -> None:
-    code = "import json; from pipeline.data.builtin_sentiment import load_rows; print(json.dumps(load_rows('test', 100)))"
+    code = (
+        "import json; from pipeline.data.builtin_sentiment import load_rows; print(json.dumps(load_rows('test', 100)))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
     assert json.loads(out.stdout) == load_rows("test", 100)

@@ -63,7 +63,7 @@ def _emit(node: Any, indent: int, lines: list[str]) -> None:
                 item_lines: list[str] = []
                 _emit(item, indent + 4, item_lines)
                 first = item_lines[0]
-                lines.append(f"{pad}  - {first[indent + 4:]}")
+                lines.append(f"{pad}  - {first[indent + 4 :]}")
                 lines.extend(item_lines[1:])
         elif value is None and dataclasses.is_dataclass(_optional_of(hints[f.name])):
             lines.append(f"{pad}{f.name}: null{note}")
@@ -90,12 +90,6 @@ def _scalar(value: Any) -> str:
 
 # --------------------------------------------------------------------------- rlhfdpo config new
 
-COMMANDS = {"pairs": "rlhfdpo data pairs"}  # the command that runs a stage's config, when not `rlhfdpo STAGE`
-
-
-def command_line(stage: str, path: str) -> str:
-    return f"{COMMANDS.get(stage, f'rlhfdpo {stage}')} {path}"
-
 
 def starting_config(stage: str, model: str, data: str, fmt: str | None, reward: str | None) -> dict:
     """The keys `config new` sets for a user's model and data; everything else keeps its default.
@@ -115,10 +109,15 @@ def starting_config(stage: str, model: str, data: str, fmt: str | None, reward: 
         fmt = guess_format(rows[0])
         if fmt is None:
             columns = ", ".join(k for k in rows[0] if k != "_id")
-            raise DataError(f"{data}: columns {columns} match no format; pass --format ({', '.join(FORMATS)})"
-                            " and map columns with data.train.0.columns")
-    raw: dict = {"output_dir": f"runs/{stage}", "model": {"name_or_path": model},
-                 "data": {"train": [{"path": data, "format": fmt}]}}
+            raise DataError(
+                f"{data}: columns {columns} match no format; pass --format ({', '.join(FORMATS)})"
+                " and map columns with data.train.0.columns"
+            )
+    raw: dict = {
+        "output_dir": f"runs/{stage}",
+        "model": {"name_or_path": model},
+        "data": {"train": [{"path": data, "format": fmt}]},
+    }
     positions = None
     if model != "scratch":
         config = local_model_config(model) or {}

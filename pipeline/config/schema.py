@@ -1,30 +1,31 @@
-"""Typed stage configs with every default in one place, and strict YAML loading.
+"""Every stage's config as typed dataclasses: each key, its default and its meaning, in one place.
 
-A config is a tree of dataclasses. `load_config(StageConfig, path, overrides)` reads the YAML with
-`yaml.safe_load`, applies `--set a.b=value` overrides, and builds the tree, failing with one
-`ConfigError` line that names the file and the key path for: an unknown key (with the closest valid
-key), a wrong type (with the expected type), or an impossible value. All of that happens before any
-model or dataset is touched.
+A config is a tree of these dataclasses; `pipeline/config/loading.py` builds it from YAML strictly,
+then calls `check()`, which fails with one `ConfigError` line naming the key path. The comment beside
+a field is its documentation (`rlhfdpo config show` prints it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import hashlib
-import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
+from pipeline.config.checks import (
+    check_fits,
+    check_gold,
+    check_model_path,
+    check_reward_model_path,
+    in_range,
+    positive,
+)
+from pipeline.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A bad config. The message is one line: `file: key.path: what is wrong`."""
+# Defaults that are not a single key's but a rule's: kept here so every default lives in the schema.
+DEFAULT_PROMPT_WORDS = (2, 8)  # the DPO paper's IMDb prompts: review prefixes of 2-8 words (format "reviews")
+DEFAULT_MIN_SCORE_RATIO = 2.0  # SHP: keep pairs whose preferred score is at least twice the other's
+GROUP_BATCHES = 64  # batches per length-sorted megabatch under train.group_by_length (as transformers)
 
 
 # ----------------------------------------------------------------------------------------- sections
@@ -42,13 +43,19 @@ class ArchitectureConfig:
     dropout: float = 0.0
 
     def check(self, at: str) -> None:
-        _positive(at, n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                  n_positions=self.n_positions, vocab_size=self.vocab_size)
+        positive(
+            at,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            n_embd=self.n_embd,
+            n_positions=self.n_positions,
+            vocab_size=self.vocab_size,
+        )
         if self.n_embd % self.n_head:
             raise ConfigError(f"{at}.n_embd: {self.n_embd} is not divisible by n_head={self.n_head}")
         if self.vocab_size < 300:
             raise ConfigError(f"{at}.vocab_size: must be at least 300 (256 bytes plus special tokens)")
-        _in_range(f"{at}.dropout", self.dropout, 0.0, 1.0)
+        in_range(f"{at}.dropout", self.dropout, 0.0, 1.0)
 
 
 @dataclass
@@ -71,8 +78,14 @@ class ModelConfig:
 
 
 SourceFormat = Literal[
-    "text", "prompt_completion", "reviews", "hh_rlhf", "prompt_chosen_rejected",
-    "conversational", "ultrafeedback", "shp",
+    "text",
+    "prompt_completion",
+    "reviews",
+    "hh_rlhf",
+    "prompt_chosen_rejected",
+    "conversational",
+    "ultrafeedback",
+    "shp",
 ]
 
 
@@ -98,7 +111,7 @@ class SourceConfig:
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"{at}.fraction: must be in (0, 1], got {self.fraction}")
         if self.max_rows is not None:
-            _positive(at, max_rows=self.max_rows)
+            positive(at, max_rows=self.max_rows)
         if self.min_score_ratio is not None:
             if self.format != "shp":
                 raise ConfigError(f"{at}.min_score_ratio: only used by format 'shp', not '{self.format}'")
@@ -133,8 +146,8 @@ class DataConfig:
             source.check(f"{at}.train.{i}")
         for i, source in enumerate(self.eval):
             source.check(f"{at}.eval.{i}")
-        _in_range(f"{at}.eval_fraction", self.eval_fraction, 0.0, 0.9)
-        _positive(at, max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+        in_range(f"{at}.eval_fraction", self.eval_fraction, 0.0, 0.9)
+        positive(at, max_length=self.max_length, max_prompt_length=self.max_prompt_length)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(
                 f"{at}.max_prompt_length: {self.max_prompt_length} leaves no room for a response "
@@ -165,8 +178,8 @@ class OptimConfig:
             raise ConfigError(f"{at}.eps: must be positive, got {self.eps}")
         if self.weight_decay < 0:
             raise ConfigError(f"{at}.weight_decay: must not be negative, got {self.weight_decay}")
-        _in_range(f"{at}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _in_range(f"{at}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        in_range(f"{at}.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        in_range(f"{at}.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         if self.min_warmup_steps < 0:
             raise ConfigError(f"{at}.min_warmup_steps: must not be negative")
         if self.max_grad_norm <= 0:
@@ -196,10 +209,15 @@ class TrainConfig:
         if self.epochs <= 0:
             raise ConfigError(f"{at}.epochs: must be positive, got {self.epochs}")
         if self.max_steps is not None:
-            _positive(at, max_steps=self.max_steps)
-        _positive(at, batch_size=self.batch_size, micro_batch_size=self.micro_batch_size,
-                  eval_batch_size=self.eval_batch_size, log_every=self.log_every,
-                  keep_checkpoints=self.keep_checkpoints)
+            positive(at, max_steps=self.max_steps)
+        positive(
+            at,
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            eval_batch_size=self.eval_batch_size,
+            log_every=self.log_every,
+            keep_checkpoints=self.keep_checkpoints,
+        )
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{at}.{name}: must not be negative")
@@ -207,9 +225,7 @@ class TrainConfig:
     def accumulation_steps(self, world_size: int) -> tuple[int, int]:
         """(micro-batch size, micro-batches per process per step) that make up `batch_size`."""
         if self.batch_size % world_size:
-            raise ConfigError(
-                f"train.batch_size: {self.batch_size} does not split evenly over {world_size} processes"
-            )
+            raise ConfigError(f"train.batch_size: {self.batch_size} does not split evenly over {world_size} processes")
         per_process = self.batch_size // world_size
         micro = min(self.micro_batch_size, per_process)
         if per_process % micro:
@@ -229,7 +245,7 @@ class LaunchConfig:
     main_process_port: int | None = None
 
     def check(self, at: str) -> None:
-        _positive(at, num_processes=self.num_processes)
+        positive(at, num_processes=self.num_processes)
         if self.accelerate_config is not None and not Path(self.accelerate_config).is_file():
             raise ConfigError(f"{at}.accelerate_config: no such file: {self.accelerate_config}")
 
@@ -246,7 +262,7 @@ class SampleConfig:
     def check(self, at: str) -> None:
         if self.num_prompts < 0:
             raise ConfigError(f"{at}.num_prompts: must not be negative")
-        _positive(at, max_new_tokens=self.max_new_tokens)
+        positive(at, max_new_tokens=self.max_new_tokens)
         if self.temperature < 0:
             raise ConfigError(f"{at}.temperature: must not be negative (0 is greedy)")
         if not 0.0 < self.top_p <= 1.0:
@@ -326,12 +342,16 @@ class PairsConfig:
             raise ConfigError("output_dir: must not be empty")
         for section in ("model", "data", "pairing", "sample", "launch"):
             getattr(self, section).check(section)
-        _positive("", num_train_prompts=self.num_train_prompts, batch_size=self.batch_size)
+        positive("", num_train_prompts=self.num_train_prompts, batch_size=self.batch_size)
         if self.num_eval_prompts < 0:
             raise ConfigError("num_eval_prompts: must not be negative")
         check_gold("gold_reward", self.gold_reward)
-        check_fits("sample.max_new_tokens", self.model, self.data.max_prompt_length + self.sample.max_new_tokens,
-                   "data.max_prompt_length + sample.max_new_tokens")
+        check_fits(
+            "sample.max_new_tokens",
+            self.model,
+            self.data.max_prompt_length + self.sample.max_new_tokens,
+            "data.max_prompt_length + sample.max_new_tokens",
+        )
 
 
 def _pair_files() -> DataConfig:
@@ -402,7 +422,9 @@ class DPOLossConfig:
             raise ConfigError(f"{at}.beta: must be positive, got {self.beta}")
         if self.label_smoothing is not None:
             if self.type != "sigmoid":
-                raise ConfigError(f"{at}.label_smoothing: only used by type 'sigmoid' (conservative DPO), not '{self.type}'")
+                raise ConfigError(
+                    f"{at}.label_smoothing: only used by type 'sigmoid' (conservative DPO), not '{self.type}'"
+                )
             if not 0.0 <= self.label_smoothing < 0.5:
                 raise ConfigError(f"{at}.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.rpo_alpha is not None and self.rpo_alpha < 0:
@@ -417,7 +439,7 @@ class ReferenceConfig:
     batch_size: int = 32  # sequences per forward pass per process
 
     def check(self, at: str) -> None:
-        _positive(at, batch_size=self.batch_size)
+        positive(at, batch_size=self.batch_size)
 
 
 @dataclass
@@ -487,7 +509,7 @@ class KLConfig:
             raise ConfigError(f"{at}.coef: must not be negative")
         if self.target is not None and self.target <= 0:
             raise ConfigError(f"{at}.target: must be positive")
-        _positive(at, horizon=self.horizon)
+        positive(at, horizon=self.horizon)
 
 
 @dataclass
@@ -502,6 +524,7 @@ class PPOAlgoConfig:
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
+    advantage: Literal["gae"] = "gae"  # the advantage estimator: GAE over response tokens (gamma, lam)
     whiten_advantages: bool = True
     value_lr: float | None = None  # defaults to optim.lr
     # Dropout off in the policy and value models (TRL's default): with it on, the update's log-probs
@@ -509,15 +532,26 @@ class PPOAlgoConfig:
     disable_dropout: bool = True
 
     def check(self, at: str) -> None:
-        _positive(at, rollout_batch_size=self.rollout_batch_size, mini_batch_size=self.mini_batch_size,
-                  micro_batch_size=self.micro_batch_size, epochs=self.epochs)
+        positive(
+            at,
+            rollout_batch_size=self.rollout_batch_size,
+            mini_batch_size=self.mini_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            epochs=self.epochs,
+        )
         if self.rollout_batch_size % self.mini_batch_size:
-            raise ConfigError(f"{at}.mini_batch_size: {self.mini_batch_size} does not divide rollout_batch_size={self.rollout_batch_size}")
+            raise ConfigError(
+                f"{at}.mini_batch_size: {self.mini_batch_size} does not divide rollout_batch_size={self.rollout_batch_size}"
+            )
         for name in ("clip_range", "value_clip_range", "value_coef", "entropy_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{at}.{name}: must not be negative")
-        _in_range(f"{at}.gamma", self.gamma, 0.0, 1.0)
-        _in_range(f"{at}.lam", self.lam, 0.0, 1.0)
+        in_range(f"{at}.gamma", self.gamma, 0.0, 1.0)
+        in_range(f"{at}.lam", self.lam, 0.0, 1.0)
+
+
+# The train keys PPO has no use for: it batches rollouts, not a dataset, and does not evaluate.
+PPO_UNUSED_TRAIN_KEYS = ("epochs", "batch_size", "micro_batch_size", "eval_batch_size", "eval_every", "group_by_length")
 
 
 @dataclass
@@ -538,26 +572,31 @@ class PPOConfig:
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     kl: KLConfig = field(default_factory=KLConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_ratio=0.0, schedule="constant"))
-    iterations: int = 100  # rollout-and-update rounds
-    log_every: int = 1
+    # train.max_steps is the number of rollout-and-update iterations; logging, checkpoints and the
+    # seed are as in every stage. Batches are ppo.rollout_batch_size and ppo.mini_batch_size.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100, log_every=1, save_every=50))
     sample_table_every: int = 10  # print a table of completions with their scores this often
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def check(self, at: str = "") -> None:
         if not self.output_dir:
             raise ConfigError("output_dir: must not be empty")
-        for section in ("model", "reward", "data", "rollout", "ppo", "kl", "optim", "launch"):
+        for section in ("model", "reward", "data", "rollout", "ppo", "kl", "optim", "train", "launch"):
             getattr(self, section).check(section)
         for name in ("reference", "value_model"):
             if getattr(self, name):
                 check_model_path(name, getattr(self, name))
-        _positive("", iterations=self.iterations, log_every=self.log_every, keep_checkpoints=self.keep_checkpoints)
-        for name in ("sample_table_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must not be negative")
+        if self.train.max_steps is None:
+            raise ConfigError("train.max_steps: PPO needs the number of iterations")
+        default = TrainConfig()
+        for name in PPO_UNUSED_TRAIN_KEYS:
+            if getattr(self.train, name) != getattr(default, name):
+                raise ConfigError(
+                    f"train.{name}: not used by PPO (its batches are ppo.rollout_batch_size, "
+                    "ppo.mini_batch_size and ppo.micro_batch_size); remove it"
+                )
+        if self.sample_table_every < 0:
+            raise ConfigError("sample_table_every: must not be negative")
         world = self.launch.num_processes
         for name in ("rollout_batch_size", "mini_batch_size"):
             if getattr(self.ppo, name) % world:
@@ -565,14 +604,20 @@ class PPOConfig:
         # The ratio and the KL are of the distribution the rollouts were sampled from: logits / T.
         # Top-p would sample from a truncated distribution whose log-probs no pass computes.
         if self.rollout.temperature <= 0:
-            raise ConfigError(f"rollout.temperature: PPO samples its rollouts, so it must be positive, got {self.rollout.temperature}")
+            raise ConfigError(
+                f"rollout.temperature: PPO samples its rollouts, so it must be positive, got {self.rollout.temperature}"
+            )
         if self.rollout.top_p < 1.0:
             raise ConfigError(
                 f"rollout.top_p: {self.rollout.top_p} is not supported by PPO (its log-probs are of the whole "
                 "tempered distribution, not the top-p one it would sample from); use top_p: 1.0"
             )
-        check_fits("rollout.max_new_tokens", self.model, self.data.max_prompt_length + self.rollout.max_new_tokens,
-                   "data.max_prompt_length + rollout.max_new_tokens")
+        check_fits(
+            "rollout.max_new_tokens",
+            self.model,
+            self.data.max_prompt_length + self.rollout.max_new_tokens,
+            "data.max_prompt_length + rollout.max_new_tokens",
+        )
 
     @property
     def reference_path(self) -> str:
@@ -606,10 +651,16 @@ class CompareConfig:
     output_dir: str = "runs/compare"
     sft: str = "runs/sft"  # the SFT run: baseline, KL anchor and Best-of-N sampler
     reward: str | None = "runs/reward"  # the reward run: Best-of-N ranking and the proxy's verdicts
-    policies: list[PolicySpec] = field(default_factory=lambda: [
-        PolicySpec("dpo", "dpo", "runs/dpo"), PolicySpec("ppo", "ppo", "runs/ppo"), PolicySpec("ppo-gt", "ppo_gt", "runs/ppo-gt"),
-    ])
-    best_of_n: list[int] = field(default_factory=lambda: [4, 16])  # Best-of-N from the SFT model, ranked by the reward model
+    policies: list[PolicySpec] = field(
+        default_factory=lambda: [
+            PolicySpec("dpo", "dpo", "runs/dpo"),
+            PolicySpec("ppo", "ppo", "runs/ppo"),
+            PolicySpec("ppo-gt", "ppo_gt", "runs/ppo-gt"),
+        ]
+    )
+    best_of_n: list[int] = field(
+        default_factory=lambda: [4, 16]
+    )  # Best-of-N from the SFT model, ranked by the reward model
     # Temperatures Best-of-N samples at (N samples per prompt cost N times one); None: every one above 0.
     best_of_n_temperatures: list[float] | None = None
     num_prompts: int = 500  # held-out prompts (the first num_prompts distinct ones)
@@ -643,12 +694,25 @@ class CompareConfig:
             raise ConfigError(f"temperatures: expected non-negative values, got {self.temperatures}")
         for t in self.best_of_n_temperatures or []:
             if t not in self.temperatures or t == 0:
-                raise ConfigError(f"best_of_n_temperatures: {t} is not a non-zero value of temperatures {self.temperatures}")
+                raise ConfigError(
+                    f"best_of_n_temperatures: {t} is not a non-zero value of temperatures {self.temperatures}"
+                )
         if self.frontier_temperature not in self.temperatures:
-            raise ConfigError(f"frontier_temperature: {self.frontier_temperature} is not among temperatures {self.temperatures}")
-        _positive("", num_prompts=self.num_prompts, max_new_tokens=self.max_new_tokens,
-                  bootstrap_resamples=self.bootstrap_resamples, batch_size=self.batch_size)
+            raise ConfigError(
+                f"frontier_temperature: {self.frontier_temperature} is not among temperatures {self.temperatures}"
+            )
+        positive(
+            "",
+            num_prompts=self.num_prompts,
+            max_new_tokens=self.max_new_tokens,
+            bootstrap_resamples=self.bootstrap_resamples,
+            batch_size=self.batch_size,
+        )
         check_gold("gold", self.gold)
+
+
+# How compare encodes its held-out prompts: the last 64 tokens of a long prompt are kept.
+COMPARE_PROMPT_DATA = DataConfig(max_length=256, max_prompt_length=64)
 
 
 @dataclass
@@ -687,250 +751,45 @@ class ExperimentConfig:
 
 
 STAGES: dict[str, type] = {
-    "sft": SFTConfig, "pairs": PairsConfig, "reward": RewardConfig, "dpo": DPOConfig, "ppo": PPOConfig,
-    "compare": CompareConfig, "experiment": ExperimentConfig,
+    "sft": SFTConfig,
+    "pairs": PairsConfig,
+    "reward": RewardConfig,
+    "dpo": DPOConfig,
+    "ppo": PPOConfig,
+    "compare": CompareConfig,
+    "experiment": ExperimentConfig,
 }
 
 
-# ------------------------------------------------------------------------------------------ loading
-
-
-def load_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Read a stage config strictly; see the module docstring for what is checked."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start} cannot be decoded); save the config as UTF-8") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
-    if raw is None:
-        raise ConfigError(f"{path}: the file is empty; expected a mapping of config sections")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
-    for override in overrides or []:
-        _apply_override(raw, override, path)
-    try:
-        return config_from_dict(cls, raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
-def config_from_dict(cls: type, raw: dict, overrides: list[str] | None = None, check: bool = True) -> Any:
-    """A config from a mapping (what a YAML file holds) and `--set` overrides; checked unless asked not to.
-
-    Unchecked, it is the defaults as written, before any model path is looked at (`config show`).
-    """
-    raw = dict(raw)
-    for override in overrides or []:
-        _apply_override(raw, override, Path("--set"))
-    config = _build(cls, raw, "")
-    if check:
-        config.check()
-    return config
-
-
-def _apply_override(raw: dict, override: str, path: Path) -> None:
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {override}: expected key.path=value")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or "invalid YAML"
-        raise ConfigError(f"--set {override}: the value is not valid YAML ({problem}); quote it or fix the brackets") from None
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} has no item {part}")
-            node = node[int(part)]
-        else:
-            node = node.setdefault(part, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
-    last = parts[-1]
-    if isinstance(node, list):
-        if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError(f"--set {key}: no item {last}")
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def _build(cls: type, raw: Any, at: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{at or 'top level'}: expected a mapping, got {_describe(raw)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            where = f"{at}.{key}" if at else str(key)
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise ConfigError(f"{where}: unknown key{hint}")
-    kwargs = {key: _coerce(hints[key], value, f"{at}.{key}" if at else key) for key, value in raw.items()}
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, at: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:
-            return _coerce(options[0], value, at)
-        raise ConfigError(f"{at}: unsupported union type")  # pragma: no cover - not used by configs
-    if value is None:
-        raise ConfigError(f"{at}: expected {_type_name(hint)}, got null")
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, at)
-    if origin is Literal:
-        if value not in args:
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.5)
-            hint_text = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{at}: expected one of {', '.join(map(str, args))}, got {value!r}{hint_text}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{at}: expected a list, got {_describe(value)}")
-        return [_coerce(args[0], item, f"{at}.{i}") for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{at}: expected a mapping, got {_describe(value)}")
-        return {_coerce(args[0], k, at): _coerce(args[1], v, f"{at}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{at}: expected true or false, got {_describe(value)}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{at}: expected an integer, got {_describe(value)}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{at}: expected a number, got {_describe(value)}")
-        if not math.isfinite(value):  # YAML's .inf and .nan would train a NaN model with exit 0
-            raise ConfigError(f"{at}: expected a finite number, got {value}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{at}: expected a string, got {_describe(value)}")
-        return value
-    raise ConfigError(f"{at}: unsupported type {hint}")  # pragma: no cover
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", str(hint))
-
-
-def looks_local(path: str) -> bool:
-    """A filesystem path rather than a hub id ("gpt2", "org/name")."""
-    return path.startswith(("/", ".", "~")) or path.count("/") > 1 or Path(path).exists()
-
-
-def check_model_path(at: str, path: str) -> None:
-    """A local model folder must exist and hold whole weights before anything loads; a hub id is left to the hub."""
-    if not looks_local(path):
-        return
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{at}: no model folder at {path} (is the stage that writes it done?)")
-    from pipeline.files import weights_problem
-
-    problem = weights_problem(folder)
-    if problem:
-        raise ConfigError(f"{at}: {problem}; re-run the stage that wrote it (or point at another model)")
-
-
-def local_model_config(path: str) -> dict | None:
-    """The config.json of a local model folder (None for a hub id, checked when it loads)."""
-    file = Path(path).expanduser() / "config.json"
-    if not looks_local(path) or not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"{file}: not a valid JSON model config; re-run the stage that wrote it") from None
-
-
-def check_reward_model_path(at: str, path: str) -> None:
-    """A reward model must be a sequence classifier with one label: a causal LM would get a random head."""
-    check_model_path(at, path)
-    config = local_model_config(path)
-    if config is None:
-        return
-    architectures = config.get("architectures") or ["an unknown architecture"]
-    labels = len(config.get("id2label") or {}) or config.get("num_labels")
-    if not any(str(a).endswith("ForSequenceClassification") for a in architectures) or labels != 1:
-        raise ConfigError(
-            f"{at}: {path} is not a reward model ({architectures[0]} with {labels or 'no'} label(s); a reward model "
-            "is a sequence classifier with one label, as `rlhfdpo reward` writes)"
-        )
-
-
-def check_fits(at: str, model: ModelConfig, length: int, what: str) -> None:
-    """`length` tokens (prompt and response) must fit the model's positions, when they are known."""
-    if model.name_or_path == "scratch":
-        positions = model.architecture.n_positions
-    else:
-        config = local_model_config(model.name_or_path) or {}
-        positions = config.get("n_positions") or config.get("max_position_embeddings")
-    if positions and length > positions:
-        raise ConfigError(f"{at}: {what} is {length} tokens, more than the model's {positions} positions")
-
-
-def check_gold(at: str, name: str) -> None:
-    from pipeline.judges import GOLD_REWARDS, is_known_gold
-
-    if not is_known_gold(name):
-        raise ConfigError(f"{at}: unknown '{name}'; known: {', '.join(GOLD_REWARDS)} or hf:<classifier id>")
-
-
-def _positive(at: str, **values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigError(f"{at}.{name}: must be at least 1, got {value}")
-
-
-def _in_range(at: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise ConfigError(f"{at}: must be between {lo} and {hi}, got {value}")
-
-
-# ----------------------------------------------------------------------------------------- writing
-
-
-def to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
-
-
-def digest(config: Any) -> str:
-    """Short stable hash of a resolved config, for run cards and reuse checks."""
-    text = json.dumps(to_dict(config), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def write_resolved(config: Any, run_dir: Path) -> Path:
-    """Write config.yaml with every default filled in."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    target.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    return target
+__all__ = [
+    "ArchitectureConfig",
+    "COMPARE_PROMPT_DATA",
+    "CompareConfig",
+    "DEFAULT_MIN_SCORE_RATIO",
+    "DEFAULT_PROMPT_WORDS",
+    "DPOConfig",
+    "DPOLossConfig",
+    "DataConfig",
+    "ExperimentConfig",
+    "GROUP_BATCHES",
+    "KLConfig",
+    "LaunchConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PPOAlgoConfig",
+    "PPOConfig",
+    "PPO_UNUSED_TRAIN_KEYS",
+    "PairingConfig",
+    "PairsConfig",
+    "PolicySpec",
+    "RATING_LEVELS",
+    "ReferenceConfig",
+    "RewardConfig",
+    "RewardLossConfig",
+    "RewardSourceConfig",
+    "SFTConfig",
+    "SampleConfig",
+    "SourceConfig",
+    "StepSpec",
+    "TrainConfig",
+]

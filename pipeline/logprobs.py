@@ -1,0 +1,91 @@
+"""Log-probabilities of tokens under a causal LM: what every stage's loss and KL are made of.
+
+Shapes: B batch, T sequence length, V vocabulary. Labels are -100 (IGNORE) on positions without a
+target (prompt and padding); position t's logits predict token t+1.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import cache
+
+import torch
+
+from pipeline.data.tokenize import IGNORE
+
+
+def selected_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] for each row, without a (N, V) log-softmax kept for backward.
+
+    logits: (N, V); targets: (N,). Returns (N,). log p(y) = z_y - logsumexp(z): autograd keeps only
+    the logits (already held) and the (N,) normaliser.
+    """
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next token under the model.
+
+    logits: (B, T, V) from a causal LM on the whole sequence; labels: (B, T), the same sequence with
+    -100 where no loss is wanted. Position t's logits predict token t+1, so both are shifted.
+    Returns (logps, mask), each (B, T-1); logps is 0 where mask is False.
+    """
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE
+    logps = selected_logps(logits[:, :-1, :], targets.masked_fill(~mask, 0))  # a view: no (B, T-1, V) copy
+    return logps * mask, mask
+
+
+def scatter_response_logps(kept_logps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs (B, T-1) from those of the response positions only.
+
+    kept_logps: (N,), the log-probs of the N labelled next tokens in row-major order (what a model
+    run with logits_to_keep = the labelled positions gives); labels: (B, T). Returns (logps, mask)
+    exactly as token_logps would, 0 off the mask.
+    """
+    mask = labels[:, 1:] != IGNORE
+    logps = torch.zeros(mask.shape, dtype=kept_logps.dtype, device=kept_logps.device)
+    return logps.masked_scatter(mask, kept_logps), mask
+
+
+def response_token_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps, mask), each (B, T-1): the log-probability of every labelled next token.
+
+    The LM head runs on the labelled positions only (the response, not the prompt or padding)
+    where the model takes a boolean `logits_to_keep` (transformers 5); on the rest, the full
+    logits are computed and gathered. Both give the same numbers as `token_logps` on full logits.
+    `temperature` scores under softmax(logits / T), the distribution a sampler at T draws from.
+    """
+    kept = labels[:, 1:] != IGNORE  # position t predicts token t+1
+    if keeps_logit_positions(type(model)):
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = kept
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        if logits.dim() == 2 and logits.shape[0] == int(kept.sum()):
+            return scatter_response_logps(selected_logps(_tempered(logits, temperature), labels[:, 1:][kept]), labels)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return token_logps(_tempered(logits, temperature), labels)
+
+
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature == 1.0 else logits.float() / temperature
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution, (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return log_z - (probs * logits).sum(-1)
+
+
+@cache
+def keeps_logit_positions(model_class: type) -> bool:
+    """Whether the model's forward can run its LM head on chosen positions only (`logits_to_keep`)."""
+    from transformers import modeling_utils
+
+    accepts = "logits_to_keep" in inspect.signature(model_class.forward).parameters
+    return accepts and hasattr(modeling_utils, "slice_logits_to_keep")
