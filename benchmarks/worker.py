@@ -117,7 +117,7 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
             "mini_batch_size": min(16, spec["rollout_batch_size"]),
             "micro_batch_size": min(16, spec["rollout_batch_size"]),
         },
-        "train": {"max_steps": spec["iterations"], "save_every": 0, "seed": spec["seed"]},
+        "train": {"max_steps": spec["iterations"], "log_every": 1, "save_every": 0, "seed": spec["seed"]},
         "sample_table_every": 0,
     }
     path = out / "config.yaml"

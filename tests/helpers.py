@@ -150,7 +150,7 @@ def small_pipeline_configs(root: Path) -> dict[str, Path]:
             "ppo": {"rollout_batch_size": 64, "mini_batch_size": 16, "micro_batch_size": 16, "epochs": 4},
             "kl": {"coef": 0.05},
             "optim": {"lr": 1e-4, "schedule": "constant", "warmup_ratio": 0.0},
-            "train": {"max_steps": 12, "save_every": 0},
+            "train": {"max_steps": 12, "log_every": 1, "save_every": 0},
             "sample_table_every": 0,
         },
     }
