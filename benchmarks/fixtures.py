@@ -14,6 +14,9 @@ from pathlib import Path
 SIZES = {  # GPT-2 shapes; parameter counts include the tied 4096-token embedding
     "3M": {"n_embd": 192, "n_layer": 6, "n_head": 6},
     "25M": {"n_embd": 512, "n_layer": 8, "n_head": 8},
+    # For a GPU: GPT-2 small's and medium's blocks (124M and 355M with GPT-2's own 50k vocabulary).
+    "89M": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+    "308M": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
 }
 VOCAB_SIZE = 4096
 N_POSITIONS = 1024

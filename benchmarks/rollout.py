@@ -12,34 +12,53 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
     fn()  # warm-up
     times, out = [], None
     for _ in range(repeats):
+        _synchronize()
         start = time.perf_counter()
         out = fn()
+        _synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 @torch.no_grad()
 def rollout_speed(
-    model_folder: str, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3, seed: int = 0
+    model_folder: str,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int = 3,
+    seed: int = 0,
+    device_type: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
     """Greedy decoding of `new_tokens` tokens for `batch` prompts of `prompt_len` tokens, both ways.
 
     End-of-sequence is disabled on both sides so every row runs the full length; the greedy
-    outputs must then be identical token for token.
+    outputs must then be identical token for token. On a GPU both decode in the bench's dtype
+    (the same autocast forward that PPO's rollouts use).
     """
     from transformers import AutoModelForCausalLM
 
+    from pipeline.launch import compute_in
+    from pipeline.models import DTYPES
     from pipeline.sampling import generate
 
-    model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
+    device = torch.device(device_type)
+    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32).to(device).eval()
+    model = compute_in(model, DTYPES[dtype], device)
     model.generation_config.eos_token_id = None
     pad_id = model.config.pad_token_id
     generator = torch.Generator().manual_seed(seed)
-    prompts = torch.randint(2, model.config.vocab_size, (batch, prompt_len), generator=generator)
+    prompts = torch.randint(2, model.config.vocab_size, (batch, prompt_len), generator=generator).to(device)
 
     def ours():
         out = generate(model, prompts.tolist(), eos_id=-1, pad_id=pad_id, max_new_tokens=new_tokens, temperature=0.0)
-        return torch.tensor(out.sequences)
+        return torch.tensor(out.sequences, device=device)
 
     def theirs():
         out = model.generate(

@@ -31,6 +31,22 @@ FULL = {
     "rollout": {"batch": 32, "prompt_len": 32, "new_tokens": 96},
     "ppo_iterations": 4,
 }
+# One GPU: two GPT-2 shapes that fill it sensibly, trained in bf16 weights; the 3M scaling sweep
+# says nothing about a GPU and is left out.
+GPU = {
+    "sizes": ["89M", "308M"],
+    "steps": 12,
+    "warmup": 3,
+    "window": 3,
+    "batch_size": 16,
+    "seq_lens": [],
+    "batch_sizes": [],
+    "sweep_steps": 0,
+    "rollout": {"batch": 64, "prompt_len": 32, "new_tokens": 128},
+    "ppo_iterations": 3,
+    "dtype": "bfloat16",
+    "variants": ["ours", "trl"],  # device time is short: equal settings only
+}
 QUICK = {
     "sizes": ["3M"],
     "steps": 6,
@@ -82,11 +98,15 @@ def flops_per_token(stage: str, model_folder: str, seq_len: float) -> float:
     return training_flops_per_token(n, layers, d, seq_len)
 
 
-def training_rows(plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, frameworks: list[str]) -> list[dict]:
+def training_rows(
+    plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, frameworks: list[str], device: dict
+) -> list[dict]:
     rows = []
     for size in plan["sizes"]:
         for stage in STAGES:
             for label, framework, settings in VARIANTS:
+                if label not in plan.get("variants", [label]):
+                    continue
                 if framework not in frameworks:
                     continue
                 spec = {
@@ -102,6 +122,7 @@ def training_rows(plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, f
                     "reference_batch_size": 32,
                     "fixtures": str(fx_path),
                     "out": str(out / "runs" / f"{label}-{stage}-{size}"),
+                    "dtype": device["dtype"],
                     **settings,
                 }
                 result = run_worker(spec, Path(spec["out"]))
@@ -119,7 +140,8 @@ def training_rows(plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, f
                 rows.append(row)
                 print(
                     f"  {label:12s} {stage:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
-                    f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB  MFU {row['mfu']:.0%}",
+                    f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB RSS  "
+                    f"{_gpu_mb(row)}MFU {row['mfu']:.1%}",
                     flush=True,
                 )
     return rows
@@ -187,12 +209,19 @@ def scaling_rows(plan: dict, fx: dict, out: Path, peak: float) -> list[dict]:
     return rows
 
 
-def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path) -> tuple[list[dict], dict]:
+def _gpu_mb(row: dict) -> str:
+    return f"{row['peak_gpu_mb']:6.0f} MB GPU  " if row.get("peak_gpu_mb") is not None else ""
+
+
+def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path, device: dict) -> tuple[list[dict], dict]:
     from benchmarks.rollout import rollout_speed
 
     rollouts = []
     for size in plan["sizes"]:
-        row = {"size": size, **rollout_speed(fx["models"][size], **plan["rollout"])}
+        row = {
+            "size": size,
+            **rollout_speed(fx["models"][size], **plan["rollout"], device_type=device["type"], dtype=device["dtype"]),
+        }
         rollouts.append(row)
         print(
             f"  rollout {size}: ours {row['ours_tokens_per_s']:.0f} tok/s, generate {row['generate_tokens_per_s']:.0f} "
@@ -214,6 +243,7 @@ def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path) -> tuple[list[dict]
         "seed": 0,
         "fixtures": str(fx_path),
         "out": str(out / "runs" / "ours-ppo"),
+        "dtype": device["dtype"],
     }
     result = run_worker(spec, Path(spec["out"]))
     split = result["ppo_phases"]
@@ -222,20 +252,23 @@ def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path) -> tuple[list[dict]
 
 
 def markdown(bench: dict) -> str:
+    on_gpu = bench.get("device", {}).get("type") == "cuda"
+    memory, memory_key = ("peak GPU memory", "peak_gpu_mb") if on_gpu else ("peak RSS", "peak_rss_mb")
+    precision = "bf16" if on_gpu else "fp32"
     lines = [
-        f"Measured fp32 matmul peak: **{bench['matmul_peak_gflops']:.0f} GFLOP/s** "
+        f"Measured {precision} matmul peak: **{bench['matmul_peak_gflops']:.0f} GFLOP/s** "
         f"({bench['machine']}); command: `{bench['command']}`",
         "",
     ]
     lines += [
-        "| stage | size | framework | examples/s | tokens/s | peak RSS (MB) | time to first step (s) | MFU |",
+        f"| stage | size | framework | examples/s | tokens/s | {memory} (MB) | time to first step (s) | MFU |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r["stage"], r["size"], r["framework"]): r for r in bench["training"]}
     for r in bench["training"]:
         lines.append(
             f"| {r['stage']} | {r['size']} | {r['framework']} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['time_to_first_step_s']:.1f} | {r['mfu']:.0%} |"
+            f"{r[memory_key]:.0f} | {r['time_to_first_step_s']:.1f} | {r['mfu']:.1%} |"
         )
     ratios = []
     for (stage, size, framework), r in by_key.items():
@@ -243,12 +276,12 @@ def markdown(bench: dict) -> str:
         if framework.startswith("ours") and other:
             ratios.append(
                 f"| {stage} | {size} | {framework} | {r['examples_per_s'] / other['examples_per_s']:.2f}x | "
-                f"{r['peak_rss_mb'] - other['peak_rss_mb']:+.0f} MB |"
+                f"{r[memory_key] - other[memory_key]:+.0f} MB |"
             )
     if ratios:
         lines += [
             "",
-            "| stage | size | ours | ours / TRL throughput | ours − TRL peak RSS |",
+            f"| stage | size | ours | ours / TRL throughput | ours − TRL {memory} |",
             "|---|---|---|---:|---:|",
             *ratios,
         ]
@@ -269,11 +302,12 @@ def markdown(bench: dict) -> str:
         f"One PPO iteration ({bench['ppo_iteration']['size']}, {bench['ppo_iteration']['rollout_batch_size']} rollouts): "
         + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in phases.items()),
     ]
-    lines += [
-        "",
-        "| scaling (ours, 3M) | seq len | batch | tokens/s | peak RSS (MB) | MFU |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
+    if bench["scaling"]:
+        lines += [
+            "",
+            "| scaling (ours, 3M) | seq len | batch | tokens/s | peak RSS (MB) | MFU |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
     for r in bench["scaling"]:
         lines.append(
             f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['mfu']:.0%} |"
@@ -289,32 +323,48 @@ def main(argv: list[str] | None = None) -> dict:
         "--skip-trl", action="store_true", help="our stages only (TRL is in the optional 'bench' extra)"
     )
     parser.add_argument("--fresh", action="store_true", help="re-measure runs whose results are already in --out")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto: the GPU plan (89M and 308M models, bf16) where CUDA is there, the CPU plan elsewhere",
+    )
     args = parser.parse_args(argv)
     REUSE["results"] = not args.fresh
-    plan = QUICK if args.quick else FULL
+    import torch
+
+    device_type = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the workers too: our stages would pick a GPU by themselves
+    plan = QUICK if args.quick else GPU if device_type == "cuda" else FULL
+    device = {"type": device_type, "dtype": plan.get("dtype", "float32")}
     frameworks = ["ours"] + ([] if args.skip_trl or importlib.util.find_spec("trl") is None else ["trl"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    peak = matmul_peak_gflops()
-    print(f"fp32 matmul peak: {peak:.0f} GFLOP/s", flush=True)
+    peak = matmul_peak_gflops(device=device_type)
+    print(f"{'bf16' if device_type == 'cuda' else 'fp32'} matmul peak: {peak:.0f} GFLOP/s", flush=True)
     fx_path = out / "fixtures" / "fixtures.json"
     fx = json.loads(fx_path.read_text()) if fx_path.is_file() else None
-    if fx is None or "reward_models" not in fx:  # none yet, or built before PPO needed a real reward model
-        fx = fixture_module.build(fx_path.parent)
-    training = training_rows(plan, fx, fx_path, out, peak, frameworks)
-    rollout, ppo_iteration = ppo_rows(plan, fx, fx_path, out)
+    if fx is None or "reward_models" not in fx or not set(plan["sizes"]) <= set(fx["models"]):
+        fx = fixture_module.build(fx_path.parent, sizes={size: fixture_module.SIZES[size] for size in plan["sizes"]})
+    training = training_rows(plan, fx, fx_path, out, peak, frameworks, device)
+    rollout, ppo_iteration = ppo_rows(plan, fx, fx_path, out, device)
     scaling = scaling_rows(plan, fx, out, peak)
 
-    import torch
-
+    machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if device_type == "cuda":
+        machine = f"{torch.cuda.get_device_name()}, {machine}"
     bench = {
         "command": "python -m benchmarks.run"
         + (" --quick" if args.quick else "")
-        + (" --skip-trl" if args.skip_trl else ""),
-        "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "versions": {name: _version(name) for name in ("torch", "transformers", "trl")},
+        + (" --skip-trl" if args.skip_trl else "")
+        + (f" --device {args.device}" if args.device != "auto" else ""),
+        "machine": machine,
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": {name: _version(name) for name in ("torch", "transformers", "accelerate", "trl")},
         "plan": plan,
         "matmul_peak_gflops": peak,
         "fixtures": fx,

@@ -39,6 +39,7 @@ def summarize(
         "examples_per_s": examples_per_s,
         "tokens_per_s": tokens_per_s,
         "peak_rss_mb": result["peak_rss_mb"],
+        "peak_gpu_mb": result.get("peak_gpu_mb"),
         "time_to_first_step_s": result["step_times"][0] - result["process_start"],
         "mfu": tokens_per_s * flops_per_token / (peak_gflops * 1e9),
     }

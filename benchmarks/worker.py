@@ -23,6 +23,8 @@ STEP_TIMES: list[float] = []
 
 
 def _record_step(_optimizer, _args, _kwargs) -> None:
+    if torch.cuda.is_initialized():  # the step's kernels are queued, not done, when it returns
+        torch.cuda.synchronize()
     STEP_TIMES.append(time.time())
 
 
@@ -63,7 +65,7 @@ def run_ours(spec: dict, fixtures: dict) -> None:
     }
     config = {
         "output_dir": str(out / "run"),
-        "model": {"name_or_path": fixtures["models"][spec["size"]]},
+        "model": {"name_or_path": fixtures["models"][spec["size"]], "dtype": spec.get("dtype", "float32")},
         "data": data,
         "optim": {"lr": spec["lr"], "min_warmup_steps": spec["warmup_steps"], "warmup_ratio": 0.0},
         "train": {
@@ -104,7 +106,7 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
     folder = fixtures["models"][spec["size"]]
     config = {
         "output_dir": str(out / "run"),
-        "model": {"name_or_path": folder},
+        "model": {"name_or_path": folder, "dtype": spec.get("dtype", "float32")},
         "reward": {"kind": "model", "models": [fixtures["reward_models"][spec["size"]]], "normalize": False},
         "data": {
             "train": [{"path": fixtures["data"]["pairs"], "format": "prompt_chosen_rejected"}],
@@ -135,6 +137,7 @@ def run_trl(spec: dict, fixtures: dict) -> None:
 
     stage, out = spec["stage"], Path(spec["out"])
     folder = fixtures["models"][spec["size"]]
+    bf16 = spec.get("dtype") == "bfloat16"  # TRL's bf16 is autocast over float32 weights, as ours
     tokenizer = AutoTokenizer.from_pretrained(folder)
     train = datasets.load_dataset("json", data_files=str(training_rows(spec, fixtures)), split="train")
     common = dict(
@@ -155,12 +158,12 @@ def run_trl(spec: dict, fixtures: dict) -> None:
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         seed=spec["seed"],
         disable_tqdm=True,
         gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,  # fp32 like ours (TRL defaults to bf16)
+        bf16=bf16,
+        fp16=False,  # TRL defaults to bf16; ours follows model.dtype, so both are set alike
         max_length=spec["max_length"],
         dataloader_num_workers=0,
         **spec.get("trl", {}),
@@ -201,6 +204,8 @@ def main(spec_path: str, result_path: str) -> None:
     else:
         {"ours": run_ours, "trl": run_trl}[spec["framework"]](spec, fixtures)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if torch.cuda.is_initialized():
+        extra["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     Path(result_path).write_text(
         json.dumps(
             {

@@ -80,7 +80,7 @@ def _run_stage(stage: Stage, config: Path, overrides, num_processes=None, resume
         from pipeline.launch import inside_launch, relaunch
 
         launch: LaunchConfig = getattr(cfg, "launch", LaunchConfig())  # compare runs in one process
-        if launch.num_processes > 1 and not inside_launch():
+        if (launch.num_processes > 1 or launch.always_launch) and not inside_launch():
             args = [*stage.command, str(config), *[a for o in overrides for a in ("--set", o)]]
             args += ["--resume"] if resume else []
             args += ["--overwrite"] if overwrite else []

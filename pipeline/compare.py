@@ -24,7 +24,7 @@ from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
 from pipeline.evaluation import Scored, bootstrap_mean, distinct_n, kl_to_anchor, sample_and_score, win_indicators
 from pipeline.judges import gold_reward
-from pipeline.launch import init_distributed
+from pipeline.launch import init_distributed, shard
 from pipeline.models import from_pretrained, load_tokenizer
 from pipeline.runs import checkpoint_folders, prepare_output_dir
 from pipeline.scoring import RewardModel, load_reward_model
@@ -61,7 +61,7 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
 
     sft_path = Path(cfg.sft) / "model"
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(sft_path)))
-    sft = from_pretrained(AutoModelForCausalLM, sft_path).eval()
+    sft = shard(from_pretrained(AutoModelForCausalLM, sft_path, dtype=torch.float32), dist).eval()
     proxy = load_reward_model(Path(cfg.reward) / "model", "float32", dist) if cfg.reward is not None else None
 
     samples: list[MethodSamples] = []
@@ -72,13 +72,14 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
             samples.append(best_of_n(sft, n, temperature, prompts, tokenizer, gold, proxy, cfg))
     frontier = []
     for policy in cfg.policies:
-        model = from_pretrained(AutoModelForCausalLM, Path(policy.run) / "model").eval()
+        model = shard(from_pretrained(AutoModelForCausalLM, Path(policy.run) / "model", dtype=torch.float32), dist)
+        model.eval()
         for temperature in cfg.temperatures:
             samples.append(
                 sample_method(model, policy.name, policy.method, temperature, prompts, tokenizer, gold, proxy, sft, cfg)
             )
         for step, path in _checkpoints(Path(policy.run)) if cfg.checkpoints else []:
-            checkpoint = from_pretrained(AutoModelForCausalLM, path).eval()
+            checkpoint = shard(from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32), dist).eval()
             point = sample_method(
                 checkpoint,
                 policy.name,
@@ -193,7 +194,7 @@ def proxy_scores(proxy: RewardModel, scored: Scored, cfg: CompareConfig) -> list
     examples = proxy.examples(
         scored.prompts, scored.completions, scored.finished, None, COMPARE_PROMPT_DATA.max_prompt_length
     )
-    return proxy.score(examples, cfg.batch_size, torch.device("cpu")).tolist()
+    return proxy.score(examples, cfg.batch_size, next(proxy.head.parameters()).device).tolist()
 
 
 # ----------------------------------------------------------------------------------------- stats
@@ -299,6 +300,7 @@ def _cost_row(cost: dict) -> dict:
     return {
         "wall_s": cost["wall_s"],
         "peak_rss_mb": cost["peak_rss_mb"],
+        "peak_gpu_mb": cost.get("peak_gpu_mb"),  # runs on a GPU only
         "tokens": sum(cost["tokens"].values()),
         "forward_passes": sum(cost["forward_passes"].values()),
     }

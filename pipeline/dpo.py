@@ -123,7 +123,7 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
 
     # ---- build: the policy (SFT model or the checkpoint being resumed), shards, optimizer
     policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
-    policy = meter.watch(shard(policy, dist), "policy")
+    policy = meter.watch(shard(policy, dist, cfg.model.dtype), "policy")
     optimizer = build_optimizer(policy, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])
     trainables = [Trainable("model", policy, optimizer, tokenizer)]

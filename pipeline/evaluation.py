@@ -62,9 +62,10 @@ def sample_and_score(
 def response_logps(model, sequences: list[TokenizedExample], pad_id: int, batch_size: int = 64) -> list[float]:
     """Summed log-probability of each sequence's response under `model`."""
     model.eval()
+    device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(sequences), batch_size):
-        batch = collate(sequences[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in collate(sequences[start : start + batch_size], pad_id).items()}
         logps, _ = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         out += logps.sum(-1).tolist()
     return out

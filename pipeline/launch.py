@@ -1,7 +1,7 @@
 """One process or many: re-launching under `accelerate launch`, FSDP2 sharding, rank-0 helpers.
 
-A stage runs in the current process unless `launch.num_processes > 1`; then the same command line is
-started again under `accelerate launch` with the configured Accelerate config file, and each child
+A stage runs in the current process unless `launch.num_processes > 1` (or `launch.always_launch`);
+then the same command line is started again under `accelerate launch` with the configured Accelerate config file, and each child
 sees WORLD_SIZE in its environment. Sharding is torch's own FSDP2 (`fully_shard`) on every
 transformer block and then the root, so the same code path runs on GPUs (NCCL) and on CPU (gloo):
 Accelerate's FSDP plugin would not shard on a machine without CUDA.
@@ -9,6 +9,7 @@ Accelerate's FSDP plugin would not shard on a machine without CUDA.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as torch_dist
 
 from pipeline.config import LaunchConfig
-from pipeline.errors import ERROR_DIR_ENV
+from pipeline.errors import ERROR_DIR_ENV, ConfigError
 from pipeline.files import replace_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +36,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    launched: bool = False  # under `accelerate launch`, in a process group even when world_size is 1
 
     @property
     def is_main(self) -> bool:
@@ -42,7 +44,8 @@ class Dist:
 
     @property
     def sharded(self) -> bool:
-        return self.world_size > 1
+        """FSDP2-wrapped, with collectives: several processes, or one launched on purpose."""
+        return self.world_size > 1 or self.launched
 
 
 # ------------------------------------------------------------------------------------ re-launching
@@ -83,6 +86,12 @@ def relaunch(launch: LaunchConfig, cli_args: list[str]) -> tuple[int, str | None
     Each rank that fails writes its one-line message (`report_failure`); the launcher's own output
     about the failure comes first, so the caller prints that message last, where it is seen.
     """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and launch.num_processes > gpus and os.environ.get("ACCELERATE_USE_CPU") != "True":
+        raise ConfigError(
+            f"launch.num_processes: {launch.num_processes} processes need as many GPUs (one each), this machine "
+            f"has {gpus}; on one GPU, launch.always_launch: true runs the sharded path in one process"
+        )
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))
     with tempfile.TemporaryDirectory(prefix="rlhfdpo-errors-") as errors:
@@ -108,10 +117,11 @@ def init_distributed() -> Dist:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not torch_dist.is_initialized():
+    launched = inside_launch()
+    if (world_size > 1 or launched) and not torch_dist.is_initialized():
         torch_dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device, launched=launched)
 
 
 def close_distributed() -> None:
@@ -145,11 +155,20 @@ def barrier(dist: Dist) -> None:
         torch_dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where a tensor must be for the process group's collectives: NCCL reduces CUDA tensors only."""
+    if torch_dist.is_initialized() and torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(dist: Dist, value: torch.Tensor) -> torch.Tensor:
-    """Sum of `value` over all processes (a copy; `value` is left as it was)."""
+    """Sum of `value` over all processes, on `value`'s device (a copy; `value` is left as it was)."""
     value = value.detach().clone()
     if dist.sharded:
-        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
+        reduced = value.to(collective_device())
+        torch_dist.all_reduce(reduced, op=torch_dist.ReduceOp.SUM)
+        value = reduced.to(value.device)
     return value
 
 
@@ -174,25 +193,27 @@ def broadcast_object(dist: Dist, obj):
 # ------------------------------------------------------------------------------------------ FSDP2
 
 
-def mixed_precision_dtype() -> torch.dtype | None:
-    """The compute dtype the Accelerate config asks for (accelerate launch exports it)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(os.environ.get("ACCELERATE_MIXED_PRECISION", "no"))
+def shard(model: torch.nn.Module, dist: Dist, compute_dtype: str = "float32") -> torch.nn.Module:
+    """The model on this rank's device, FSDP2-sharded when several processes (or a launched one) run.
 
+    Sharding is full: each transformer block is one unit, then the root holds the rest; the blocks
+    are found through `_no_split_modules`, the list Hugging Face models keep of the layer classes
+    that must stay whole (GPT2Block, LlamaDecoderLayer, ...).
 
-def shard(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
-    """FSDP2 full sharding: each transformer block is one unit, then the root holds the rest.
-
-    The blocks are found through `_no_split_modules`, the list Hugging Face models keep of the
-    layer classes that must stay whole (GPT2Block, LlamaDecoderLayer, ...).
+    `compute_dtype` (the stage's `model.dtype`) is the precision of the forward passes; weights,
+    gradients and optimizer state stay float32 (mixed precision). Sharded, FSDP2's policy gathers
+    the weights in it; in one process, each forward runs under autocast (`compute_in`).
     """
+    from pipeline.models import DTYPES
+
+    dtype = DTYPES[compute_dtype]
     model.to(dist.device)
     if not dist.sharded:
-        return model
+        return compute_in(model, dtype, dist.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs = {"reshard_after_forward": os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true") != "false"}
-    dtype = mixed_precision_dtype()
-    if dtype is not None:
+    if dtype != torch.float32:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
@@ -201,6 +222,25 @@ def shard(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+    return model
+
+
+def compute_in(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Run `model`'s forward under autocast to `dtype` (nothing to do for float32).
+
+    Per call, not around a whole loop: autocast's cache of down-cast weights lives as long as its
+    region, and a region spanning an optimizer step would keep serving the weights from before it.
+    """
+    if dtype == torch.float32:
+        return model
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_in_dtype(*args, **kwargs):
+        with torch.autocast(device.type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    model.forward = forward_in_dtype
     return model
 
 

@@ -29,7 +29,7 @@ from pipeline.files import weights_problem
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # model.dtype: the compute precision
 
 
 def is_scratch(model: ModelConfig) -> bool:
@@ -95,7 +95,7 @@ def load_causal_lm(model: ModelConfig, path: str | None = None) -> PreTrainedMod
         AutoModelForCausalLM,
         path or model.name_or_path,
         revision=model.revision if path is None else None,
-        dtype=DTYPES[model.dtype],
+        dtype=torch.float32,  # weights stay float32; model.dtype is the compute precision (launch.shard)
         trust_remote_code=model.trust_remote_code,
     )
 
@@ -141,7 +141,13 @@ class ScalarHead(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
+        # The head in float32 even under bf16 autocast: rounded to bf16 (steps of 1/64 near 2.0),
+        # close scores would tie, and a tie counts as a wrong preference.
+        with torch.autocast(hidden.device.type, enabled=False):
+            score = self.model.score
+            return torch.nn.functional.linear(
+                hidden.float(), score.weight.float(), None if score.bias is None else score.bias.float()
+            ).squeeze(-1)  # (B, T)
 
 
 def last_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -97,7 +97,7 @@ def run(cfg: PairsConfig, overwrite: bool = False) -> Path:
         "test": _distinct(eval_prompts)[: cfg.num_eval_prompts],
     }
     gold = gold_reward(cfg.gold_reward)
-    model = meter.watch(shard(load_causal_lm(cfg.model), dist), "policy")
+    model = meter.watch(shard(load_causal_lm(cfg.model), dist, cfg.model.dtype), "policy")
     model.eval()
 
     # ---- loop: sample, score, pair, for each split

@@ -196,14 +196,19 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     require_examples(prompts, ledger, "ppo")
 
     # ---- build: policy, reference, value model, scorer; optimizers; KL controller
-    policy = shard(load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None), dist)
-    reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist).eval().requires_grad_(False)
+    compute = cfg.model.dtype
+    policy = shard(load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None), dist, compute)
+    reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist, compute).eval().requires_grad_(False)
     value_source = str(checkpoint / "value") if checkpoint else cfg.value_model_path
     check_value_tokenizer(value_source, tokenizer)
     value_hf = from_pretrained(
-        AutoModelForSequenceClassification, value_source, num_labels=1, pad_token_id=tokenizer.pad_token_id
+        AutoModelForSequenceClassification,
+        value_source,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype=torch.float32,
     )
-    value = shard(ScalarHead(value_hf), dist)
+    value = shard(ScalarHead(value_hf), dist, compute)
     if cfg.ppo.disable_dropout:
         disable_dropout(policy)
         disable_dropout(value)
@@ -333,7 +338,9 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
     """Per-token (old log-probs, reference log-probs, values, entropies, response mask), each (B, T-1).
 
     Log-probs are of the distribution the rollouts were sampled from, softmax(logits / T), for
-    the policy and the reference alike, so the ratio and the KL compare like with like.
+    the policy and the reference alike, so the ratio and the KL compare like with like. Both come
+    from full logits (the policy's also give the entropy): in bf16, an LM head run on fewer rows
+    can round differently, and the KL of a policy to its own copy would not start at 0.
     """
     temperature = cfg.rollout.temperature
     old_logps, ref_logps, old_values, entropies, masks = [], [], [], [], []
@@ -344,9 +351,8 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
         old_logps.append(logps)
         masks.append(mask)
         entropies.append(entropy_from_logits(logits[:, :-1]) * mask)
-        ref_logps.append(
-            response_token_logps(reference, part["input_ids"], part["attention_mask"], part["labels"], temperature)[0]
-        )
+        ref_logits = reference(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+        ref_logps.append(token_logps(ref_logits.float() / temperature, part["labels"])[0])
         old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
     mask = torch.cat(masks)
     return torch.cat(old_logps), torch.cat(ref_logps), torch.cat(old_values) * mask, torch.cat(entropies), mask

@@ -95,7 +95,7 @@ def reference_logps(
                 f"[yellow]warning:[/yellow] the reference log-prob cache {plain(path)} {plain(problem)}; computing it again"
             )
 
-    reference = shard(load_causal_lm(model), dist)
+    reference = shard(load_causal_lm(model), dist, model.dtype)
     reference.eval()
     if meter is not None:
         meter.watch(reference, "reference")

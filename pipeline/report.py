@@ -136,19 +136,23 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
         "",
     ]
     if results["cost"]:
+        on_gpu = any(c.get("peak_gpu_mb") is not None for c in results["cost"])
         lines += [
             "## Cost",
             "",
             "RLHF's PPO also pays for the preference pairs and the reward model; DPO for the pairs.",
             "",
             *_markdown_table(
-                ["run", "wall time (s)", "with its inputs (s)", "peak memory (MB)", "tokens", "forward passes"],
+                ["run", "wall time (s)", "with its inputs (s)", "peak memory (MB)"]
+                + (["peak GPU memory (MB)"] if on_gpu else [])
+                + ["tokens", "forward passes"],
                 [
                     [
                         c["name"],
                         f"{c['wall_s']:.0f}",
                         f"{c.get('wall_s_with_inputs', c['wall_s']):.0f}",
                         f"{c['peak_rss_mb']:.0f}",
+                        *([_megabytes(c.get("peak_gpu_mb"))] if on_gpu else []),
                         f"{c['tokens']:,}",
                         f"{c['forward_passes']:,}",
                     ]
@@ -242,3 +246,7 @@ def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel("gold win rate against SFT")
     return _save(plt, fig, ax, path, legend_outside=True)
+
+
+def _megabytes(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

@@ -25,7 +25,7 @@ from pipeline.data.records import DropLedger, PreferencePair
 from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
 from pipeline.launch import close_distributed, init_distributed, shard
 from pipeline.losses import bradley_terry_loss, reward_centering_penalty
-from pipeline.models import DTYPES, ScalarHead, from_pretrained, load_tokenizer
+from pipeline.models import ScalarHead, from_pretrained, load_tokenizer
 from pipeline.runs import RunDir, Trainable
 from pipeline.scoring import sequence_scores
 from pipeline.stage_common import (
@@ -93,12 +93,12 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
         source,
         num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
-        dtype=DTYPES[cfg.model.dtype],
+        dtype=torch.float32,  # trained weights stay float32; model.dtype is the compute precision
         revision=cfg.model.revision if not checkpoint else None,
         trust_remote_code=cfg.model.trust_remote_code,
     )
     hf_model.config.pad_token_id = tokenizer.pad_token_id
-    model = meter.watch(shard(ScalarHead(hf_model), dist), "reward")
+    model = meter.watch(shard(ScalarHead(hf_model), dist, cfg.model.dtype), "reward")
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])
     trainables = [Trainable("model", model, optimizer, tokenizer, hf_model=hf_model, prefix="model.")]

@@ -298,6 +298,8 @@ class RunDir:
             "",
             f"- command: `{command}`",
             f"- config digest: `{config_module.digest(config)}` (full config in `config.yaml`)",
+            f"- ran on: {self.dist.world_size} process(es), {self.dist.device.type}"
+            + (", FSDP2-sharded" if self.dist.sharded else ""),
             "- model: `model/` (load with `from_pretrained`)",
             "",
             "| metric | value |",

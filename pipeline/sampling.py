@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as torch_dist
 
+from pipeline.launch import collective_device
 from pipeline.logprobs import keeps_logit_positions
 
 
@@ -113,7 +114,7 @@ def generate(
 def _all_done(done: torch.Tensor, sync_ranks: bool) -> bool:
     flag = done.all().to(torch.int64).reshape(1)
     if sync_ranks and torch_dist.is_initialized():
-        flag = flag.clone().cpu()
+        flag = flag.to(collective_device())
         torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MIN)
     return bool(flag.item())
 

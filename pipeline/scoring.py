@@ -21,7 +21,7 @@ from pipeline.config import ConfigError, DataConfig, check_reward_model_path
 from pipeline.data.tokenize import TokenizedExample, collate, tokenize_example
 from pipeline.errors import InputError
 from pipeline.launch import Dist, shard
-from pipeline.models import DTYPES, ScalarHead, from_pretrained, last_scores
+from pipeline.models import ScalarHead, from_pretrained, last_scores
 
 
 def sequence_scores(head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -120,7 +120,7 @@ def load_reward_model(path: str | Path, dtype: str, dist: Dist, require_stats: b
         check_reward_model_path("reward model", path)
     except ConfigError as err:
         raise InputError(str(err)) from None
-    hf = from_pretrained(AutoModelForSequenceClassification, path, dtype=DTYPES[dtype])
+    hf = from_pretrained(AutoModelForSequenceClassification, path, dtype=torch.float32)
     if hf.config.num_labels != 1:
         raise InputError(f"{path}: a reward model has one label, this classifier has {hf.config.num_labels}")
     try:
@@ -138,5 +138,5 @@ def load_reward_model(path: str | Path, dtype: str, dist: Dist, require_stats: b
             f"{path}: no reward_mean/reward_std in its config (they are saved by `rlhfdpo reward`), so its "
             "scores cannot be normalised; set reward.normalize: false to use its raw scores"
         )
-    head = shard(ScalarHead(hf), dist).eval().requires_grad_(False)
+    head = shard(ScalarHead(hf), dist, dtype).eval().requires_grad_(False)
     return RewardModel(path, head, tokenizer, mean, std)

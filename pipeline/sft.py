@@ -78,7 +78,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     else:
         model = load_causal_lm(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
-    model = meter.watch(shard(model, dist), "policy")
+    model = meter.watch(shard(model, dist, cfg.model.dtype), "policy")
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [len(e.input_ids) for e in train_set])
     trainables = [Trainable("model", model, optimizer, tokenizer)]

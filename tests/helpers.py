@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
@@ -49,11 +50,50 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
+CLI_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
+
 def run_cli(*args: str, timeout: int = 900, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
-    )
+    """`rlhfdpo ARGS` with its exit status, stdout and stderr.
+
+    It runs in this process through typer's CliRunner: a fresh `python -m pipeline.cli` spends
+    about 7 s importing torch and transformers, which was most of the suite's time. What the
+    command starts (accelerate's processes, an experiment's steps) still runs in processes of its
+    own. RLHFDPO_TEST_SUBPROCESS=1 runs every command in a fresh process instead (and honours
+    `timeout`); tests that must see the real process exit use subprocess themselves.
+    """
+    if os.environ.get("RLHFDPO_TEST_SUBPROCESS") == "1":
+        env = {**os.environ, **CLI_ENV}
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+        )
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    os.environ.update(CLI_ENV)
+    previous_dir, previous_argv = Path.cwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = ["rlhfdpo", *args]  # what a run card and a report name as the command
+    try:
+        result = CliRunner().invoke(app, list(args), catch_exceptions=True)
+    finally:
+        os.chdir(previous_dir)
+        sys.argv = previous_argv
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["rlhfdpo", *args], result.exit_code, result.stdout, stderr)
 
 
 def sets(*overrides: str) -> list[str]:

@@ -123,6 +123,14 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     assert "| 3M | 32 x 96 | 3000 | 1500 | 2.00x | True |" in text
     assert "update 2.00 s (50%)" in text
 
+    # On a GPU: the bf16 ceiling, GPU memory where RSS was, and no empty scaling table.
+    gpu = {**bench, "device": {"type": "cuda", "dtype": "bfloat16"}, "scaling": []}
+    gpu["training"] = [{**r, "peak_gpu_mb": mb} for r, mb in zip(bench["training"], (2000.0, 2500.0))]
+    text = markdown(gpu)
+    assert "Measured bf16 matmul peak" in text and "peak GPU memory (MB)" in text
+    assert "| dpo | 3M | ours | 1.25x | -500 MB |" in text
+    assert "scaling" not in text
+
 
 @pytest.mark.slow
 def test_worker_splits_a_ppo_iteration_into_phases(tmp_path):

@@ -1,10 +1,11 @@
-"""Sharded runs: two processes follow the one-process loss curve."""
+"""Sharded runs: two processes follow the one-process loss curve; one launched process matches a plain one."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
-from helpers import read_metrics, run_ok
+from helpers import read_metrics, run_ok, tiny_sft_config, write_yaml
 
 
 # ------------------------------------------------------------------------------------ two processes
@@ -23,3 +24,25 @@ def test_two_processes_follow_the_one_process_loss_curve(small_pipeline, stage, 
     assert sorted(losses[1]) == sorted(losses[2]) == [1, 2, 3, 4]
     for step in losses[1]:
         assert losses[2][step] == pytest.approx(losses[1][step], abs=2e-4), (losses[1], losses[2])
+
+
+# ------------------------------------------------------------------------------------ a world of one
+@pytest.mark.slow
+def test_one_launched_process_wraps_with_fsdp_and_trains_as_one_plain_process(tmp_path):
+    """`launch.always_launch` runs one process under `accelerate launch`: FSDP2 wraps, shards over a
+    world of one and gathers to save, and the result is the plain one-process run's."""
+    from safetensors.torch import load_file
+
+    models, losses = {}, {}
+    for name, extra in (("plain", []), ("launched", ["--set", "launch.always_launch=true"])):
+        out = tmp_path / name
+        config = write_yaml(tmp_path / f"{name}.yaml", tiny_sft_config(out))
+        run_ok("sft", str(config), *extra)
+        losses[name] = [m["loss"] for m in read_metrics(out) if "loss" in m]
+        models[name] = load_file(out / "model" / "model.safetensors")
+        card = (out / "README.md").read_text()
+        assert ("FSDP2-sharded" in card) == (name == "launched"), card
+    assert losses["launched"] == pytest.approx(losses["plain"], abs=1e-4)
+    assert models["launched"].keys() == models["plain"].keys()
+    for key, weight in models["plain"].items():
+        assert torch.allclose(models["launched"][key], weight, atol=1e-4), key

@@ -66,7 +66,11 @@ class ModelConfig:
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     tokenizer: str | None = None  # defaults to name_or_path
     revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    # The precision of forward passes. bfloat16 is mixed precision: every model keeps float32
+    # weights, gradients and optimizer state (a bf16 AdamW update of lr 1e-6 would round away) and
+    # computes in bf16 (autocast in one process, FSDP2's policy when sharded). float16 is not
+    # offered: it would need loss scaling.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
 
     def check(self, at: str) -> None:
@@ -243,6 +247,10 @@ class LaunchConfig:
     # on a CUDA machine and configs/accelerate/cpu.yaml elsewhere.
     accelerate_config: str | None = None
     main_process_port: int | None = None
+    # Run under `accelerate launch` even with one process, so that FSDP2 wraps, shards and gathers
+    # over a world of one: the sharded code path on a single GPU (or CPU), as `--num-processes 1`
+    # in Accelerate would. Off, one process runs the stage directly.
+    always_launch: bool = False
 
     def check(self, at: str) -> None:
         positive(at, num_processes=self.num_processes)
