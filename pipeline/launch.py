@@ -1,10 +1,10 @@
 """One process or many: re-launching under `accelerate launch`, FSDP2 sharding, rank-0 helpers.
 
 A stage runs in the current process unless `launch.num_processes > 1` (or `launch.always_launch`);
-then the same command line is started again under `accelerate launch` with the configured Accelerate config file, and each child
-sees WORLD_SIZE in its environment. Sharding is torch's own FSDP2 (`fully_shard`) on every
-transformer block and then the root, so the same code path runs on GPUs (NCCL) and on CPU (gloo):
-Accelerate's FSDP plugin would not shard on a machine without CUDA.
+then the same command line is started again under `accelerate launch` with the configured
+Accelerate config file, and each child sees WORLD_SIZE in its environment. Sharding is torch's own
+FSDP2 (`fully_shard`) on every transformer block and then the root, so the same code path runs on
+GPUs (NCCL) and on CPU (gloo): Accelerate's FSDP plugin would not shard on a machine without CUDA.
 """
 
 from __future__ import annotations
