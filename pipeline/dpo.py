@@ -39,6 +39,7 @@ from pipeline.training import (
     Sums,
     backward_global_mean,
     build_optimizer,
+    checkpoint_activations,
     clip_and_step,
     count_over_ranks,
     due,
@@ -123,6 +124,7 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
 
     # ---- build: the policy (SFT model or the checkpoint being resumed), shards, optimizer
     policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
+    checkpoint_activations(policy, cfg.train.gradient_checkpointing)
     policy = meter.watch(shard(policy, dist, cfg.model.dtype), "policy")
     optimizer = build_optimizer(policy, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])

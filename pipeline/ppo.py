@@ -54,6 +54,7 @@ from pipeline.training import (
     Sums,
     backward_global_mean,
     build_optimizer,
+    checkpoint_activations,
     chunks,
     clip_and_step,
     due,
@@ -197,7 +198,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
 
     # ---- build: policy, reference, value model, scorer; optimizers; KL controller
     compute = cfg.model.dtype
-    policy = shard(load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None), dist, compute)
+    policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
+    policy = shard(checkpoint_activations(policy, cfg.train.gradient_checkpointing), dist, compute)
     reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist, compute).eval().requires_grad_(False)
     value_source = str(checkpoint / "value") if checkpoint else cfg.value_model_path
     check_value_tokenizer(value_source, tokenizer)
@@ -208,6 +210,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         dtype=torch.float32,
     )
+    checkpoint_activations(value_hf, cfg.train.gradient_checkpointing)
     value = shard(ScalarHead(value_hf), dist, compute)
     if cfg.ppo.disable_dropout:
         disable_dropout(policy)

@@ -42,6 +42,7 @@ from pipeline.training import (
     Sums,
     backward_global_mean,
     build_optimizer,
+    checkpoint_activations,
     clip_and_step,
     count_over_ranks,
     due,
@@ -98,6 +99,7 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
         trust_remote_code=cfg.model.trust_remote_code,
     )
     hf_model.config.pad_token_id = tokenizer.pad_token_id
+    checkpoint_activations(hf_model, cfg.train.gradient_checkpointing)
     model = meter.watch(shard(ScalarHead(hf_model), dist, cfg.model.dtype), "reward")
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])

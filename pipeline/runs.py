@@ -54,6 +54,7 @@ RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.save_every",
     "train.keep_checkpoints",
+    "train.gradient_checkpointing",
     "train.eval_batch_size",
     "sample_table_every",
     "launch.",

@@ -38,6 +38,7 @@ from pipeline.training import (
     Throughput,
     backward_global_mean,
     build_optimizer,
+    checkpoint_activations,
     clip_and_step,
     count_over_ranks,
     due,
@@ -78,6 +79,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     else:
         model = load_causal_lm(cfg.model)
     n_params = sum(p.numel() for p in model.parameters())
+    checkpoint_activations(model, cfg.train.gradient_checkpointing)
     model = meter.watch(shard(model, dist, cfg.model.dtype), "policy")
     optimizer = build_optimizer(model, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [len(e.input_ids) for e in train_set])

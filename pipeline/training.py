@@ -46,6 +46,20 @@ def _as_python_random_state(state) -> tuple:
 # ----------------------------------------------------------------------------- optimizer, schedule
 
 
+def checkpoint_activations(model, enabled: bool):
+    """Gradient checkpointing on a Hugging Face model (or the one a ScalarHead wraps), if enabled.
+
+    Non-reentrant, the variant that works under FSDP2 and with inputs that need no gradient.
+    """
+    if enabled:
+        hf_model = model if hasattr(model, "gradient_checkpointing_enable") else model.model
+        if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, biases and norm gains do not (the usual GPT/Llama practice)."""
     decay, no_decay = [], []

@@ -91,3 +91,14 @@ def test_two_processes_shard_the_model_and_follow_the_same_loss_curve(finished_r
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     final_eval = [[m["eval/loss"] for m in read_metrics(d) if "eval/loss" in m][-1] for d in (single_dir, run_dir)]
     assert final_eval[1] == pytest.approx(final_eval[0], abs=1e-3)
+
+
+def test_gradient_checkpointing_follows_the_same_loss_curve(tmp_path):
+    losses = {}
+    for enabled in (False, True):
+        run_dir = tmp_path / str(enabled)
+        config = tiny_sft_config(run_dir, max_steps=3, eval_every=0, save_every=0, gradient_checkpointing=enabled)
+        result = run_cli("sft", str(write_yaml(tmp_path / f"{enabled}.yaml", config)))
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[enabled] = train_losses(run_dir)
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)

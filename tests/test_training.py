@@ -99,3 +99,42 @@ def test_micro_batches_of_a_step_are_cut_from_its_examples_sorted_by_length():
         assert sorted(i for m in sorted_micro for i in m) == sorted(i for m in plain_micro for i in m)
         widths = [[lengths[i] for i in m] for m in sorted_micro]
         assert all(min(a) >= max(b) for a, b in zip(widths, widths[1:]))
+
+
+# ------------------------------------------------------------------------- gradient checkpointing
+@pytest.mark.parametrize("head", [False, True])
+def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_gradients(tiny_tokenizer, head):
+    """train.gradient_checkpointing: each block runs again during backward, and nothing changes."""
+    from transformers import GPT2ForSequenceClassification
+
+    from pipeline.config import ArchitectureConfig
+    from pipeline.models import ScalarHead, create_scratch_model
+    from pipeline.training import checkpoint_activations
+
+    def build(enabled: bool):
+        lm = create_scratch_model(ArchitectureConfig(n_layer=2, n_head=2, n_embd=32, n_positions=64), tiny_tokenizer, 0)
+        if head:
+            lm.config.num_labels = 1
+            torch.manual_seed(1)
+            model = ScalarHead(GPT2ForSequenceClassification(lm.config))
+        else:
+            model = lm
+        return checkpoint_activations(model, enabled).train()
+
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    grads, block_calls = {}, {}
+    for enabled in (False, True):
+        model = build(enabled)
+        calls = []
+        blocks = model.model.transformer.h if head else model.transformer.h
+        # The attention inside the first block runs again in backward (recomputation stops early,
+        # once the tensors backward needs are back, so not every submodule reruns).
+        blocks[0].attn.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        out = model(ids, torch.ones_like(ids)) if head else model(input_ids=ids).logits
+        out.float().pow(2).mean().backward()
+        grads[enabled] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        block_calls[enabled] = len(calls)
+    assert block_calls == {False: 1, True: 2}
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert torch.allclose(grads[True][name], grad, atol=1e-6), name

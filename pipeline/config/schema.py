@@ -208,6 +208,9 @@ class TrainConfig:
     save_every: int = 200  # checkpoint period in optimizer steps; 0 saves only the final model
     keep_checkpoints: int = 2
     seed: int = 0
+    # Keep only each transformer block's input for backward and recompute the rest: less activation
+    # memory for about one more forward pass per step; the same numbers.
+    gradient_checkpointing: bool = False
 
     def check(self, at: str) -> None:
         if self.epochs <= 0:
