@@ -1,4 +1,4 @@
-"""Plain helpers the tests share: paths, small configs, and the command line in a subprocess.
+"""Plain helpers the tests share: paths, small configs, hand-worked tensors, and the command line.
 
 (Fixtures live in conftest.py; this is an ordinary module, imported as `from helpers import ...`.)
 """
@@ -12,10 +12,35 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+TOL = 1e-6  # numbers worked by hand, to six decimals
+
+
+def t(*rows, grad: bool = False) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64, requires_grad=grad)
+
+
+def m(*rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.bool)
+
+
+def assert_close(actual, expected, tol: float = TOL) -> None:
+    got = actual.detach().tolist() if isinstance(actual, torch.Tensor) else actual
+    exp = expected
+
+    def flat(x):
+        return [v for row in x for v in flat(row)] if isinstance(x, list) else [x]
+
+    got_f, exp_f = flat(got), flat(exp)
+    assert len(got_f) == len(exp_f), (got, exp)
+    for g, e in zip(got_f, exp_f):
+        assert abs(g - e) < tol, (got, exp)
+
 
 TINY_ARCH = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 96, "vocab_size": 400}
 

@@ -11,30 +11,8 @@ import math
 import pytest
 import torch
 
+from helpers import TOL, assert_close, m, t
 from pipeline.advantages import explained_variance, gae, kl_penalty, masked_mean, masked_whiten, token_rewards
-
-TOL = 1e-6
-
-
-def t(*rows, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64, requires_grad=grad)
-
-
-def m(*rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.bool)
-
-
-def assert_close(actual, expected, tol: float = TOL) -> None:
-    got = actual.detach().tolist() if isinstance(actual, torch.Tensor) else actual
-    exp = expected
-
-    def flat(x):
-        return [v for row in x for v in flat(row)] if isinstance(x, list) else [x]
-
-    got_f, exp_f = flat(got), flat(exp)
-    assert len(got_f) == len(exp_f), (got, exp)
-    for g, e in zip(got_f, exp_f):
-        assert abs(g - e) < tol, (got, exp)
 
 
 # ---------------------------------------------------------------------------------- masked_mean

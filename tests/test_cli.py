@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -167,6 +168,24 @@ def test_a_sample_table_with_markup_in_it_prints():
     assert "[INST] hi [/INST]" in console.export_text()
 
 
+def small_dpo_config(tmp_path, policy, pairs, train: dict | None = None, **data) -> Path:
+    """A DPO config on `policy` and a pairs file, 32-token sequences, its reference cache in tmp_path."""
+    config = {
+        "output_dir": str(tmp_path / "dpo"),
+        "model": {"name_or_path": str(policy)},
+        "data": {
+            "train": [{"path": str(pairs), "format": "prompt_chosen_rejected"}],
+            "max_length": 32,
+            "max_prompt_length": 8,
+            **data,
+        },
+        "reference": {"cache_dir": str(tmp_path / "cache")},
+    }
+    if train:
+        config["train"] = train
+    return write_yaml(tmp_path / "dpo.yaml", config)
+
+
 @pytest.mark.slow
 def test_damaged_model_files_are_named_in_one_line(tmp_path, tiny_folders):
     policy = tiny_folders("policy")
@@ -178,20 +197,7 @@ def test_damaged_model_files_are_named_in_one_line(tmp_path, tiny_folders):
             for i in range(40)
         )
     )
-    config = write_yaml(
-        tmp_path / "dpo.yaml",
-        {
-            "output_dir": str(tmp_path / "dpo"),
-            "model": {"name_or_path": str(policy)},
-            "data": {
-                "train": [{"path": str(pairs), "format": "prompt_chosen_rejected"}],
-                "max_length": 32,
-                "max_prompt_length": 8,
-            },
-            "reference": {"cache_dir": str(tmp_path / "cache")},
-            "train": {"batch_size": 8, "micro_batch_size": 8, "max_steps": 1},
-        },
-    )
+    config = small_dpo_config(tmp_path, policy, pairs, train={"batch_size": 8, "micro_batch_size": 8, "max_steps": 1})
     for damage in (lambda b: b[: len(b) // 2], lambda b: os.urandom(len(b))):
         weights.write_bytes(damage(weights.read_bytes()))
         result = run_cli("dpo", str(config), "--overwrite")
@@ -210,20 +216,7 @@ def test_every_pair_dropped_is_one_line_with_the_counts_and_writes_no_cache(tmp_
             for _ in range(20)
         )
     )
-    config = write_yaml(
-        tmp_path / "dpo.yaml",
-        {
-            "output_dir": str(tmp_path / "dpo"),
-            "model": {"name_or_path": str(policy)},
-            "data": {
-                "train": [{"path": str(pairs), "format": "prompt_chosen_rejected"}],
-                "max_length": 32,
-                "max_prompt_length": 8,
-                "long_prompts": "drop",
-            },
-            "reference": {"cache_dir": str(tmp_path / "cache")},
-        },
-    )
+    config = small_dpo_config(tmp_path, policy, pairs, long_prompts="drop")
     result = run_cli("dpo", str(config))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "no training example is left" in last_line(result) and "prompt too long" in last_line(result)

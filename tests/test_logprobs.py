@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from helpers import assert_close
 from pipeline.logprobs import (
     entropy_from_logits,
     keeps_logit_positions,
@@ -49,9 +50,6 @@ def test_masked_positions_contribute_nothing():
     assert torch.allclose(logps[0].sum(), expected)
 
 
-TOL = 1e-6
-
-
 class FixedLogits(torch.nn.Module):
     """A "language model" whose logits are given, so a stage's log-probs can be worked by hand.
 
@@ -82,19 +80,6 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """DPO's log pi(y|x) per row, summed over the response, and the response lengths: (B,), (B,)."""
     logps, mask = stage_logps(logits, labels)
     return logps.sum(-1), mask.sum(-1)
-
-
-def assert_close(actual, expected, tol: float = TOL) -> None:
-    got = actual.detach().tolist() if isinstance(actual, torch.Tensor) else actual
-    exp = expected
-
-    def flat(x):
-        return [v for row in x for v in flat(row)] if isinstance(x, list) else [x]
-
-    got_f, exp_f = flat(got), flat(exp)
-    assert len(got_f) == len(exp_f), (got, exp)
-    for g, e in zip(got_f, exp_f):
-        assert abs(g - e) < tol, (got, exp)
 
 
 # ---------------------------------------------------------------------------------- sequence_logps

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from helpers import assert_close, m, t
 from pipeline.advantages import explained_variance, gae, kl_penalty, masked_mean, masked_whiten, token_rewards
 from pipeline.logprobs import entropy_from_logits, token_logps
 from pipeline.losses import (
@@ -24,29 +25,6 @@ from pipeline.losses import (
     ppo_value_loss,
     reward_centering_penalty,
 )
-
-TOL = 1e-6
-
-
-def t(*rows, grad: bool = False) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float64, requires_grad=grad)
-
-
-def m(*rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.bool)
-
-
-def assert_close(actual, expected, tol: float = TOL) -> None:
-    got = actual.detach().tolist() if isinstance(actual, torch.Tensor) else actual
-    exp = expected
-
-    def flat(x):
-        return [v for row in x for v in flat(row)] if isinstance(x, list) else [x]
-
-    got_f, exp_f = flat(got), flat(exp)
-    assert len(got_f) == len(exp_f), (got, exp)
-    for g, e in zip(got_f, exp_f):
-        assert abs(g - e) < tol, (got, exp)
 
 
 # ------------------------------------------------------------------------------ Bradley-Terry

@@ -55,27 +55,9 @@ def tiny_setup():
 
 def rollout_and_update(tiny_setup, epochs: int):
     tokenizer, policy, value, cfg, prompts = tiny_setup
-    policy, value = copy.deepcopy(policy), copy.deepcopy(value)
     cfg = copy.deepcopy(cfg)
     cfg.ppo.epochs = epochs
-    dist = init_distributed()
-    reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    rollout, stats, _ = collect_rollout(
-        policy,
-        reference,
-        value,
-        Scorer(cfg, tokenizer, dist),
-        tokenizer,
-        prompts,
-        cfg,
-        0.05,
-        dist,
-        torch.Generator().manual_seed(0),
-    )
-    update = ppo_update(
-        policy, value, build_optimizer(policy, cfg.optim), build_optimizer(value, cfg.optim), rollout, cfg, dist, 0
-    )
-    return rollout, stats, update
+    return first_iteration(copy.deepcopy(policy), copy.deepcopy(value), tokenizer, cfg, prompts)
 
 
 def test_first_epoch_with_the_rollout_policy_has_ratio_one(tiny_setup):
