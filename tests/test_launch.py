@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from helpers import read_metrics, run_ok, tiny_sft_config, write_yaml
+from helpers import read_metrics, run_cli, run_ok, tiny_sft_config, write_yaml
 
 
 # ------------------------------------------------------------------------------------ two processes
@@ -46,3 +48,18 @@ def test_one_launched_process_wraps_with_fsdp_and_trains_as_one_plain_process(tm
     assert models["launched"].keys() == models["plain"].keys()
     for key, weight in models["plain"].items():
         assert torch.allclose(models["launched"][key], weight, atol=1e-4), key
+
+
+def test_more_processes_than_gpus_is_one_line_before_anything_launches(tmp_path, monkeypatch):
+    """One process per GPU: on a one-GPU machine `--num-processes 2` would fail deep inside NCCL."""
+    if os.environ.get("RLHFDPO_TEST_SUBPROCESS") == "1":
+        pytest.skip("the GPU count is faked in this process")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    config = write_yaml(tmp_path / "sft.yaml", tiny_sft_config(tmp_path / "run"))
+    result = run_cli("sft", str(config), "--num-processes", "2")
+    assert result.returncode == 2, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert "launch.num_processes" in message and "has 1" in message and "always_launch" in message, message
+    assert not (tmp_path / "run").exists()
