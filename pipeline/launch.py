@@ -103,7 +103,10 @@ def relaunch(launch: LaunchConfig, cli_args: list[str]) -> tuple[int, str | None
     if not reports:
         return code, None
     first = min(reports, key=lambda r: r["time"])  # later failures are mostly other ranks losing their peer
-    return first["code"], f"rank {first['rank']}: {first['message']}"
+    # Ranks that hit the same error (a bad config, an occupied folder) race to report it: name the
+    # lowest of them, so the same failure always reads the same.
+    rank = min(r["rank"] for r in reports if r["message"] == first["message"])
+    return first["code"], f"rank {rank}: {first['message']}"
 
 
 # ---------------------------------------------------------------------------------- process group
