@@ -2,6 +2,8 @@
 # make test     set up .venv (if needed) and run the test suite (make test-fast: under a minute; make lint)
 # make pairs reward dpo ppo   the next stages, each reading the previous one's runs/ folder
 # make compare  every stage, the sweeps and the RLHF-vs-DPO report (make compare-quick: a small one)
+# make hh       SFT, reward model and DPO on real HH-RLHF dialogues with a small Llama-style model (CPU, minutes)
+# make imdb-sample  the DPO paper's IMDb task in small on real reviews: every stage and the comparison
 # make bench    our stages against TRL's trainers (installs the 'bench' extra), runs/bench/bench.md
 # ARGS="..."    passed on to a stage's command: make sft ARGS="--overwrite --set train.max_steps=50"
 VENV ?= .venv
@@ -10,7 +12,7 @@ RLHFDPO := $(VENV)/bin/rlhfdpo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sft pairs reward dpo ppo compare compare-quick bench test test-fast lint clean
+.PHONY: setup sft pairs reward dpo ppo compare compare-quick hh imdb-sample bench test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +44,12 @@ compare: setup
 
 compare-quick: setup
 	$(RLHFDPO) experiment configs/experiment-quick.yaml
+
+hh: setup
+	$(RLHFDPO) experiment configs/hh/experiment.yaml
+
+imdb-sample: setup
+	$(RLHFDPO) experiment configs/imdb-sample/experiment.yaml
 
 bench: setup
 	$(PYTHON) -m pip install -q -e '.[bench]'

@@ -65,7 +65,11 @@ def run_ours(spec: dict, fixtures: dict) -> None:
     }
     config = {
         "output_dir": str(out / "run"),
-        "model": {"name_or_path": fixtures["models"][spec["size"]], "dtype": spec.get("dtype", "float32")},
+        "model": {
+            "name_or_path": fixtures["models"][spec["size"]],
+            "dtype": spec.get("dtype", "float32"),
+            **spec.get("model", {}),  # e.g. lora (benchmarks/memory.py)
+        },
         "data": data,
         "optim": {"lr": spec["lr"], "min_warmup_steps": spec["warmup_steps"], "warmup_ratio": 0.0},
         "train": {
@@ -106,7 +110,7 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
     folder = fixtures["models"][spec["size"]]
     config = {
         "output_dir": str(out / "run"),
-        "model": {"name_or_path": folder, "dtype": spec.get("dtype", "float32")},
+        "model": {"name_or_path": folder, "dtype": spec.get("dtype", "float32"), **spec.get("model", {})},
         "reward": {"kind": "model", "models": [fixtures["reward_models"][spec["size"]]], "normalize": False},
         "data": {
             "train": [{"path": fixtures["data"]["pairs"], "format": "prompt_chosen_rejected"}],
@@ -118,8 +122,15 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
             "rollout_batch_size": spec["rollout_batch_size"],
             "mini_batch_size": min(16, spec["rollout_batch_size"]),
             "micro_batch_size": min(16, spec["rollout_batch_size"]),
+            **spec.get("ppo", {}),
         },
-        "train": {"max_steps": spec["iterations"], "log_every": 1, "save_every": 0, "seed": spec["seed"]},
+        "train": {
+            "max_steps": spec["iterations"],
+            "log_every": 1,
+            "save_every": 0,
+            "seed": spec["seed"],
+            **spec.get("ours", {}),
+        },
         "sample_table_every": 0,
     }
     path = out / "config.yaml"

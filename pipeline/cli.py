@@ -77,6 +77,7 @@ def _run_stage(stage: Stage, config: Path, overrides, num_processes=None, resume
     """
     try:
         cfg, overrides = _load(stage.config, config, overrides, num_processes)
+        _check_trackers(cfg, config)
         from pipeline.launch import inside_launch, relaunch
 
         launch: LaunchConfig = getattr(cfg, "launch", LaunchConfig())  # compare runs in one process
@@ -97,6 +98,16 @@ def _run_stage(stage: Stage, config: Path, overrides, num_processes=None, resume
         _fail(str(err), code=1)
     except OSError as err:  # a model folder or data file that is not there, a hub that cannot be reached
         _fail(f"{type(err).__name__}: {err}")
+
+
+def _check_trackers(cfg, config: Path) -> None:
+    """A tracker in train.report_to whose package is missing fails here, before any model loads."""
+    from pipeline.tracking import missing_trackers_problem
+
+    train = getattr(cfg, "train", None)
+    problem = missing_trackers_problem(train.report_to) if train is not None else None
+    if problem:
+        raise ConfigError(f"{config}: {problem}")
 
 
 def _stage_command(stage: Stage):

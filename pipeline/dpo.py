@@ -18,10 +18,12 @@ from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
+from pipeline.evaluation import wilson_interval
 from pipeline.launch import close_distributed, init_distributed, shard
 from pipeline.logprobs import response_token_logps
+from pipeline.lora import add_lora, lora_summary, save_merged, trainable_parameter_count
 from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss
-from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
 from pipeline.reference import reference_logps
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
@@ -108,6 +110,9 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     eval_set = tokenize_records(eval_pairs, tokenize, ledger, "dpo tokenize")
     report_drops(ledger, dist)
     require_examples(train_set, ledger, "dpo")
+    # Under LoRA the reference is the policy with its adapters off, so the policy comes first; fully
+    # fine-tuned, it loads after the reference pass and the two are never in memory together.
+    policy = build_policy(cfg, checkpoint, dist, meter) if cfg.model.lora else None
     ref_chosen, ref_rejected, cache_hit = reference_logps(
         cfg.model,
         train_set + eval_set,
@@ -116,28 +121,35 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         tokenizer.pad_token_id,
         dist,
         meter,
+        policy,
     )
     reference = {
         "train": (ref_chosen[: len(train_set)], ref_rejected[: len(train_set)]),
         "eval": (ref_chosen[len(train_set) :], ref_rejected[len(train_set) :]),
     }
 
-    # ---- build: the policy (SFT model or the checkpoint being resumed), shards, optimizer
-    policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
-    checkpoint_activations(policy, cfg.train.gradient_checkpointing)
-    policy = meter.watch(shard(policy, dist, cfg.model.dtype), "policy")
+    # ---- build: the policy (unless LoRA built it above), optimizer
+    if policy is None:
+        policy = build_policy(cfg, checkpoint, dist, meter)
     optimizer = build_optimizer(policy, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])
     trainables = [Trainable("model", policy, optimizer, tokenizer)]
     start_step = run_dir.load_trainer_state(checkpoint, trainables)["step"] if checkpoint else 0
     run_dir.write_config(cfg)
     run_dir.start_metrics(start_step)
-    run_dir.log({"step": start_step, "reference_cache_hit": cache_hit})
+    run_dir.log(
+        {
+            "step": start_step,
+            "reference_cache_hit": cache_hit,
+            "params/total": count_parameters(policy),
+            "params/trainable": trainable_parameter_count(policy),
+        }
+    )
     if dist.is_main:
         console.print(
             f"dpo ({cfg.loss.type}, beta {cfg.loss.beta}): {len(train_set)} train / {len(eval_set)} eval pairs, "
             f"{plan.total_steps} steps of {plan.batch_size} pairs; reference log-probs "
-            f"{'from the cache' if cache_hit else 'computed'}"
+            f"{'from the cache' if cache_hit else 'computed'}{lora_summary(cfg.model, policy)}"
         )
 
     # ---- loop
@@ -180,7 +192,7 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # ---- save: held-out metrics, model folder, samples, card
     final = {"step": plan.total_steps, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)}
     run_dir.log(final)
-    run_dir.save_model(policy, tokenizer)
+    run_dir.save_model(policy, tokenizer, merged=save_merged(cfg.model))
     prompts = list(dict.fromkeys(p.prompt for p in eval_pairs))[: cfg.sample.num_prompts]
     samples = sample_texts(policy, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
     if dist.is_main:
@@ -197,6 +209,18 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     )
     close_distributed()
     return run_dir.model
+
+
+def build_policy(cfg: DPOConfig, checkpoint: Path | None, dist, meter: CostMeter):
+    """The SFT model, or the checkpoint being resumed, with LoRA's adapters when asked; sharded.
+
+    Under LoRA a checkpoint holds only the adapters: the base loads as at the start, the adapters from it.
+    """
+    resumed = checkpoint / "model" if checkpoint else None
+    policy = load_causal_lm(cfg.model, str(resumed) if resumed and not cfg.model.lora else None)
+    policy = add_lora(policy, cfg.model, resumed)
+    checkpoint_activations(policy, cfg.train.gradient_checkpointing)
+    return meter.watch(shard(policy, dist, cfg.model.dtype), "policy")
 
 
 @torch.no_grad()
@@ -226,4 +250,7 @@ def evaluate(
     policy.train()
     totals = sums.over_ranks(dist)
     pairs = max(totals.pop("pairs"), 1.0)
-    return {f"eval/{name}": total / pairs for name, total in totals.items()}
+    means = {f"eval/{name}": total / pairs for name, total in totals.items()}
+    # Wilson 95% interval of the implicit-reward accuracy over the held-out pairs
+    low, high = wilson_interval(totals["rewards/accuracies"], pairs)
+    return {**means, "eval/rewards/accuracies_low": low, "eval/rewards/accuracies_high": high, "eval/pairs": pairs}

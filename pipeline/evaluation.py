@@ -6,6 +6,7 @@ same sampling settings and the same seed for every policy, so differences are pa
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,6 +93,20 @@ def bootstrap_mean(
     low = means[int(tail * n_resamples)]
     high = means[min(n_resamples - 1, int((1.0 - tail) * n_resamples))]
     return sum(values) / n, low, high
+
+
+def wilson_interval(successes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval for a binomial proportion (95% for z = 1.96): (low, high).
+
+    Unlike p +- z sqrt(p(1-p)/n) it stays inside [0, 1] and is not of zero width at 0 or n successes.
+    """
+    if n <= 0:
+        raise ValueError("wilson_interval needs at least one trial")
+    p = successes / n
+    scale = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / scale
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
+    return max(0.0, center - half), min(1.0, center + half)
 
 
 def paired_bootstrap(

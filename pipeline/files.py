@@ -44,11 +44,17 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def weights_problem(folder: Path) -> str | None:
-    """The first damaged weights file of a model folder, said in words, or None if all are whole."""
-    for file in sorted(Path(folder).glob("*.safetensors")):
+    """The first damaged weights file of a model folder, said in words, or None if all are whole.
+
+    A LoRA adapter folder (adapter_config.json) must also hold its adapters' weights.
+    """
+    folder = Path(folder)
+    for file in sorted(folder.glob("*.safetensors")):
         problem = safetensors_problem(file)
         if problem:
             return f"{file} is damaged or incomplete ({problem})"
+    if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        return f"{folder} has an adapter_config.json but no adapter_model.safetensors"
     return None
 
 

@@ -247,11 +247,15 @@ def compute_in(model: torch.nn.Module, dtype: torch.dtype, device: torch.device)
     return model
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on CPU, gathered from all shards (every rank must call this)."""
+def full_state_dict(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's weights on CPU, gathered from all shards (every rank must call this).
+
+    `trainable_only`: only the parameters that train (LoRA's adapters), not the frozen rest.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    return get_model_state_dict(model, options=options)
 
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -266,41 +270,70 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_pretrained(model, tokenizer, target: Path, dist: Dist, hf_model=None, prefix: str = "") -> None:
+def save_pretrained(
+    model, tokenizer, target: Path, dist: Dist, hf_model=None, prefix: str = "", merged: bool = False
+) -> None:
     """A normal `save_pretrained` folder (safetensors) written atomically by rank 0.
 
     `model` is what was sharded; `hf_model` the Hugging Face model inside it whose weights are
     under `prefix` in `model`'s state dict (when `model` is a wrapper, as PPO's value head).
+    A model with LoRA adapters is saved as an adapter folder (pipeline/lora.py); with `merged`,
+    `target` holds the merged model instead and the adapters go beside it (model/ -> model-adapter/).
     Non-finite weights are never written, and a failed write (a full disk) leaves `target` as it
     was; either raises `RunFailed` on every rank, so no process waits for one that stopped.
     """
-    state = full_state_dict(model)
+    from pipeline import lora
+
+    adapters = lora.has_adapters(model)
+    # An adapter folder holds only what trained: the frozen base is not even gathered.
+    state = full_state_dict(model, trainable_only=adapters and not merged)
     if hf_model is not None:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         model = hf_model
-    state = _without_tied_copies(model, state)
+    target = Path(target)
+    if not adapters:
+        folders = {target: lambda staging: _save_weights(model, _without_tied_copies(model, state), staging)}
+    elif merged:
+        folders = {
+            target: lambda staging: _save_weights(
+                model, _without_tied_copies(model, lora.merged_state(model, state)), staging
+            ),
+            lora.adapter_sibling(target): lambda staging: lora.write_adapter_folder(model, state, staging),
+        }
+    else:
+        folders = {target: lambda staging: lora.write_adapter_folder(model, state, staging)}
     problem = None
     if dist.is_main:
-        target = Path(target)
         bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             problem = f"not saving {target}: non-finite weights in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}"
-        else:
-            staging = target.with_name(f".{target.name}.tmp")
-            try:
-                shutil.rmtree(staging, ignore_errors=True)
-                model.save_pretrained(staging, state_dict=state, safe_serialization=True)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(staging)
-                replace_dir(staging, target)
-            except OSError as err:
-                shutil.rmtree(staging, ignore_errors=True)
-                problem = f"cannot write {target}: {err}"
+        for folder, write in folders.items():
+            problem = problem or _write_folder(folder, write, tokenizer)
     problem = broadcast_object(dist, problem)
     if problem:
         from pipeline.errors import RunFailed
 
         raise RunFailed(problem)
+
+
+def _save_weights(model, state: dict, folder: Path) -> None:
+    model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def _write_folder(target: Path, write, tokenizer) -> str | None:
+    """`write(staging)` and the tokenizer into a staging folder swapped in for `target`; what failed, or None."""
+    staging = target.with_name(f".{target.name}.tmp")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        replace_dir(staging, target)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        return f"cannot write {target}: {err}"
+    return None
 
 
 def _without_tied_copies(model, state: dict) -> dict:

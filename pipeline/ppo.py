@@ -34,6 +34,7 @@ from pipeline.errors import InputError
 from pipeline.judges import gold_reward
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, save_pretrained, shard
 from pipeline.logprobs import entropy_from_logits, response_token_logps, token_logps
+from pipeline.lora import adapters_disabled, add_lora, lora_summary, save_merged, trainable_parameter_count
 from pipeline.losses import ppo_policy_loss, ppo_value_loss
 from pipeline.models import (
     ScalarHead,
@@ -173,7 +174,7 @@ class Scorer:
 def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.train.seed)
-    run_dir = RunDir(cfg.output_dir, dist, resume, overwrite, produces=("value",))
+    run_dir = RunDir(cfg.output_dir, dist, resume, overwrite, produces=("value", "value-adapter"))
     meter = CostMeter(dist)
     checkpoint = run_dir.resume_point(cfg) if resume else None
 
@@ -197,11 +198,17 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     require_examples(prompts, ledger, "ppo")
 
     # ---- build: policy, reference, value model, scorer; optimizers; KL controller
-    compute = cfg.model.dtype
-    policy = load_causal_lm(cfg.model, str(checkpoint / "model") if checkpoint else None)
+    # Under LoRA a checkpoint holds only the adapters (and the value head): the bases load as at the start.
+    compute, lora = cfg.model.dtype, cfg.model.lora
+    resumed = checkpoint / "model" if checkpoint else None
+    policy = load_causal_lm(cfg.model, str(resumed) if resumed and not lora else None)
+    policy = add_lora(policy, cfg.model, resumed)
     policy = shard(checkpoint_activations(policy, cfg.train.gradient_checkpointing), dist, compute)
-    reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist, compute).eval().requires_grad_(False)
-    value_source = str(checkpoint / "value") if checkpoint else cfg.value_model_path
+    if lora and cfg.reference_path == cfg.model.name_or_path:
+        reference = policy  # with its adapters off (logprob_passes) it is the SFT model: no second copy
+    else:
+        reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist, compute).eval().requires_grad_(False)
+    value_source = str(checkpoint / "value") if checkpoint and not lora else cfg.value_model_path
     check_value_tokenizer(value_source, tokenizer)
     value_hf = from_pretrained(
         AutoModelForSequenceClassification,
@@ -210,6 +217,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         dtype=torch.float32,
     )
+    value_hf = add_lora(value_hf, cfg.model, checkpoint / "value" if checkpoint else None, head=True, base=value_source)
     checkpoint_activations(value_hf, cfg.train.gradient_checkpointing)
     value = shard(ScalarHead(value_hf), dist, compute)
     if cfg.ppo.disable_dropout:
@@ -217,7 +225,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         disable_dropout(value)
     scorer = Scorer(cfg, tokenizer, dist)
     meter.watch(policy, "policy")
-    meter.watch(reference, "reference")
+    if reference is not policy:  # LoRA's reference passes run through the policy and count as its own
+        meter.watch(reference, "reference")
     meter.watch(value, "value")
     for i, model in enumerate(scorer.models):
         meter.watch(model.head, f"reward_{i}")
@@ -242,7 +251,14 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     run_dir.write_config(cfg)
     run_dir.start_metrics(start)
     per_rank = gather_objects(dist, local_parameter_count(policy))
-    run_dir.log({"step": start, "params/total": count_parameters(policy), "params/per_rank": per_rank})
+    run_dir.log(
+        {
+            "step": start,
+            "params/total": count_parameters(policy),
+            "params/trainable": trainable_parameter_count(policy),
+            "params/per_rank": per_rank,
+        }
+    )
     if dist.is_main:
         retokenized = [path for path, again in zip(cfg.reward.models, scorer.retokenized) if again]
         console.print(
@@ -254,6 +270,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
                 if retokenized
                 else ""
             )
+            + lora_summary(cfg.model, policy)
         )
 
     # ---- loop: rollout, score, advantages, update
@@ -296,8 +313,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
                 run_dir.save_checkpoint(done, trainables, extra, cfg.train.keep_checkpoints, cfg)
 
     # ---- save: the policy (and the value model beside it), card
-    run_dir.save_model(policy, tokenizer)
-    save_pretrained(value, tokenizer, run_dir.root / "value", dist, hf_model=value_hf, prefix="model.")
+    merged = save_merged(cfg.model)
+    run_dir.save_model(policy, tokenizer, merged=merged)
+    save_pretrained(value, tokenizer, run_dir.root / "value", dist, hf_model=value_hf, prefix="model.", merged=merged)
     cost = meter.write(run_dir.root)
     run_dir.write_card(
         "ppo",
@@ -354,7 +372,8 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
         old_logps.append(logps)
         masks.append(mask)
         entropies.append(entropy_from_logits(logits[:, :-1]) * mask)
-        ref_logits = reference(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+        with adapters_disabled(reference):  # a LoRA policy is its own reference, adapters off
+            ref_logits = reference(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
         ref_logps.append(token_logps(ref_logits.float() / temperature, part["labels"])[0])
         old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
     mask = torch.cat(masks)

@@ -21,6 +21,7 @@ from pipeline.data.tokenize import TokenizedPair, collate_pairs
 from pipeline.files import atomic_write
 from pipeline.launch import Dist, barrier, shard
 from pipeline.logprobs import response_token_logps
+from pipeline.lora import adapter_base, adapters_disabled, is_adapter_folder
 from pipeline.models import load_causal_lm
 from pipeline.stage_common import gather_by_index, shard_batches
 from pipeline.training import StepProgress
@@ -30,15 +31,21 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 def weights_digest(model: ModelConfig) -> str:
     """Hash of the reference model's weight files (a local folder, or the hub snapshot in the cache)."""
-    folder = Path(model.name_or_path)
+    return _weights_digest(model.name_or_path, model.revision)
+
+
+def _weights_digest(name_or_path: str, revision: str | None) -> str:
+    folder = Path(name_or_path)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(model.name_or_path, revision=model.revision))
+        folder = Path(snapshot_download(name_or_path, revision=revision))
     files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{folder}: no weight files to hash for the reference model")
     digest = hashlib.sha256()
+    if is_adapter_folder(folder):  # LoRA adapters are half a model: the base they apply to counts too
+        digest.update(_weights_digest(*adapter_base(folder)).encode())
     for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as handle:
@@ -83,8 +90,13 @@ def reference_logps(
     pad_id: int,
     dist: Dist,
     meter: CostMeter | None = None,
+    policy: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(chosen, rejected) summed response log-probs under the reference, each (N,), and cache hit."""
+    """(chosen, rejected) summed response log-probs under the reference, each (N,), and cache hit.
+
+    `policy`: a LoRA policy adapted from `model`; with its adapters off it is the reference (the
+    cache key, the weights of `model`, stays right), and no second model is loaded.
+    """
     path = cache_path(cache_dir, model, pairs)
     if path.is_file():
         cached, problem = _read_cache(path, len(pairs))
@@ -95,26 +107,32 @@ def reference_logps(
                 f"[yellow]warning:[/yellow] the reference log-prob cache {plain(path)} {plain(problem)}; computing it again"
             )
 
-    reference = shard(load_causal_lm(model), dist, model.dtype)
+    if policy is not None:  # its passes count as the policy's: they run through its weights
+        reference = policy
+    else:
+        reference = shard(load_causal_lm(model), dist, model.dtype)
+        if meter is not None:
+            meter.watch(reference, "reference")
+    was_training = reference.training
     reference.eval()
-    if meter is not None:
-        meter.watch(reference, "reference")
     mine = {}
     batches = shard_batches(len(pairs), batch_size, dist)
     with torch.no_grad(), StepProgress(dist, len(batches), 0, "reference log-probs") as progress:
         for done, part in enumerate(batches, start=1):
             batch = collate_pairs([pairs[i if i is not None else 0] for i in part], pad_id)
             batch = {k: v.to(dist.device) for k, v in batch.items()}
-            token_logps, _ = response_token_logps(
-                reference, batch["input_ids"], batch["attention_mask"], batch["labels"]
-            )
+            with adapters_disabled(reference):
+                token_logps, _ = response_token_logps(
+                    reference, batch["input_ids"], batch["attention_mask"], batch["labels"]
+                )
             logps = token_logps.sum(-1)  # (2B,)
             half = len(part)
             for j, index in enumerate(part):
                 if index is not None:
                     mine[index] = (float(logps[j]), float(logps[half + j]))
             progress.update(done, {})
-    del reference  # the reference model is not kept in memory during training
+    reference.train(was_training)
+    del reference  # a reference model of its own is not kept in memory during training
     merged = gather_by_index(dist, mine, len(pairs))
     chosen = torch.tensor([c for c, _ in merged])
     rejected = torch.tensor([r for _, r in merged])

@@ -23,9 +23,11 @@ from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger, PreferencePair
 from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
+from pipeline.evaluation import wilson_interval
 from pipeline.launch import close_distributed, init_distributed, shard
+from pipeline.lora import add_lora, lora_summary, save_merged
 from pipeline.losses import bradley_terry_loss, reward_centering_penalty
-from pipeline.models import ScalarHead, from_pretrained, load_tokenizer
+from pipeline.models import ScalarHead, fit_vocabulary, from_pretrained, hub_options, load_tokenizer
 from pipeline.runs import RunDir, Trainable
 from pipeline.scoring import sequence_scores
 from pipeline.stage_common import (
@@ -88,17 +90,21 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
     report_drops(ledger, dist)
     require_examples(train_set, ledger, "reward")
 
-    # ---- build: scalar head on the SFT backbone, shards, optimizer, batch plan
+    # ---- build: scalar head on the SFT backbone, adapters, shards, optimizer, batch plan
+    # Under LoRA a checkpoint holds only the adapters and the head: the backbone loads as at the start.
+    weights = cfg.model.name_or_path if cfg.model.lora else source
     hf_model = from_pretrained(
         AutoModelForSequenceClassification,
-        source,
+        weights,
         num_labels=1,
         pad_token_id=tokenizer.pad_token_id,
         dtype=torch.float32,  # trained weights stay float32; model.dtype is the compute precision
-        revision=cfg.model.revision if not checkpoint else None,
+        revision=cfg.model.revision if weights == cfg.model.name_or_path else None,
         trust_remote_code=cfg.model.trust_remote_code,
+        **hub_options(cfg.model),
     )
-    hf_model.config.pad_token_id = tokenizer.pad_token_id
+    fit_vocabulary(hf_model, tokenizer)
+    hf_model = add_lora(hf_model, cfg.model, checkpoint / "model" if checkpoint else None, head=True)
     checkpoint_activations(hf_model, cfg.train.gradient_checkpointing)
     model = meter.watch(shard(ScalarHead(hf_model), dist, cfg.model.dtype), "reward")
     optimizer = build_optimizer(model, cfg.optim)
@@ -110,7 +116,7 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
     if dist.is_main:
         console.print(
             f"reward: {len(train_set)} train / {len(eval_set)} eval pairs, {plan.total_steps} steps of "
-            f"{plan.batch_size} pairs, margin from {cfg.loss.margin}"
+            f"{plan.batch_size} pairs, margin from {cfg.loss.margin}{lora_summary(cfg.model, model)}"
         )
 
     # ---- loop
@@ -167,7 +173,7 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
     if "eval/reward_mean" in final:
         hf_model.config.reward_mean = final["eval/reward_mean"]
         hf_model.config.reward_std = final["eval/reward_std"]
-    run_dir.save_model(model, tokenizer, hf_model=hf_model, prefix="model.")
+    run_dir.save_model(model, tokenizer, hf_model=hf_model, prefix="model.", merged=save_merged(cfg.model))
     if dist.is_main:
         (run_dir.root / "eval.json").write_text(json.dumps(report, indent=2))
         console.print(_tables(report))
@@ -213,11 +219,15 @@ def evaluate(model, eval_set: list[TokenizedPair], cfg: RewardConfig, dist, pad_
         torch.tensor([eval_set[i].margin for i, _, _ in scored]),
     )
     accuracy = sum(c > r for _, c, r in scored) / len(scored)
+    low, high = wilson_interval(accuracy * len(scored), len(scored))  # 95%, over the held-out pairs
     rating_stats, gap_stats = _accuracy_by_group(by_rating), _accuracy_by_group(by_gap)
     return {
         "metrics": {
             "eval/loss": float(losses.mean()),
             "eval/accuracy": accuracy,
+            "eval/accuracy_low": low,
+            "eval/accuracy_high": high,
+            "eval/pairs": len(scored),
             "eval/margin": float(sum(c - r for _, c, r in scored) / len(scored)),
             "eval/reward_mean": float(all_rewards.mean()),
             "eval/reward_std": float(all_rewards.std()),

@@ -5,8 +5,10 @@ runs/<name>/
   config.yaml        the resolved config, every default filled in
   metrics.jsonl      one JSON object per logged step
   checkpoints/       step-N/ folders, written atomically (temp dir, then rename)
-  model/             the final save_pretrained folder
+  model/             the final save_pretrained folder (a LoRA adapter folder under model.lora)
+  model-adapter/     with model.lora.save_merged: the adapters, beside the merged model/
   README.md          a short model card
+  tensorboard/       event files, when train.report_to names tensorboard (pipeline/tracking.py)
 ```
 Only rank 0 writes; a failed or interrupted run leaves the last complete checkpoint as it was.
 A run never writes into a folder that holds something else unless told to (`--resume` continues
@@ -39,12 +41,24 @@ from pipeline.launch import (
     load_full_optimizer_state,
     save_pretrained,
 )
+from pipeline.tracking import Trackers, open_trackers
 from pipeline.training import rng_state, set_rng_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 # What every run writes at its root; a stage adds its own names (sft: tokenizer, ppo: value, ...).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "README.md", "cost.json")
+# TensorBoard's events go with metrics.jsonl; W&B's and MLflow's folders (wandb/, mlruns/) hold
+# runs of their own, which --overwrite leaves to their owner.
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "checkpoints",
+    "model",
+    "model-adapter",  # LoRA's adapters beside a merged model/ (model.lora.save_merged)
+    "README.md",
+    "cost.json",
+    "tensorboard",
+)
 
 # Keys a resumed run may change: they decide how often it logs, evaluates and saves, how long it
 # runs, how many processes share it and what it prints, never the model, the data or the batch order.
@@ -62,6 +76,7 @@ RESUMABLE_CHANGES = (
     "reference.batch_size",
     "reference.cache_dir",
     "data.max_eval_examples",
+    "model.lora.save_merged",  # only how the final model is written
 )
 
 
@@ -151,30 +166,55 @@ class RunDir:
         self.checkpoints = self.root / "checkpoints"
         self.model = self.root / "model"
         self.metrics_path = self.root / "metrics.jsonl"
+        self.config = None  # set by write_config; its train.report_to names the trackers start_metrics opens
+        self.trackers = Trackers()
         prepare_output_dir(self.root, dist, resume, overwrite, RUN_FILES + produces)
 
     # ---- config and metrics
 
     def write_config(self, config: Any) -> None:
+        self.config = config
         if self.dist.is_main:
             config_module.write_resolved(config, self.root)
 
     def start_metrics(self, resume_step: int) -> None:
-        """Keep logged lines up to the resumed step; a fresh run starts an empty file."""
-        if not self.dist.is_main:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step and self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                    kept.append(line)
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        """Keep logged lines up to the resumed step; a fresh run starts an empty file.
+
+        The trackers the config's train.report_to names start here and get every record from now
+        on; one that cannot start stops the run on every rank.
+        """
+        problem = None
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if resume_step and self.metrics_path.exists():
+                for line in self.metrics_path.read_text().splitlines():
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+            problem = self._start_trackers(resume_step)
+        problem = broadcast_object(self.dist, problem)
+        if problem:
+            raise RunFailed(problem)
+
+    def _start_trackers(self, resume_step: int) -> str | None:
+        train = getattr(self.config, "train", None)
+        if train is None or not train.report_to:
+            return None
+        stage = next((name for name, cls in config_module.STAGES.items() if isinstance(self.config, cls)), "run")
+        try:
+            self.trackers = open_trackers(
+                train.report_to, self.root, config_module.to_dict(self.config), stage, resume_step
+            )
+        except RunFailed as err:
+            return str(err)
+        return None
 
     def log(self, record: dict) -> None:
         if self.dist.is_main:
             with self.metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+            self.trackers.log(record)  # after the line is written: no tracker can cost metrics.jsonl a record
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -286,8 +326,9 @@ class RunDir:
 
     # ---- final model and card
 
-    def save_model(self, model, tokenizer, hf_model=None, prefix: str = "") -> Path:
-        save_pretrained(model, tokenizer, self.model, self.dist, hf_model=hf_model, prefix=prefix)
+    def save_model(self, model, tokenizer, hf_model=None, prefix: str = "", merged: bool = False) -> Path:
+        """The final model in model/: a LoRA model as its adapters, or `merged` (adapters in model-adapter/)."""
+        save_pretrained(model, tokenizer, self.model, self.dist, hf_model=hf_model, prefix=prefix, merged=merged)
         return self.model
 
     def write_card(self, stage: str, config: Any, final_metrics: dict, notes: list[str] = ()) -> None:
@@ -310,6 +351,7 @@ class RunDir:
         if notes:
             lines += ["", *notes]
         (self.root / "README.md").write_text("\n".join(lines) + "\n")
+        self.trackers.close()  # the card is the last thing every stage writes: its trackers end with it
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -130,7 +130,7 @@ def load_reward_model(path: str | Path, dtype: str, dist: Dist, require_stats: b
             f"{path}: the reward model has no tokenizer to read text with ({type(err).__name__}); "
             "save its tokenizer beside it"
         ) from None
-    if tokenizer.pad_token_id is None:
+    if tokenizer.pad_token_id is None:  # a hub reward model's: scored at the last attended token, pad is never read
         tokenizer.pad_token = tokenizer.eos_token
     mean, std = getattr(hf.config, "reward_mean", None), getattr(hf.config, "reward_std", None)
     if require_stats and (mean is None or std is None):

@@ -19,7 +19,15 @@ from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import TokenizedExample, collate, tokenize_sft
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, shard
 from pipeline.logprobs import response_token_logps
-from pipeline.models import create_scratch_model, is_scratch, load_causal_lm, load_tokenizer, local_parameter_count
+from pipeline.lora import add_lora, lora_summary, save_merged, trainable_parameter_count
+from pipeline.models import (
+    create_scratch_model,
+    is_scratch,
+    load_causal_lm,
+    load_tokenizer,
+    local_parameter_count,
+    render_chat,
+)
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
     chat_renderer,
@@ -63,7 +71,9 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
         tokenizer = load_tokenizer(cfg.model, str(checkpoint / "model"))
     else:  # a scratch model's tokenizer is trained on the training texts, once they are loaded
         tokenizer = None if is_scratch(cfg.model) else load_tokenizer(cfg.model)
-    train_records, eval_records = load_sft_examples(cfg.data, ledger, chat_renderer(tokenizer))
+    # A scratch tokenizer does not exist yet, but its chat template is known: conversations render with it.
+    render = render_chat if tokenizer is None else chat_renderer(tokenizer)
+    train_records, eval_records = load_sft_examples(cfg.data, ledger, render)
     if tokenizer is None:
         tokenizer = scratch_tokenizer(cfg.model, [r.prompt + r.response for r in train_records], run_dir.root, dist)
     train_set = tokenize_records(train_records, lambda r: tokenize_sft(tokenizer, r, cfg.data), ledger, "sft tokenize")
@@ -71,14 +81,17 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     report_drops(ledger, dist)
     require_examples(train_set, ledger, "sft")
 
-    # ---- build: model (new, hub, or the checkpoint being resumed), shards, optimizer, batch plan
-    if checkpoint:
-        model = load_causal_lm(cfg.model, str(checkpoint / "model"))
+    # ---- build: model (new, hub, or the checkpoint being resumed), adapters, shards, optimizer, batch plan
+    # Under LoRA a checkpoint holds only the adapters: the base loads as at the start, the adapters from it.
+    resumed = checkpoint / "model" if checkpoint else None
+    if resumed and not cfg.model.lora:
+        model = load_causal_lm(cfg.model, str(resumed))
     elif is_scratch(cfg.model):
         model = create_scratch_model(cfg.model.architecture, tokenizer, cfg.train.seed)
     else:
         model = load_causal_lm(cfg.model)
-    n_params = sum(p.numel() for p in model.parameters())
+    model = add_lora(model, cfg.model, resumed)
+    n_params, n_trainable = sum(p.numel() for p in model.parameters()), trainable_parameter_count(model)
     checkpoint_activations(model, cfg.train.gradient_checkpointing)
     model = meter.watch(shard(model, dist, cfg.model.dtype), "policy")
     optimizer = build_optimizer(model, cfg.optim)
@@ -88,13 +101,15 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     run_dir.write_config(cfg)
     run_dir.start_metrics(start_step)
     per_rank = gather_objects(dist, local_parameter_count(model))
-    run_dir.log({"step": start_step, "params/total": n_params, "params/per_rank": per_rank})
+    run_dir.log(
+        {"step": start_step, "params/total": n_params, "params/trainable": n_trainable, "params/per_rank": per_rank}
+    )
     if dist.is_main:
         console.print(
             f"sft: {n_params / 1e6:.2f}M parameters ({per_rank[0] / 1e6:.2f}M on rank 0), "
             f"{len(train_set)} train / {len(eval_set)} eval examples, {plan.total_steps} steps of "
             f"{plan.batch_size} sequences ({dist.world_size} process(es) x {plan.accumulation} micro-batches "
-            f"of {plan.micro_batch_size})"
+            f"of {plan.micro_batch_size}){lora_summary(cfg.model, model)}"
         )
 
     # ---- loop
@@ -140,7 +155,7 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # ---- save: final evaluation, model folder, samples, card
     final = {"step": plan.total_steps, **evaluate(model, eval_set, cfg, dist, pad_id)}
     run_dir.log(final)
-    run_dir.save_model(model, tokenizer)
+    run_dir.save_model(model, tokenizer, merged=save_merged(cfg.model))
     prompts = [r.prompt or " ".join(r.response.split()[:4]) for r in eval_records[: cfg.sample.num_prompts]]
     samples = sample_texts(model, tokenizer, prompts, cfg.sample, cfg.data, cfg.train.seed, dist)
     if dist.is_main and "eval/loss" in final:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 
-from transformers import AutoModelForCausalLM
-
 from pipeline.config import DataConfig, ModelConfig, SampleConfig
 from pipeline.data.builtin_sentiment import heldout_prompts
 from pipeline.evaluation import kl_to_anchor, paired_bootstrap, sample_and_score
 from pipeline.judges import gold_reward
-from pipeline.models import load_tokenizer
+from pipeline.models import load_causal_lm, load_tokenizer
 
 
 def main() -> None:
@@ -35,13 +33,13 @@ def main() -> None:
     data = DataConfig(max_length=256, max_prompt_length=64)
     gold = gold_reward("vader")
     baseline = args.models[0]
-    reference = AutoModelForCausalLM.from_pretrained(baseline)
+    reference = load_causal_lm(ModelConfig(name_or_path=baseline))
     print(f"{len(prompts)} held-out prompts, temperature {args.temperature}, seed {args.seed}")
     print(f"| policy | mean gold reward | difference to {baseline} (95% CI) | KL to {baseline} |")
     print("| --- | --- | --- | --- |")
     baseline_gold = None
     for path in args.models:
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = load_causal_lm(ModelConfig(name_or_path=path))  # a merged or a LoRA adapter folder
         tokenizer = load_tokenizer(ModelConfig(name_or_path=path))
         scored = sample_and_score(model, tokenizer, prompts, gold, sample, data, seed=args.seed)
         kl = kl_to_anchor(model, reference, scored.sequences, tokenizer.pad_token_id)

@@ -32,7 +32,9 @@ def test_data_inspect_on_real_hh_prints_counts_drops_lengths_and_examples(shared
     assert "differing context: 5" in out and "empty response: 4" in out
     assert "token lengths" in out and "p50" in out
     assert out.count("⟦") >= 6  # three examples, chosen and rejected, with the masked prompt marked
-    assert "Assistant:⟧" in out  # the prompt ends at the assistant marker, the response follows
+    # A scratch tokenizer's chat template renders the dialogues: the masked prompt ends by opening
+    # the assistant's turn, and the trained reply ends with the EOS that closes it.
+    assert "<|im_start|>assistant ⟧" in out and "<|im_end|>" in out
 
 
 def test_data_inspect_reports_a_missing_file_in_one_line(tmp_path):

@@ -92,7 +92,7 @@ def test_config_new_names_a_file_it_cannot_read_the_format_of(tmp_path):
     result = run_cli("config", "new", "sft", "--model", "scratch", "--data", str(data), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {data}: columns question, answer match no format; pass --format (text, prompt_completion, reviews, "
+        f"error: {data}: columns question, answer match no format; pass --format (text, prompt_completion, reviews, messages, "
         "hh_rlhf, prompt_chosen_rejected, conversational, ultrafeedback, shp) and map columns with data.train.0.columns"
     ]
     assert not (tmp_path / "sft.yaml").exists()

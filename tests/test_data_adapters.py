@@ -241,7 +241,7 @@ def test_conversational_fixture():
     }
 
 
-def test_conversational_prompt_not_a_prefix_is_differing_context():
+def test_conversational_prompt_not_a_prefix_is_a_template_mismatch():
     def odd_render(messages, add_generation_prompt):
         """Announces the reply as <|assistant|> but renders the written reply as <|bot|>."""
         text = tag_render(messages, add_generation_prompt)
@@ -254,7 +254,7 @@ def test_conversational_prompt_not_a_prefix_is_differing_context():
     }
     with pytest.raises(Drop, match="not a prefix of the rendered 'chosen'") as caught:
         conversational_pair(row, odd_render)
-    assert caught.value.reason == "differing context"
+    assert caught.value.reason == "template mismatch"
 
 
 def test_chat_formats_need_a_renderer():

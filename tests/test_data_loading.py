@@ -314,9 +314,9 @@ def test_prompts_of_every_format():
     expected = {
         "prompt_completion.json": ("prompt_completion", "2 + 2 =", " 4"),
         "hh_rlhf.jsonl": (
-            "hh_rlhf",
-            "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant:",
-            " Blue.",
+            "hh_rlhf",  # with a chat template, HH dialogues render as messages like every chat format
+            "<user>Hi\n<assistant>Hello!\n<user>Name a colour.\n<assistant>",
+            "Blue.\n",
         ),
         "prompt_chosen_rejected.csv": ("prompt_chosen_rejected", "Name a fruit.", "An apple."),
         "conversational.jsonl": ("conversational", "<user>name a colour\n<assistant>", "blue\n"),
@@ -348,7 +348,10 @@ def test_hh_real_file_through_the_loader():
     assert evaluation[0].source_id == "harmless-base-test.jsonl.gz:0"
     assert load_pairs(DataConfig(train=[source], max_eval_examples=None), DropLedger()) == (train, evaluation)
     sft_train, _ = load_sft_examples(DataConfig(train=[source], max_eval_examples=None), DropLedger())
-    assert [(r.prompt, r.response) for r in sft_train] == [(p.prompt, p.chosen) for p in train]
+    # SFT reads the chosen dialogue alone, every assistant reply trained: its pieces join to the dialogue.
+    by_id = {r.source_id: r for r in sft_train}
+    for pair in train:
+        assert "".join(text for text, _ in by_id[pair.source_id].segments) == pair.prompt + pair.chosen
 
 
 def test_imdb_real_file_through_the_loader():

@@ -44,8 +44,8 @@ def test_plain_text_trains_every_token_after_bos(tok):
 
 
 def test_eos_appended_once(tok):
-    ex = tokenize_example(tok, "the", " movie<|endoftext|>", data())
-    assert ex.input_ids.count(tok.eos_token_id) == 2  # BOS (same token as EOS in GPT-2) and one EOS
+    ex = tokenize_example(tok, "the", f" movie{tok.eos_token}", data())
+    assert ex.input_ids.count(tok.eos_token_id) == 1 and tok.bos_token_id != tok.eos_token_id
     assert ex.input_ids[-1] == tok.eos_token_id and ex.input_ids[-2] != tok.eos_token_id
 
 

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import ArchitectureConfig, DataConfig, SampleConfig
 from pipeline.data.builtin_sentiment import load_rows
-from pipeline.evaluation import kl_to_anchor, paired_bootstrap, sample_and_score
+from pipeline.evaluation import kl_to_anchor, paired_bootstrap, sample_and_score, wilson_interval
 from pipeline.models import create_scratch_model, train_tokenizer
 
 
@@ -68,3 +68,15 @@ def test_gold_reward_names():
     assert not is_known_gold("hf:") and not is_known_gold("sentiment")
     with pytest.raises(ValueError, match="hf:<classifier id>"):
         gold_reward("sentiment")
+
+
+def test_wilson_interval_worked_by_hand():
+    # 50 of 100: p = 0.5, z^2 = 3.8416; centre (0.5 + 0.019208) / 1.038416 = 0.5;
+    # half-width 1.96 * sqrt(0.0025 + 0.00009604) / 1.038416 = 0.0961700.
+    low, high = wilson_interval(50, 100)
+    assert abs(low - 0.4038300) < 1e-6 and abs(high - 0.5961700) < 1e-6
+    # 0 of 10: centre 0.192080 / 1.384160 = 0.138770, half-width 1.96 * 0.098 / 1.38416 = 0.138770.
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and abs(high - 0.2775401) < 1e-6
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)

@@ -25,7 +25,7 @@ def check_model_path(at: str, path: str) -> None:
     if not looks_local(path):
         return
     folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
         raise ConfigError(f"{at}: no model folder at {path} (is the stage that writes it done?)")
     from pipeline.files import weights_problem
 

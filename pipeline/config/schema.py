@@ -33,14 +33,24 @@ GROUP_BATCHES = 64  # batches per length-sorted megabatch under train.group_by_l
 
 @dataclass
 class ArchitectureConfig:
-    """GPT-2 shape for a model created from scratch (`model.name_or_path: scratch`)."""
+    """The shape of a model created from scratch (`model.name_or_path: scratch`)."""
 
+    # gpt2: learned positions, LayerNorm, GELU MLP. llama: RoPE, RMSNorm, SwiGLU, grouped-query
+    # attention. qwen2: llama's blocks with biases on the query, key and value projections.
+    type: Literal["gpt2", "llama", "qwen2"] = "gpt2"
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     n_positions: int = 256  # longest sequence the model can see, prompt and response together
     vocab_size: int = 2048  # size of the byte-level BPE tokenizer trained on the training texts
     dropout: float = 0.0
+    # llama and qwen2 only: key/value heads of grouped-query attention (None: n_head, plain
+    # multi-head attention), the SwiGLU hidden width (None: 8/3 n_embd rounded up to a multiple of
+    # 32, GPT-2's parameter count), and RoPE's base.
+    n_kv_head: int | None = None
+    intermediate_size: int | None = None
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True  # the output layer shares the input embedding's weights
 
     def check(self, at: str) -> None:
         positive(
@@ -56,6 +66,57 @@ class ArchitectureConfig:
         if self.vocab_size < 300:
             raise ConfigError(f"{at}.vocab_size: must be at least 300 (256 bytes plus special tokens)")
         in_range(f"{at}.dropout", self.dropout, 0.0, 1.0)
+        if self.type == "gpt2":
+            for name in ("n_kv_head", "intermediate_size"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{at}.{name}: only used by type llama or qwen2, not gpt2")
+            if not self.tie_word_embeddings:
+                raise ConfigError(f"{at}.tie_word_embeddings: GPT-2 always ties its output layer; use type llama")
+            return
+        if (self.n_embd // self.n_head) % 2:
+            raise ConfigError(
+                f"{at}.n_head: RoPE needs an even head size, and n_embd/n_head = {self.n_embd // self.n_head}"
+            )
+        if self.n_kv_head is not None:
+            positive(at, n_kv_head=self.n_kv_head)
+            if self.n_head % self.n_kv_head:
+                raise ConfigError(f"{at}.n_kv_head: {self.n_kv_head} does not divide n_head={self.n_head}")
+        if self.intermediate_size is not None:
+            positive(at, intermediate_size=self.intermediate_size)
+        if self.rope_theta <= 0:
+            raise ConfigError(f"{at}.rope_theta: must be positive, got {self.rope_theta}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return -(-(8 * self.n_embd // 3) // 32) * 32
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft's LoRA) on the model's linear layers; only they train."""
+
+    r: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0
+    # Module names to adapt (q_proj, v_proj, ...); ["all-linear"]: every linear layer but the
+    # output head, as in QLoRA.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Also write model/ as one merged model (base + adapters) beside the adapter folder.
+    save_merged: bool = False
+
+    def check(self, at: str) -> None:
+        positive(at, r=self.r)
+        if self.alpha <= 0:
+            raise ConfigError(f"{at}.alpha: must be positive, got {self.alpha}")
+        in_range(f"{at}.dropout", self.dropout, 0.0, 1.0)
+        if not self.target_modules:
+            raise ConfigError(f"{at}.target_modules: name at least one module, or 'all-linear'")
 
 
 @dataclass
@@ -72,6 +133,10 @@ class ModelConfig:
     # offered: it would need loss scaling.
     dtype: Literal["float32", "bfloat16"] = "float32"
     trust_remote_code: bool = False
+    # Hub models only: the attention kernel ("eager", "sdpa", "flash_attention_2"); None lets
+    # transformers choose.
+    attn_implementation: str | None = None
+    lora: LoraConfig | None = None  # train low-rank adapters instead of every weight (null: full fine-tuning)
 
     def check(self, at: str) -> None:
         if not self.name_or_path:
@@ -79,12 +144,17 @@ class ModelConfig:
         if self.name_or_path != "scratch":
             check_model_path(f"{at}.name_or_path", self.name_or_path)
         self.architecture.check(f"{at}.architecture")
+        if self.lora is not None:
+            if self.name_or_path == "scratch":
+                raise ConfigError(f"{at}.lora: a model created from scratch has nothing to adapt; train it fully first")
+            self.lora.check(f"{at}.lora")
 
 
 SourceFormat = Literal[
     "text",
     "prompt_completion",
     "reviews",
+    "messages",
     "hh_rlhf",
     "prompt_chosen_rejected",
     "conversational",
@@ -211,6 +281,9 @@ class TrainConfig:
     # Keep only each transformer block's input for backward and recompute the rest: less activation
     # memory for about one more forward pass per step; the same numbers.
     gradient_checkpointing: bool = False
+    # Experiment trackers fed from the same records as metrics.jsonl (which stays the source of
+    # truth): any of tensorboard, wandb, mlflow, trackio (each an optional extra).
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
 
     def check(self, at: str) -> None:
         if self.epochs <= 0:
@@ -353,6 +426,8 @@ class PairsConfig:
             raise ConfigError("output_dir: must not be empty")
         for section in ("model", "data", "pairing", "sample", "launch"):
             getattr(self, section).check(section)
+        if self.model.lora is not None:
+            raise ConfigError("model.lora: pairs only samples from the model, it trains nothing; remove it")
         positive("", num_train_prompts=self.num_train_prompts, batch_size=self.batch_size)
         if self.num_eval_prompts < 0:
             raise ConfigError("num_eval_prompts: must not be negative")
@@ -785,6 +860,7 @@ __all__ = [
     "GROUP_BATCHES",
     "KLConfig",
     "LaunchConfig",
+    "LoraConfig",
     "ModelConfig",
     "OptimConfig",
     "PPOAlgoConfig",

@@ -17,12 +17,14 @@ from functools import partial
 from typing import Any
 
 from pipeline.config import DEFAULT_MIN_SCORE_RATIO, DEFAULT_PROMPT_WORDS, SourceConfig
-from pipeline.data.records import DataError, Drop, PreferencePair, PromptRecord, SFTExample
+from pipeline.data.records import DataError, Drop, PreferencePair, PromptRecord, Segment, SFTExample
 
 Render = Callable[[list[dict], bool], str]  # (messages, add_generation_prompt) -> text
 Record = SFTExample | PreferencePair | PromptRecord
 
 HH_ASSISTANT = "\n\nAssistant:"
+HH_HUMAN = "\n\nHuman:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
@@ -104,6 +106,75 @@ def _nonempty(text: str, name: str) -> str:
     return text
 
 
+# ----------------------------------------------------------------------------------- conversations
+
+
+def _rendered(render: Render, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The template's text; a template that refuses the conversation (roles out of order) drops the row."""
+    try:
+        return render(messages, add_generation_prompt)
+    except Exception as err:  # jinja2's TemplateError, or whatever a template raises
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Drop("template mismatch", f"the chat template refused the conversation: {first}") from None
+
+
+def conversation_segments(messages: list[dict], render: Render) -> tuple[Segment, ...]:
+    """The rendered conversation cut before and after every assistant reply: (text, trained) pieces.
+
+    Each reply is what the template adds between the conversation before it rendered with the
+    generation prompt and the conversation through it, so the loss covers the reply and its end of
+    turn, in every assistant turn, and nothing the user or system wrote. The pieces join to the
+    rendering of the whole conversation. A template whose rendered prompt is not a prefix of the
+    rendered conversation (one that rewrites earlier turns) drops the row: no cut would be right.
+    """
+    segments: list[Segment] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _rendered(render, messages[:i], True)
+        through = _rendered(render, messages[: i + 1], False)
+        if not prompt.startswith(done) or not through.startswith(prompt):
+            raise Drop(
+                "template mismatch",
+                f"the rendered prompt of assistant turn {i} is not a prefix of the rendered conversation",
+            )
+        segments += [(prompt[len(done) :], False), (through[len(prompt) :], True)]
+        done = through
+    if not segments:
+        raise Drop("missing field", "the conversation has no assistant message")
+    if not any(text.strip() for text, trained in segments if trained):
+        raise Drop("empty response", "every assistant message is empty")
+    return tuple(segments)
+
+
+def hh_messages(dialogue: str, side: str) -> list[dict]:
+    """An HH-RLHF dialogue string as messages: Human -> user, Assistant -> assistant."""
+    parts = _HH_TURN.split(dialogue)
+    if len(parts) < 3 or parts[0].strip():
+        raise Drop("missing field", f"'{side}' does not start with a '\\n\\nHuman:' turn")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[role], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
+
+
+def hh_raw_segments(dialogue: str) -> tuple[Segment, ...]:
+    """An HH-RLHF dialogue as written, cut around every assistant reply (for tokenizers without a template)."""
+    segments: list[Segment] = []
+    done = 0
+    for marker in re.finditer(re.escape(HH_ASSISTANT), dialogue):
+        if marker.start() < done:  # "\n\nAssistant:" inside a reply: the reply runs to the next human turn
+            continue
+        end = dialogue.find(HH_HUMAN, marker.end())
+        end = len(dialogue) if end < 0 else end
+        segments += [(dialogue[done : marker.end()], False), (dialogue[marker.end() : end], True)]
+        done = end
+    if not segments:
+        raise Drop("missing field", "'chosen' has no '\\n\\nAssistant:' turn")
+    if not any(text.strip() for text, trained in segments if trained):
+        raise Drop("empty response", "every assistant reply is empty")
+    return tuple(segments)
+
+
 # ------------------------------------------------------------------------------------- SFT formats
 
 
@@ -115,6 +186,40 @@ def text_example(row: dict) -> SFTExample:
 def prompt_completion_example(row: dict) -> SFTExample:
     completion = _nonempty(_text(row, "completion"), "completion")
     return SFTExample(prompt=_text(row, "prompt"), response=completion, source_id=row["_id"])
+
+
+def messages_example(row: dict, render: Render) -> SFTExample:
+    """OpenAI-style `messages` ({role, content}, an optional system message first): every assistant turn is trained."""
+    return SFTExample.conversation(conversation_segments(_messages(row, "messages"), render), row["_id"])
+
+
+def messages_prompt(row: dict, render: Render) -> PromptRecord:
+    """The conversation rendered with the generation prompt; a final assistant message is left out
+    and becomes the reference (a conversation ending with a user turn is a prompt as it is)."""
+    messages = _messages(row, "messages")
+    ends_with_reply = bool(messages) and messages[-1]["role"] == "assistant"
+    context = messages[:-1] if ends_with_reply else messages
+    if not context:
+        raise Drop("missing field", "'messages' holds nothing to answer")
+    reference = messages[-1]["content"] if ends_with_reply else None
+    return PromptRecord(_rendered(render, context, True), row["_id"], reference, messages=tuple(context))
+
+
+def hh_rlhf_example(row: dict, render: Render | None) -> SFTExample:
+    """The chosen dialogue of an HH-RLHF row, every assistant reply trained: through the chat
+    template when the tokenizer has one, else as the text was written."""
+    dialogue = _text(row, "chosen")
+    if render is None:
+        return SFTExample.conversation(hh_raw_segments(dialogue), row["_id"])
+    return SFTExample.conversation(conversation_segments(hh_messages(dialogue, "chosen"), render), row["_id"])
+
+
+def chosen_conversation_example(row: dict, render: Render) -> SFTExample:
+    """The chosen conversation of a conversational or UltraFeedback row, every assistant turn trained."""
+    chosen = _messages(row, "chosen")
+    if _optional(row, "prompt") is not None:
+        chosen = _messages(row, "prompt") + chosen
+    return SFTExample.conversation(conversation_segments(chosen, render), row["_id"])
 
 
 def clean_review(text: str) -> str:
@@ -169,14 +274,19 @@ def _split_hh(dialogue: str, side: str) -> tuple[str, str]:
     return dialogue[:cut], dialogue[cut:]
 
 
-def hh_rlhf_pair(row: dict) -> PreferencePair:
+def hh_rlhf_pair(row: dict, render: Render | None = None) -> PreferencePair:
     """Anthropic HH-RLHF: two whole dialogues that should differ only in the last assistant reply.
 
-    Some do not: a reply that itself contains "\\n\\nAssistant:" (the model wrote extra turns)
-    moves the last marker, and splitting there would train on a mangled prompt. Those rows are
-    dropped as "differing context". The reply keeps its leading space: the prompt ends with
-    "Assistant:" and the response begins " ...", as the text was written.
+    With a chat template the dialogues become messages rendered like every chat format. Without
+    one they stay as written: the reply keeps its leading space (the prompt ends with "Assistant:"
+    and the response begins " ..."). Some rows differ earlier: a reply that itself contains
+    "\\n\\nAssistant:" (the model wrote extra turns) moves the last marker, and splitting there
+    would train on a mangled prompt. Those rows are dropped as "differing context".
     """
+    if render is not None:
+        chosen = hh_messages(_text(row, "chosen"), "chosen")
+        rejected = hh_messages(_text(row, "rejected"), "rejected")
+        return _chat_pair(chosen, rejected, render, row)
     prompt, chosen = _split_hh(_text(row, "chosen"), "chosen")
     other_prompt, rejected = _split_hh(_text(row, "rejected"), "rejected")
     if prompt != other_prompt:
@@ -214,15 +324,17 @@ def _chat_pair(chosen: list[dict], rejected: list[dict], render: Render, row: di
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
         if not messages or messages[-1]["role"] != "assistant":
             raise Drop("missing field", f"'{side}' does not end with an assistant message")
+        if not messages[-1]["content"].strip():
+            raise Drop("empty response", f"'{side}' ends with an empty assistant message")
     context = chosen[:-1]
     if context != rejected[:-1]:
         raise Drop("differing context", "the conversations differ before their last assistant message")
-    prompt = render(context, True)
+    prompt = _rendered(render, context, True)
     responses = []
     for side, messages in (("chosen", chosen), ("rejected", rejected)):
-        full = render(messages, False)
+        full = _rendered(render, messages, False)
         if not full.startswith(prompt):
-            raise Drop("differing context", f"the rendered prompt is not a prefix of the rendered '{side}'")
+            raise Drop("template mismatch", f"the rendered prompt is not a prefix of the rendered '{side}'")
         responses.append(full[len(prompt) :])
     return _pair(prompt, *responses, row, context=tuple(context), **extra)
 
@@ -287,7 +399,7 @@ def _shp(source: SourceConfig, render: Render | None) -> Callable[[dict], Prefer
 
 # format -> (source, chat renderer) -> row -> PreferencePair
 PAIR_ADAPTERS: dict[str, Callable[[SourceConfig, Render | None], Callable[[dict], PreferencePair]]] = {
-    "hh_rlhf": lambda source, render: hh_rlhf_pair,
+    "hh_rlhf": lambda source, render: partial(hh_rlhf_pair, render=render),
     "prompt_chosen_rejected": lambda source, render: prompt_chosen_rejected_pair,
     "conversational": _chat(conversational_pair),
     "ultrafeedback": _chat(ultrafeedback_pair),
@@ -300,13 +412,20 @@ SFT_ADAPTERS: dict[str, Callable[[dict], SFTExample]] = {
     "prompt_completion": prompt_completion_example,
     "reviews": review_example,
 }
-FORMATS = (*SFT_ADAPTERS, *PAIR_ADAPTERS)
+# format -> (source, chat renderer) -> row -> a multi-turn SFTExample: the loss on every assistant turn
+CONVERSATION_ADAPTERS: dict[str, Callable[[SourceConfig, Render | None], Callable[[dict], SFTExample]]] = {
+    "messages": lambda source, render: partial(messages_example, render=_need_render(source, render)),
+    "hh_rlhf": lambda source, render: partial(hh_rlhf_example, render=render),
+    "conversational": lambda source, render: partial(chosen_conversation_example, render=_need_render(source, render)),
+    "ultrafeedback": lambda source, render: partial(chosen_conversation_example, render=_need_render(source, render)),
+}
+FORMATS = (*SFT_ADAPTERS, "messages", *PAIR_ADAPTERS)
 
 
 def pair_adapter(source: SourceConfig, render: Render | None) -> Callable[[dict], PreferencePair]:
     """The row -> PreferencePair function for a source; SFT-only formats are a config error."""
     _known(source)
-    if source.format not in PAIR_ADAPTERS:
+    if source.format not in PAIR_ADAPTERS:  # the SFT formats and "messages"
         raise DataError(
             f"{source.path}: format '{source.format}' holds no preference pairs; use one of {', '.join(PAIR_FORMATS)}"
         )
@@ -314,10 +433,13 @@ def pair_adapter(source: SourceConfig, render: Render | None) -> Callable[[dict]
 
 
 def sft_adapter(source: SourceConfig, render: Render | None) -> Callable[[dict], SFTExample]:
-    """Row -> SFTExample; preference formats give (prompt, chosen): SFT on the preferred replies."""
+    """Row -> SFTExample; preference formats give their chosen side: SFT on the preferred replies
+    (every assistant turn of a chosen conversation)."""
     _known(source)
     if source.format in SFT_ADAPTERS:
         return _remapped(SFT_ADAPTERS[source.format], source.columns)
+    if source.format in CONVERSATION_ADAPTERS:
+        return _remapped(CONVERSATION_ADAPTERS[source.format](source, render), source.columns)
     to_pair = pair_adapter(source, render)
 
     def adapt(row: dict) -> SFTExample:
@@ -342,6 +464,8 @@ def prompt_adapter(source: SourceConfig, render: Render | None, seed: int) -> Ca
     if fmt == "reviews":
         lo, hi = source.prompt_words or DEFAULT_PROMPT_WORDS
         return _remapped(partial(review_prompt, words=(lo, hi), seed=seed), source.columns)
+    if fmt == "messages":
+        return _remapped(partial(messages_prompt, render=_need_render(source, render)), source.columns)
     if fmt in PAIR_ADAPTERS:
         to_pair = pair_adapter(source, render)
 
@@ -376,7 +500,7 @@ def _need_render(source: SourceConfig, render: Render | None) -> Render:
     if render is None:
         raise DataError(
             f"{source.path}: format '{source.format}' is rendered with the tokenizer's chat template, "
-            "and this tokenizer has none (a scratch model's never does); use a model whose tokenizer has one"
+            "and this tokenizer has none; use a model whose tokenizer has one (a scratch model's always does)"
         )
     return render
 
@@ -395,6 +519,8 @@ def guess_format(row: dict) -> str | None:
             return "prompt_chosen_rejected"
         if HH_ASSISTANT in row["chosen"]:
             return "hh_rlhf"
+    if messages("messages"):
+        return "messages"
     if messages("chosen") and messages("rejected"):
         return "ultrafeedback" if "score_chosen" in row else "conversational"
     if "human_ref_A" in row and "human_ref_B" in row:

@@ -9,12 +9,13 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from pipeline.config import SFTConfig
 from pipeline.console import console
 from pipeline.data.adapters import PAIR_FORMATS
 from pipeline.data.loading import load_pairs, load_sft_examples
 from pipeline.data.records import DropLedger
-from pipeline.data.tokenize import TokenizedExample, tokenize_example
-from pipeline.models import is_scratch, load_tokenizer, train_tokenizer
+from pipeline.data.tokenize import IGNORE, TokenizedExample, tokenize_example, tokenize_sft
+from pipeline.models import is_scratch, load_tokenizer, render_chat, train_tokenizer
 from pipeline.stage_common import chat_renderer, tokenize_records
 
 
@@ -26,17 +27,26 @@ def percentiles(values: list[int], qs=(0, 50, 90, 99, 100)) -> dict[int, int]:
 
 
 def render_example(tokenizer, example: TokenizedExample) -> str:
-    """Rich markup: the masked prompt dim inside ⟦ ⟧, the trained response plain, EOS shown."""
-    prompt = tokenizer.decode(example.input_ids[: example.prompt_length])
-    response = tokenizer.decode(example.input_ids[example.prompt_length :])
-    return f"[dim]⟦{escape(prompt)}⟧[/dim]{escape(response)}"
+    """Rich markup: each masked run dim inside ⟦ ⟧, each trained run plain, special tokens shown.
+
+    A conversation alternates: system and user turns masked, every assistant reply trained.
+    """
+    trained = [label != IGNORE for label in example.labels]
+    runs, start = [], 0
+    for i in range(1, len(trained) + 1):
+        if i == len(trained) or trained[i] != trained[start]:
+            text = escape(tokenizer.decode(example.input_ids[start:i]))
+            runs.append(text if trained[start] else f"[dim]⟦{text}⟧[/dim]")
+            start = i
+    return "".join(runs)
 
 
 def inspect_data(cfg, n_examples: int = 3) -> None:
     ledger = DropLedger(cfg.data.strict)
     tokenizer = None if is_scratch(cfg.model) else load_tokenizer(cfg.model)
-    render = chat_renderer(tokenizer)
-    wants_pairs = any(s.format in PAIR_FORMATS for s in cfg.data.train)
+    render = render_chat if tokenizer is None else chat_renderer(tokenizer)  # a scratch tokenizer's template
+    # SFT reads a preference file's chosen side (every assistant turn); the pair stages read pairs.
+    wants_pairs = not isinstance(cfg, SFTConfig) and any(s.format in PAIR_FORMATS for s in cfg.data.train)
     if wants_pairs:
         train, evaluation = load_pairs(cfg.data, ledger, render)
         texts = [p.prompt + p.chosen for p in train] + [p.rejected for p in train]
@@ -47,7 +57,7 @@ def inspect_data(cfg, n_examples: int = 3) -> None:
     else:
         train, evaluation = load_sft_examples(cfg.data, ledger, render)
         texts = [r.prompt + r.response for r in train]
-        sides = {"example": lambda r: tokenize_example(tokenizer, r.prompt, r.response, cfg.data)}
+        sides = {"example": lambda r: tokenize_sft(tokenizer, r, cfg.data)}
     if tokenizer is None:  # a scratch model's tokenizer is trained on the data, as the stage would
         tokenizer = train_tokenizer(texts, cfg.model.architecture.vocab_size)
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import DataError
 
+Segment = tuple[str, bool]  # a piece of a rendered conversation and whether the loss is on it
+
 
 @dataclass(frozen=True)
 class SFTExample:
@@ -18,12 +20,21 @@ class SFTExample:
 
     `finished` is False for a response cut short (sampled up to a token limit): it gets no EOS, so
     the model is never taught to stop where the text was only cut.
+
+    A multi-turn conversation also holds `segments`: the rendered conversation cut into pieces,
+    each marked trained (an assistant reply with its end of turn) or not (system and user turns,
+    template markup). Then `prompt` is the first piece and `response` the rest, joined.
     """
 
     prompt: str
     response: str
     source_id: str
     finished: bool = True
+    segments: tuple[Segment, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def conversation(cls, segments: tuple[Segment, ...], source_id: str) -> SFTExample:
+        return cls(segments[0][0], "".join(text for text, _ in segments[1:]), source_id, segments=segments)
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,7 @@ DROP_REASONS = (
     "empty response",
     "chosen equals rejected",
     "differing context",
+    "template mismatch",
     "prompt too long",
     "below score ratio",
     "tie",

@@ -3,7 +3,8 @@
 The prompt and the response are tokenized separately and concatenated, so the response tokens are
 exactly the tokens after the prompt's: no BPE merge can straddle the boundary and move it. Labels
 are -100 on the prompt; the EOS is appended once, and only to a response that was not cut short
-(a truncated response must not teach the model to stop mid-sentence).
+(a truncated response must not teach the model to stop mid-sentence). A conversation is tokenized
+piece by piece the same way, with the loss on its assistant replies only.
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ IGNORE = -100
 @dataclass(frozen=True)
 class TokenizedExample:
     input_ids: list[int]
-    prompt_length: int  # tokens before the response; labels are masked there
+    prompt_length: int  # tokens before the (first) response; labels are masked there
+    # For a conversation, which tokens carry the loss (its assistant replies); None: every token
+    # after the prompt.
+    trained: tuple[bool, ...] | None = None
 
     @property
     def labels(self) -> list[int]:
+        if self.trained is not None:
+            return [token if on else IGNORE for token, on in zip(self.input_ids, self.trained)]
         return [IGNORE] * self.prompt_length + self.input_ids[self.prompt_length :]
 
 
@@ -59,7 +65,7 @@ def encode_response(tokenizer, response: str, budget: int, data: DataConfig, fin
     An unfinished response (sampled up to a token limit) gets no EOS: every stage, and PPO's and
     the comparison's scoring, see a cut response as cut.
     """
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    ids = through_end_of_turn(tokenizer, tokenizer(response, add_special_tokens=False)["input_ids"])
     eos = tokenizer.eos_token_id
     if finished and eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
@@ -68,6 +74,22 @@ def encode_response(tokenizer, response: str, budget: int, data: DataConfig, fin
     if data.truncate_response == "keep_start":
         return ids[:budget]
     return ids[-budget:]
+
+
+def through_end_of_turn(tokenizer, ids: list[int]) -> list[int]:
+    """Ids cut after their last EOS when only whitespace follows it.
+
+    A chat template may write a newline after a turn's end (Qwen's "<|im_end|>\\n"), but sampling
+    stops at the EOS: training on the newline would teach a token the sampler never produces, and
+    append a second EOS after it.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None or eos not in ids:
+        return ids
+    last = len(ids) - 1 - ids[::-1].index(eos)
+    if last + 1 < len(ids) and not tokenizer.decode(ids[last + 1 :]).strip():
+        return ids[: last + 1]
+    return ids
 
 
 def tokenize_example(
@@ -79,7 +101,40 @@ def tokenize_example(
 
 
 def tokenize_sft(tokenizer, example: SFTExample, data: DataConfig) -> TokenizedExample:
+    if example.segments:
+        return tokenize_conversation(tokenizer, example, data)
     return tokenize_example(tokenizer, example.prompt, example.response, data, example.finished)
+
+
+def tokenize_conversation(tokenizer, example: SFTExample, data: DataConfig) -> TokenizedExample:
+    """A conversation's pieces tokenized one by one: the first as a prompt (BOS, max_prompt_length),
+    the loss on every assistant reply and its end of turn, EOS after the last reply if it has none.
+
+    A conversation longer than `data.max_length` keeps its start; a reply cut there gets no EOS.
+    """
+    first, _ = example.segments[0]
+    ids = encode_prompt(tokenizer, first, data)
+    trained = [False] * len(ids)
+    replies = [i for i, (_, on) in enumerate(example.segments) if on]
+    eos = tokenizer.eos_token_id
+    for i, (text, on) in enumerate(example.segments[1:], start=1):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not on:
+            ids += piece
+            trained += [False] * len(piece)
+            continue
+        reply = through_end_of_turn(tokenizer, piece)
+        after = piece[len(reply) :]  # whitespace after the end of turn: kept between turns, not trained
+        if i == replies[-1]:
+            after = []
+            if example.finished and eos is not None and (not reply or reply[-1] != eos):
+                reply = reply + [eos]
+        ids += reply + after
+        trained += [True] * len(reply) + [False] * len(after)
+    ids, trained = ids[: data.max_length], trained[: data.max_length]
+    if not any(trained):
+        raise Drop("prompt too long", f"no assistant reply starts within max_length={data.max_length} tokens")
+    return TokenizedExample(ids, trained.index(True), tuple(trained))
 
 
 def tokenize_pair(tokenizer, pair: PreferencePair, data: DataConfig, margin: float = 0.0) -> TokenizedPair:
