@@ -3,12 +3,10 @@ left padding under RoPE, FSDP2 wrapping of their decoder layers, and the whole q
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from helpers import read_metrics, run_ok, sets, write_yaml
+from helpers import read_metrics, run_ok, write_yaml
 from pipeline.config import ArchitectureConfig
 from pipeline.models import create_scratch_model
 from pipeline.sampling import generate
@@ -51,89 +49,6 @@ def test_cached_left_padded_sampling_equals_one_prompt_at_a_time_without_a_cache
             for _ in range(6):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
         assert sequence == ids[len(prompt) :]
-
-
-@pytest.mark.slow
-def test_the_quick_pipeline_runs_with_a_llama_model(tmp_path):
-    """configs/quick/, shrunk through --set: SFT, pairs, reward, DPO, PPO and compare with a llama model."""
-    out = {name: tmp_path / name for name in ("sft", "pairs", "reward", "dpo", "ppo", "compare")}
-    model = f"model.name_or_path={out['sft'] / 'model'}"
-    pair_files = [
-        f"data.train.0.path={out['pairs'] / 'train.jsonl'}",
-        f"data.eval.0.path={out['pairs'] / 'test.jsonl'}",
-    ]
-    arch = "{type: llama, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 32, n_positions: 96, vocab_size: 400}"
-    run_ok(
-        "sft",
-        "configs/quick/sft.yaml",
-        *sets(
-            f"output_dir={out['sft']}",
-            f"model.architecture={arch}",
-            "data.train.0.max_rows=1200",
-            "data.eval.0.max_rows=16",
-        ),
-    )
-    run_ok(
-        "data",
-        "pairs",
-        "configs/quick/pairs.yaml",
-        *sets(
-            f"output_dir={out['pairs']}",
-            model,
-            "num_train_prompts=64",
-            "num_eval_prompts=32",
-            "sample.max_new_tokens=24",
-        ),
-    )
-    run_ok("reward", "configs/quick/reward.yaml", *sets(f"output_dir={out['reward']}", model, *pair_files))
-    run_ok(
-        "dpo",
-        "configs/quick/dpo.yaml",
-        *sets(
-            f"output_dir={out['dpo']}",
-            model,
-            *pair_files,
-            "train.max_steps=6",
-            f"reference.cache_dir={tmp_path / 'cache'}",
-        ),
-    )
-    run_ok(
-        "ppo",
-        "configs/quick/ppo.yaml",
-        *sets(
-            f"output_dir={out['ppo']}",
-            model,
-            f"reward.models=[{out['reward'] / 'model'}]",
-            "train.max_steps=2",
-            "ppo.rollout_batch_size=16",
-            "ppo.mini_batch_size=8",
-            "ppo.micro_batch_size=8",
-            "rollout.max_new_tokens=16",
-        ),
-    )
-    compare = {
-        "output_dir": str(out["compare"]),
-        "sft": str(out["sft"]),
-        "reward": str(out["reward"]),
-        "policies": [
-            {"name": "dpo", "method": "dpo", "run": str(out["dpo"])},
-            {"name": "ppo", "method": "ppo", "run": str(out["ppo"])},
-        ],
-        "best_of_n": [2],
-        "num_prompts": 16,
-        "temperatures": [1.0],
-        "max_new_tokens": 16,
-        "bootstrap_resamples": 100,
-        "checkpoints": False,
-    }
-    run_ok("compare", str(write_yaml(tmp_path / "compare.yaml", compare)))
-    config = json.loads((out["sft"] / "model" / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2
-    for stage in ("reward", "dpo", "ppo"):
-        assert json.loads((out[stage] / "model" / "config.json").read_text())["model_type"] == "llama"
-    assert any("eval/accuracy_low" in m for m in read_metrics(out["reward"]))
-    results = json.loads((out["compare"] / "results.json").read_text())
-    assert {m["name"] for m in results["methods"]} == {"sft", "best-of-2", "dpo", "ppo"}
 
 
 @pytest.mark.slow

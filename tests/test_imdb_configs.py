@@ -1,6 +1,7 @@
 """The real-experiment configs (configs/imdb/) run on the real IMDb reviews in ../shared/data with a
 tiny from-scratch model, through --set overrides alone: hub ids swapped for local files, no network.
-The hub sentiment classifier cannot load offline, so the gold reward falls back to VADER, and says so."""
+The model is a small llama (the suite's whole-pipeline run with a modern architecture). The hub
+sentiment classifier cannot load offline, so the gold reward falls back to VADER, and says so."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_imdb_configs_run_end_to_end_on_real_reviews(shared_data, tmp_path):
             [
                 f"output_dir={out['sft']}",
                 "model.name_or_path=scratch",
-                "model.architecture={n_layer: 2, n_head: 2, n_embd: 32, n_positions: 128, vocab_size: 512}",
+                # A llama model: the whole pipeline, compare included, with RoPE, RMSNorm, SwiGLU and GQA.
+                "model.architecture={type: llama, n_layer: 2, n_head: 4, n_kv_head: 2, n_embd: 32, n_positions: 128, vocab_size: 512}",
                 *local("data.train.0", 600),
                 *local("data.eval.0", 40),
                 "data.max_length=128",
@@ -134,3 +136,6 @@ def test_imdb_configs_run_end_to_end_on_real_reviews(shared_data, tmp_path):
     results = json.loads((out["compare"] / "results.json").read_text())
     assert results["gold"] == "vader" and results["prompts"]["count"] == 20
     assert {m["name"] for m in results["methods"]} == {"sft", "best-of-2", "dpo", "ppo"}
+    for stage in ("sft", "reward", "dpo", "ppo"):
+        config = json.loads((out[stage] / "model" / "config.json").read_text())
+        assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2, stage
