@@ -15,7 +15,8 @@ import statistics
 from pathlib import Path
 
 from benchmarks import fixtures as fixture_module
-from benchmarks.run import run_worker
+from benchmarks.run import ppo_spec as bench_ppo_spec
+from benchmarks.run import run_worker, training_spec
 
 LORA = {"r": 8, "alpha": 16.0, "target_modules": ["all-linear"]}
 PLANS = {
@@ -49,46 +50,32 @@ VARIANTS = [  # (label, model settings, train settings)
 
 
 def dpo_spec(plan: dict, fx_path: Path, out: Path, model: dict, train: dict) -> dict:
-    return {
-        "framework": "ours",
-        "stage": "dpo",
-        "size": plan["size"],
-        "batch_size": plan["batch_size"],
-        "steps": plan["dpo_steps"],
-        "max_length": fixture_module.MAX_LENGTH,
-        "lr": 1e-4,
-        "warmup_steps": 2,
-        "seed": 0,
-        "reference_batch_size": 32,
-        "fixtures": str(fx_path),
-        "out": str(out),
-        "dtype": "float32",
-        "model": model,
-        "ours": train,
-    }
+    return training_spec(
+        "dpo",
+        plan["size"],
+        plan["batch_size"],
+        plan["dpo_steps"],
+        fx_path,
+        out,
+        dtype="float32",
+        model=model,
+        ours=train,
+    )
 
 
 def ppo_spec(plan: dict, fx_path: Path, out: Path, model: dict, train: dict) -> dict:
-    return {
-        "framework": "ours",
-        "stage": "ppo",
-        "size": plan["size"],
-        "iterations": plan["ppo_iterations"],
-        "rollout_batch_size": plan["rollouts"],
-        "new_tokens": plan["new_tokens"],
-        "batch_size": plan["rollouts"],
-        "steps": plan["ppo_iterations"],
-        "max_length": fixture_module.MAX_LENGTH,
-        "lr": 1e-5,
-        "warmup_steps": 0,
-        "seed": 0,
-        "fixtures": str(fx_path),
-        "out": str(out),
-        "dtype": "float32",
-        "model": model,
-        "ours": train,
-        "ppo": {"epochs": 1},
-    }
+    return bench_ppo_spec(
+        plan["size"],
+        plan["ppo_iterations"],
+        plan["rollouts"],
+        plan["new_tokens"],
+        fx_path,
+        out,
+        dtype="float32",
+        model=model,
+        ours=train,
+        ppo={"epochs": 1},
+    )
 
 
 def measure(stage: str, label: str, result: dict, plan: dict) -> dict:

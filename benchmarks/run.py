@@ -98,6 +98,47 @@ def flops_per_token(stage: str, model_folder: str, seq_len: float) -> float:
     return training_flops_per_token(n, layers, d, seq_len)
 
 
+def training_spec(stage: str, size: str, batch_size: int, steps: int, fx_path: Path, out: Path, **extra) -> dict:
+    """A worker spec for a timed training run (benchmarks/worker.py): the bench's length, learning
+    rate, warmup, seed and reference batch, and `extra` (framework, dtype, settings) on top."""
+    return {
+        "framework": "ours",
+        "stage": stage,
+        "size": size,
+        "batch_size": batch_size,
+        "steps": steps,
+        "max_length": fixture_module.MAX_LENGTH,
+        "lr": 1e-4,
+        "warmup_steps": 2,
+        "seed": 0,
+        "reference_batch_size": 32,
+        "fixtures": str(fx_path),
+        "out": str(out),
+        **extra,
+    }
+
+
+def ppo_spec(size: str, iterations: int, rollouts: int, new_tokens: int, fx_path: Path, out: Path, **extra) -> dict:
+    """A worker spec for timed PPO iterations of `rollouts` rollouts of up to `new_tokens` tokens each."""
+    return {
+        "framework": "ours",
+        "stage": "ppo",
+        "size": size,
+        "iterations": iterations,
+        "rollout_batch_size": rollouts,
+        "new_tokens": new_tokens,
+        "batch_size": rollouts,
+        "steps": iterations,
+        "max_length": fixture_module.MAX_LENGTH,
+        "lr": 1e-5,
+        "warmup_steps": 0,
+        "seed": 0,
+        "fixtures": str(fx_path),
+        "out": str(out),
+        **extra,
+    }
+
+
 def training_rows(
     plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, frameworks: list[str], device: dict
 ) -> list[dict]:
@@ -109,22 +150,17 @@ def training_rows(
                     continue
                 if framework not in frameworks:
                     continue
-                spec = {
-                    "framework": framework,
-                    "stage": stage,
-                    "size": size,
-                    "batch_size": plan["batch_size"],
-                    "steps": plan["steps"],
-                    "max_length": fixture_module.MAX_LENGTH,
-                    "lr": 1e-4,
-                    "warmup_steps": 2,
-                    "seed": 0,
-                    "reference_batch_size": 32,
-                    "fixtures": str(fx_path),
-                    "out": str(out / "runs" / f"{label}-{stage}-{size}"),
-                    "dtype": device["dtype"],
+                spec = training_spec(
+                    stage,
+                    size,
+                    plan["batch_size"],
+                    plan["steps"],
+                    fx_path,
+                    out / "runs" / f"{label}-{stage}-{size}",
+                    framework=framework,
+                    dtype=device["dtype"],
                     **settings,
-                }
+                )
                 result = run_worker(spec, Path(spec["out"]))
                 per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair"]
                 seq_len = per_example if stage == "sft" else per_example / 2
@@ -176,20 +212,9 @@ def scaling_rows(plan: dict, fx: dict, out: Path, peak: float) -> list[dict]:
             }
             fx_path.write_text(json.dumps(sub))
         for stage in ("dpo",):
-            spec = {
-                "framework": "ours",
-                "stage": stage,
-                "size": "3M",
-                "batch_size": batch,
-                "steps": plan["sweep_steps"],
-                "max_length": length,
-                "lr": 1e-4,
-                "warmup_steps": 2,
-                "seed": 0,
-                "reference_batch_size": 32,
-                "fixtures": str(fx_path),
-                "out": str(folder / f"{stage}-b{batch}"),
-            }
+            spec = training_spec(
+                stage, "3M", batch, plan["sweep_steps"], fx_path, folder / f"{stage}-b{batch}", max_length=length
+            )
             result = run_worker(spec, Path(spec["out"]))
             per_example = length if stage == "sft" else 2 * length
             row = summarize(
@@ -228,23 +253,15 @@ def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path, device: dict) -> tu
             f"tok/s ({row['speedup']:.2f}x), same greedy outputs: {row['same_greedy_outputs']}",
             flush=True,
         )
-    spec = {
-        "framework": "ours",
-        "stage": "ppo",
-        "size": plan["sizes"][-1],
-        "iterations": plan["ppo_iterations"],
-        "rollout_batch_size": plan["rollout"]["batch"],
-        "new_tokens": plan["rollout"]["new_tokens"],
-        "batch_size": plan["rollout"]["batch"],
-        "steps": plan["ppo_iterations"],
-        "max_length": fixture_module.MAX_LENGTH,
-        "lr": 1e-5,
-        "warmup_steps": 0,
-        "seed": 0,
-        "fixtures": str(fx_path),
-        "out": str(out / "runs" / "ours-ppo"),
-        "dtype": device["dtype"],
-    }
+    spec = ppo_spec(
+        plan["sizes"][-1],
+        plan["ppo_iterations"],
+        plan["rollout"]["batch"],
+        plan["rollout"]["new_tokens"],
+        fx_path,
+        out / "runs" / "ours-ppo",
+        dtype=device["dtype"],
+    )
     result = run_worker(spec, Path(spec["out"]))
     split = result["ppo_phases"]
     print("  ppo iteration: " + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()), flush=True)

@@ -141,11 +141,7 @@ def conversation_segments(messages: list[dict], render: Render) -> tuple[Segment
             )
         segments += [(prompt[len(done) :], False), (through[len(prompt) :], True)]
         done = through
-    if not segments:
-        raise Drop("missing field", "the conversation has no assistant message")
-    if not any(text.strip() for text, trained in segments if trained):
-        raise Drop("empty response", "every assistant message is empty")
-    return tuple(segments)
+    return _with_a_reply(segments, "the conversation has no assistant message", "every assistant message is empty")
 
 
 def hh_messages(dialogue: str, side: str) -> list[dict]:
@@ -168,10 +164,15 @@ def hh_raw_segments(dialogue: str) -> tuple[Segment, ...]:
         end = len(dialogue) if end < 0 else end
         segments += [(dialogue[done : marker.end()], False), (dialogue[marker.end() : end], True)]
         done = end
+    return _with_a_reply(segments, "'chosen' has no '\\n\\nAssistant:' turn", "every assistant reply is empty")
+
+
+def _with_a_reply(segments: list[Segment], none: str, empty: str) -> tuple[Segment, ...]:
+    """The pieces of a conversation, dropped when no reply (`none`) or only empty ones (`empty`) would be trained."""
     if not segments:
-        raise Drop("missing field", "'chosen' has no '\\n\\nAssistant:' turn")
+        raise Drop("missing field", none)
     if not any(text.strip() for text, trained in segments if trained):
-        raise Drop("empty response", "every assistant reply is empty")
+        raise Drop("empty response", empty)
     return tuple(segments)
 
 
