@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import RATING_LEVELS, DPOConfig, RewardConfig, RewardLossConfig, SFTConfig, load_config
+from pipeline.config import (
+    RATING_LEVELS,
+    DPOConfig,
+    PairsConfig,
+    RewardConfig,
+    RewardLossConfig,
+    SFTConfig,
+    load_config,
+)
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +91,22 @@ def test_impossible_values(tmp_path):
         load_config(SFTConfig, write(tmp_path, "train: {batch_size: 30}\nlaunch: {num_processes: 4}\n"))
 
 
+def test_architecture_and_lora_values_are_checked(tmp_path):
+    bad = {
+        "model: {architecture: {type: llama, n_head: 4, n_embd: 132}}": r"n_head: RoPE needs an even head size",
+        "model: {architecture: {n_kv_head: 2}}": r"n_kv_head: only used by type llama or qwen2, not gpt2",
+        "model: {architecture: {tie_word_embeddings: false}}": r"GPT-2 always ties its output layer",
+        "model: {architecture: {type: qwen2, rope_theta: 0}}": r"rope_theta: must be positive",
+        "model: {name_or_path: gpt2, lora: {r: 0}}": r"model\.lora\.r: must be at least 1",
+        "model: {name_or_path: gpt2, lora: {target_modules: []}}": r"target_modules: name at least one module",
+    }
+    for text, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(SFTConfig, write(tmp_path, text + "\n"))
+    with pytest.raises(ConfigError, match=r"model\.lora: pairs only samples from the model"):
+        load_config(PairsConfig, write(tmp_path, "model: {name_or_path: gpt2, lora: {r: 8}}\n"))
+
+
 def test_missing_empty_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(SFTConfig, tmp_path / "absent.yaml")
@@ -138,6 +162,11 @@ def test_resolved_config_round_trips(tmp_path):
     [
         (["--set", "optim.lr=abc"], "optim.lr: expected a number"),
         (["--set", "optim.lerning_rate=1"], "did you mean"),
+        (
+            ["--set", "model.architecture={type: llama, n_head: 4, n_kv_head: 3}"],
+            "model.architecture.n_kv_head: 3 does not divide n_head=4",
+        ),
+        (["--set", "model.lora={r: 8}"], "model.lora: a model created from scratch has nothing to adapt"),
     ],
 )
 def test_cli_reports_one_line_without_traceback(args, needle):
