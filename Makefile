@@ -4,6 +4,7 @@
 # make compare  every stage, the sweeps and the RLHF-vs-DPO report (make compare-quick: a small one)
 # make hh       SFT, reward model and DPO on real HH-RLHF dialogues with a small Llama-style model (CPU, minutes)
 # make imdb-sample  the DPO paper's IMDb task in small on real reviews: every stage and the comparison
+# make gatt     Ghost Attention: a chat model, GAtt data from it, the fine-tune, adherence by turn (runs/gatt)
 # make bench    our stages against TRL's trainers (installs the 'bench' extra), runs/bench/bench.md
 # ARGS="..."    passed on to a stage's command: make sft ARGS="--overwrite --set train.max_steps=50"
 VENV ?= .venv
@@ -12,7 +13,7 @@ RLHFDPO := $(VENV)/bin/rlhfdpo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sft pairs reward dpo ppo compare compare-quick hh imdb-sample bench test test-fast lint clean
+.PHONY: setup sft pairs reward dpo ppo compare compare-quick hh imdb-sample gatt bench test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -50,6 +51,9 @@ hh: setup
 
 imdb-sample: setup
 	$(RLHFDPO) experiment configs/imdb-sample/experiment.yaml
+
+gatt: setup
+	$(RLHFDPO) experiment configs/gatt/experiment.yaml
 
 bench: setup
 	$(PYTHON) -m pip install -q -e '.[bench]'

@@ -174,7 +174,7 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
-def _figure(width: float = 6.0):
+def new_figure(width: float = 6.0):
     """A headless matplotlib figure of the report's size: (pyplot, figure, axes)."""
     import matplotlib
 
@@ -199,7 +199,7 @@ def _save(plt, fig, ax, path: Path, legend_outside: bool = False) -> Path:
 
 def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
     """Gold reward against KL to SFT, one point per run and checkpoint (DPO paper, Fig. 2 left)."""
-    plt, fig, ax = _figure()
+    plt, fig, ax = new_figure()
     for method in sorted({p["method"] for p in points}):
         mine = [p for p in points if p["method"] == method]
         ax.scatter(
@@ -222,7 +222,7 @@ def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
     """
     import matplotlib
 
-    plt, fig, ax = _figure(width=7.5)
+    plt, fig, ax = new_figure(width=7.5)
     names = list(dict.fromkeys(m["name"] for m in methods if "win_vs_sft" in m))
     method_of = {m["name"]: m["method"] for m in methods}
     for name in names:

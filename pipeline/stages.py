@@ -10,9 +10,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from pipeline.config.schema import (
+    AdherenceConfig,
     CompareConfig,
     DPOConfig,
     ExperimentConfig,
+    GattConfig,
     PairsConfig,
     PPOConfig,
     RewardConfig,
@@ -98,6 +100,22 @@ STAGES: dict[str, Stage] = {
             "pipeline.compare",
             ("compare",),
             "Sample every policy on held-out prompts; win rates, the reward-vs-KL frontier, cost: report.md.",
+            "report.md",
+        ),
+        Stage(
+            "gatt",
+            GattConfig,
+            "pipeline.gatt",
+            ("data", "gatt"),
+            "Ghost Attention data: sample a policy with the instruction on every turn, keep it in the first only.",
+            "train.jsonl",
+        ),
+        Stage(
+            "adherence",
+            AdherenceConfig,
+            "pipeline.adherence",
+            ("adherence",),
+            "How often models keep a first-turn instruction, turn by turn, and their attention on it: report.md.",
             "report.md",
         ),
         Stage(

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.config import GROUP_BATCHES, OptimConfig, TrainConfig
 from pipeline.console import console  # the progress bars draw on it
-from pipeline.errors import RunFailed
+from pipeline.errors import DataError, RunFailed
 from pipeline.launch import Dist
 
 
@@ -143,8 +143,9 @@ class BatchPlan:
         micro, accumulation = train.accumulation_steps(world_size)
         steps_per_epoch = n_examples // train.batch_size
         if steps_per_epoch == 0:
-            raise ValueError(
-                f"{n_examples} training examples make no full batch of train.batch_size={train.batch_size}"
+            raise DataError(
+                f"{n_examples} training examples make no full batch of train.batch_size={train.batch_size}; "
+                "lower train.batch_size or give the stage more data"
             )
         total = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
         if lengths is not None and len(lengths) != n_examples:

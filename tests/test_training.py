@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import OptimConfig, TrainConfig
+from pipeline.errors import DataError
 from pipeline.launch import Dist
 from pipeline.training import BatchPlan, lr_at, warmup_steps
 
@@ -57,7 +58,7 @@ def test_batch_plan_is_the_same_global_batch_for_one_or_two_processes():
 
 
 def test_batch_plan_rejects_too_little_data():
-    with pytest.raises(ValueError, match="no full batch"):
+    with pytest.raises(DataError, match="no full batch"):
         BatchPlan.build(3, TrainConfig(batch_size=8), 1)
 
 

@@ -165,7 +165,8 @@ SourceFormat = Literal[
 
 @dataclass
 class SourceConfig:
-    # "builtin:sentiment", a local file (json, jsonl, jsonl.gz, csv, csv.gz, parquet) or a hub id.
+    # "builtin:sentiment" (reviews), "builtin:dialogues" (chats, format "messages"), a local file
+    # (json, jsonl, jsonl.gz, csv, csv.gz, parquet) or a hub id.
     path: str = "builtin:sentiment"
     format: SourceFormat = "reviews"
     name: str | None = None  # hub dataset config name
@@ -182,6 +183,8 @@ class SourceConfig:
     def check(self, at: str) -> None:
         if not self.path:
             raise ConfigError(f"{at}.path: must not be empty")
+        if self.path == "builtin:dialogues" and self.format != "messages":
+            raise ConfigError(f"{at}.format: builtin:dialogues holds chats; use format 'messages', not '{self.format}'")
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"{at}.fraction: must be in (0, 1], got {self.fraction}")
         if self.max_rows is not None:
@@ -797,6 +800,171 @@ class CompareConfig:
         check_gold("gold", self.gold)
 
 
+@dataclass
+class InstructionSpec:
+    """One instruction for Ghost Attention, with the checks that decide whether a reply follows it."""
+
+    text: str = ""
+    short: str | None = None  # a shorter wording, used for short_fraction of the training examples
+    sentiment: Literal["positive", "negative"] | None = None  # the sign of VADER's score of the reply
+    contains: str | None = None  # a word the reply must contain
+    max_words: int | None = None  # the most words a reply may have
+
+    def check(self, at: str) -> None:
+        if not self.text.strip():
+            raise ConfigError(f"{at}.text: must not be empty")
+        if self.contains is not None and (not self.contains.strip() or len(self.contains.split()) > 1):
+            raise ConfigError(f"{at}.contains: expected one word, got {self.contains!r}")
+        if self.max_words is not None:
+            positive(at, max_words=self.max_words)
+
+
+def _check_dialogues(
+    at: str,
+    instructions: list[InstructionSpec],
+    dialogues: SourceConfig,
+    combine: list[int],
+    sample: SampleConfig,
+    splits: tuple[str, ...],
+) -> None:
+    """The checks GAtt and its evaluation share: instructions, how they combine, where dialogues come from."""
+    if not instructions and dialogues.path != "builtin:dialogues":
+        raise ConfigError(f"{at}: name the instructions to keep (only builtin:dialogues has its own)")
+    for i, instruction in enumerate(instructions):
+        instruction.check(f"{at}.{i}")
+    if len(combine) != 2 or not 1 <= combine[0] <= combine[1]:
+        raise ConfigError(f"combine: expected [min, max] with 1 <= min <= max, got {combine}")
+    if dialogues.format != "messages":
+        raise ConfigError(f"dialogues.format: dialogues are read as 'messages', not '{dialogues.format}'")
+    if dialogues.fraction != 1.0:
+        raise ConfigError("dialogues.fraction: not used here; num_dialogues (or max_rows) says how many are read")
+    if sample.num_prompts != SampleConfig().num_prompts:
+        raise ConfigError("sample.num_prompts: not used here (every dialogue is sampled); remove it")
+    if dialogues.path == "builtin:dialogues" and dialogues.split not in splits:
+        raise ConfigError(
+            f"dialogues.split: use {' or '.join(repr(x) for x in splits)} of builtin:dialogues here, not "
+            f"'{dialogues.split}'"
+            + (" (its dialogues already hold instructions)" if dialogues.split in ("train", "test") else "")
+        )
+
+
+def _dialogue_source(split: str) -> SourceConfig:
+    return SourceConfig(path="builtin:dialogues", format="messages", split=split)
+
+
+@dataclass
+class GattConfig:
+    """`rlhfdpo data gatt`: Ghost Attention data (Llama 2, Sec. 3.3) sampled from a policy."""
+
+    output_dir: str = "runs/gatt/data"
+    # The latest RLHF model (a DPO or PPO run's model/): it samples every reply.
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="runs/dpo/model"))
+    # Multi-turn dialogues in format "messages": their user turns are kept, their replies resampled.
+    dialogues: SourceConfig = field(default_factory=lambda: _dialogue_source("gatt"))
+    # Instructions to keep for a whole dialogue; empty: the built-in task's (builtin:dialogues only).
+    instructions: list[InstructionSpec] = field(default_factory=list)
+    combine: list[int] = field(default_factory=lambda: [1, 3])  # instructions given together: [min, max]
+    num_dialogues: int = 400
+    # Each dialogue is cut to a number of user turns drawn from [min, max] (all it has, if fewer).
+    turns: list[int] = field(default_factory=lambda: [1, 3])
+    # Share of the training examples whose system message holds the instructions' short wording
+    # (Llama 2 had the model shorten them; here each instruction's own `short` text stands in).
+    short_fraction: float = 0.5
+    # Train only on sampled replies that pass the instructions' checks (unchecked ones always pass).
+    only_adherent: bool = True
+    max_length: int = 384  # tokens of a dialogue, through its last reply; longer ones stop there
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=32, temperature=0.7))
+    batch_size: int = 64  # dialogues sampled together
+    seed: int = 0
+
+    def check(self, at: str = "") -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: must not be empty")
+        self.model.check("model")
+        if self.model.name_or_path == "scratch" or self.model.lora is not None:
+            raise ConfigError(
+                "model.name_or_path: name the trained policy that samples the replies (no scratch, no lora)"
+            )
+        self.dialogues.check("dialogues")
+        self.sample.check("sample")
+        _check_dialogues("instructions", self.instructions, self.dialogues, self.combine, self.sample, ("gatt",))
+        if len(self.turns) != 2 or not 1 <= self.turns[0] <= self.turns[1]:
+            raise ConfigError(f"turns: expected [min, max] with 1 <= min <= max, got {self.turns}")
+        in_range("short_fraction", self.short_fraction, 0.0, 1.0)
+        positive("", num_dialogues=self.num_dialogues, max_length=self.max_length, batch_size=self.batch_size)
+        check_fits("max_length", self.model, self.max_length, "max_length")
+        if self.sample.max_new_tokens >= self.max_length:
+            raise ConfigError(f"sample.max_new_tokens: {self.sample.max_new_tokens} leaves no room within max_length")
+
+
+@dataclass
+class ModelSpec:
+    name: str = "before"
+    path: str = "runs/gatt/dpo/model"
+
+    def check(self, at: str) -> None:
+        if not self.name:
+            raise ConfigError(f"{at}.name: must not be empty")
+        check_model_path(f"{at}.path", self.path)
+
+
+@dataclass
+class AdherenceConfig:
+    """`rlhfdpo adherence`: how well models keep a first-turn instruction, turn by turn."""
+
+    output_dir: str = "runs/gatt/adherence"
+    # The models compared, on the same dialogues and instructions (first: the model before GAtt).
+    models: list[ModelSpec] = field(
+        default_factory=lambda: [
+            ModelSpec("before", "runs/gatt/chat/model"),
+            ModelSpec("after", "runs/gatt/tuned/model"),
+        ]
+    )
+    dialogues: SourceConfig = field(default_factory=lambda: _dialogue_source("heldout"))
+    instructions: list[InstructionSpec] = field(default_factory=list)  # empty: the built-in task's
+    combine: list[int] = field(default_factory=lambda: [1, 3])
+    num_dialogues: int = 200
+    turns: int = 6  # every dialogue runs this many turns; at least twice the longest training dialogue
+    # Also roll out the first model with no instruction at all: how often replies pass the checks by chance.
+    chance_baseline: bool = True
+    attention_dialogues: int = 32  # dialogues whose attention on the system message is measured
+    max_length: int = 384
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=32, temperature=0.7))
+    batch_size: int = 100
+    bootstrap_resamples: int = 1000
+    seed: int = 0
+
+    def check(self, at: str = "") -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir: must not be empty")
+        if not self.models:
+            raise ConfigError("models: name at least one model")
+        for i, spec in enumerate(self.models):
+            spec.check(f"models.{i}")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names) or "chance" in names:
+            raise ConfigError(f"models: names must be distinct and not 'chance', got {names}")
+        self.dialogues.check("dialogues")
+        self.sample.check("sample")
+        _check_dialogues("instructions", self.instructions, self.dialogues, self.combine, self.sample, ("heldout",))
+        for i, spec in enumerate(self.models):
+            check_fits(f"max_length (models.{i})", ModelConfig(name_or_path=spec.path), self.max_length, "max_length")
+        if self.instructions and not any(i.sentiment or i.contains or i.max_words for i in self.instructions):
+            raise ConfigError("instructions: none has a check (sentiment, contains, max_words); nothing to measure")
+        positive(
+            "",
+            num_dialogues=self.num_dialogues,
+            turns=self.turns,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            bootstrap_resamples=self.bootstrap_resamples,
+        )
+        if self.attention_dialogues < 0:
+            raise ConfigError("attention_dialogues: must not be negative")
+        if self.sample.max_new_tokens >= self.max_length:
+            raise ConfigError(f"sample.max_new_tokens: {self.sample.max_new_tokens} leaves no room within max_length")
+
+
 # How compare encodes its held-out prompts: the last 64 tokens of a long prompt are kept.
 COMPARE_PROMPT_DATA = DataConfig(max_length=256, max_prompt_length=64)
 
@@ -806,7 +974,7 @@ class StepSpec:
     """One stage run of an experiment: a shipped config plus overrides, and the steps it reads."""
 
     name: str = "sft"
-    stage: Literal["sft", "pairs", "reward", "dpo", "ppo", "compare"] = "sft"
+    stage: Literal["sft", "pairs", "reward", "dpo", "ppo", "compare", "gatt", "adherence"] = "sft"
     config: str = "configs/sft.yaml"
     set: list[str] = field(default_factory=list)  # --set overrides, e.g. ["loss.beta=0.5", "output_dir=runs/dpo-b0.5"]
     after: list[str] = field(default_factory=list)  # names of earlier steps whose outputs this one reads
@@ -843,11 +1011,14 @@ STAGES: dict[str, type] = {
     "dpo": DPOConfig,
     "ppo": PPOConfig,
     "compare": CompareConfig,
+    "gatt": GattConfig,
+    "adherence": AdherenceConfig,
     "experiment": ExperimentConfig,
 }
 
 
 __all__ = [
+    "AdherenceConfig",
     "ArchitectureConfig",
     "COMPARE_PROMPT_DATA",
     "CompareConfig",
@@ -858,10 +1029,13 @@ __all__ = [
     "DataConfig",
     "ExperimentConfig",
     "GROUP_BATCHES",
+    "GattConfig",
+    "InstructionSpec",
     "KLConfig",
     "LaunchConfig",
     "LoraConfig",
     "ModelConfig",
+    "ModelSpec",
     "OptimConfig",
     "PPOAlgoConfig",
     "PPOConfig",

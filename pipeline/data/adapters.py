@@ -72,12 +72,19 @@ def _optional(row: dict, name: str) -> Any:
     return None if value is None or value == "" else value
 
 
-def _messages(row: dict, name: str) -> list[dict]:
+def message_list(row: dict, name: str) -> list[dict]:
     value = row.get(name)
     if not isinstance(value, list) or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
     ):
         raise Drop("missing field", f"'{name}' is {_what(row, name)}, not a list of {{role, content}} messages")
+    for i, message in enumerate(value):
+        if "weight" not in message:
+            continue
+        if message["role"] != "assistant":
+            raise Drop("missing field", f"'{name}' message {i}: 'weight' is only read on assistant messages")
+        if message["weight"] not in (0, 1) or isinstance(message["weight"], bool):
+            raise Drop("missing field", f"'{name}' message {i}: 'weight' is {message['weight']!r}, not 0 or 1")
     return value
 
 
@@ -123,8 +130,10 @@ def conversation_segments(messages: list[dict], render: Render) -> tuple[Segment
 
     Each reply is what the template adds between the conversation before it rendered with the
     generation prompt and the conversation through it, so the loss covers the reply and its end of
-    turn, in every assistant turn, and nothing the user or system wrote. The pieces join to the
-    rendering of the whole conversation. A template whose rendered prompt is not a prefix of the
+    turn, in every assistant turn, and nothing the user or system wrote. An assistant message with
+    `"weight": 0` (OpenAI's fine-tuning format; what `rlhfdpo data gatt` writes for earlier turns)
+    is context only: its piece is not trained. The pieces join to the rendering of the whole
+    conversation. A template whose rendered prompt is not a prefix of the
     rendered conversation (one that rewrites earlier turns) drops the row: no cut would be right.
     """
     segments: list[Segment] = []
@@ -139,9 +148,11 @@ def conversation_segments(messages: list[dict], render: Render) -> tuple[Segment
                 "template mismatch",
                 f"the rendered prompt of assistant turn {i} is not a prefix of the rendered conversation",
             )
-        segments += [(prompt[len(done) :], False), (through[len(prompt) :], True)]
+        segments += [(prompt[len(done) :], False), (through[len(prompt) :], message.get("weight", 1) == 1)]
         done = through
-    return _with_a_reply(segments, "the conversation has no assistant message", "every assistant message is empty")
+    return _with_a_reply(
+        segments, "the conversation has no assistant message", "every trained assistant message is empty"
+    )
 
 
 def hh_messages(dialogue: str, side: str) -> list[dict]:
@@ -191,13 +202,13 @@ def prompt_completion_example(row: dict) -> SFTExample:
 
 def messages_example(row: dict, render: Render) -> SFTExample:
     """OpenAI-style `messages` ({role, content}, an optional system message first): every assistant turn is trained."""
-    return SFTExample.conversation(conversation_segments(_messages(row, "messages"), render), row["_id"])
+    return SFTExample.conversation(conversation_segments(message_list(row, "messages"), render), row["_id"])
 
 
 def messages_prompt(row: dict, render: Render) -> PromptRecord:
     """The conversation rendered with the generation prompt; a final assistant message is left out
     and becomes the reference (a conversation ending with a user turn is a prompt as it is)."""
-    messages = _messages(row, "messages")
+    messages = message_list(row, "messages")
     ends_with_reply = bool(messages) and messages[-1]["role"] == "assistant"
     context = messages[:-1] if ends_with_reply else messages
     if not context:
@@ -217,9 +228,9 @@ def hh_rlhf_example(row: dict, render: Render | None) -> SFTExample:
 
 def chosen_conversation_example(row: dict, render: Render) -> SFTExample:
     """The chosen conversation of a conversational or UltraFeedback row, every assistant turn trained."""
-    chosen = _messages(row, "chosen")
+    chosen = message_list(row, "chosen")
     if _optional(row, "prompt") is not None:
-        chosen = _messages(row, "prompt") + chosen
+        chosen = message_list(row, "prompt") + chosen
     return SFTExample.conversation(conversation_segments(chosen, render), row["_id"])
 
 
@@ -342,16 +353,16 @@ def _chat_pair(chosen: list[dict], rejected: list[dict], render: Render, row: di
 
 def conversational_pair(row: dict, render: Render) -> PreferencePair:
     """TRL's conversational preference rows; an explicit `prompt` list is prepended to both sides."""
-    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    chosen, rejected = message_list(row, "chosen"), message_list(row, "rejected")
     if _optional(row, "prompt") is not None:
-        shared = _messages(row, "prompt")
+        shared = message_list(row, "prompt")
         chosen, rejected = shared + chosen, shared + rejected
     return _chat_pair(chosen, rejected, render, row)
 
 
 def ultrafeedback_pair(row: dict, render: Render) -> PreferencePair:
     """HuggingFaceH4/ultrafeedback_binarized: whole conversations plus the judge's two scores."""
-    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    chosen, rejected = message_list(row, "chosen"), message_list(row, "rejected")
     score_chosen, score_rejected = _number(row, "score_chosen"), _number(row, "score_rejected")
     if score_chosen == score_rejected:
         raise Drop("tie", f"both scored {score_chosen:g}")

@@ -22,7 +22,8 @@ from pipeline.config import SourceConfig
 from pipeline.data.records import DataError
 
 BUILTIN_SENTIMENT = "builtin:sentiment"
-BUILTIN_SPLITS = ("train", "test")
+BUILTIN_DIALOGUES = "builtin:dialogues"
+BUILTIN_SPLITS = {BUILTIN_SENTIMENT: ("train", "test"), BUILTIN_DIALOGUES: ("train", "test", "gatt", "heldout")}
 LOCAL_SUFFIXES = (".jsonl.gz", ".json.gz", ".csv.gz", ".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -54,11 +55,17 @@ def _with_id(row: dict, stem: str, index: int) -> dict:
 
 
 def _read_builtin(source: SourceConfig) -> list[dict]:
-    if source.path != BUILTIN_SENTIMENT:
-        raise DataError(f"{source.path}: unknown built-in source; the only one is {BUILTIN_SENTIMENT}")
-    if source.split not in BUILTIN_SPLITS:
-        raise DataError(f"{source.path}: no split '{source.split}'; valid splits: {', '.join(BUILTIN_SPLITS)}")
-    from pipeline.data import builtin_sentiment  # generating the corpus is only paid for when used
+    if source.path not in BUILTIN_SPLITS:
+        raise DataError(f"{source.path}: unknown built-in source; the built-in ones are {', '.join(BUILTIN_SPLITS)}")
+    splits = BUILTIN_SPLITS[source.path]
+    if source.split not in splits:
+        raise DataError(f"{source.path}: no split '{source.split}'; valid splits: {', '.join(splits)}")
+    # generating a corpus is only paid for when used
+    if source.path == BUILTIN_DIALOGUES:
+        from pipeline.data import builtin_dialogues
+
+        return builtin_dialogues.load_rows(source.split, n=source.max_rows)
+    from pipeline.data import builtin_sentiment
 
     return builtin_sentiment.load_rows(source.split, n=source.max_rows)
 
