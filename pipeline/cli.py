@@ -172,6 +172,31 @@ def data_inspect(
         _fail(f"{type(err).__name__}: {err}")
 
 
+@app.command("doctor")
+def doctor(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (each with a metrics.jsonl).")],
+    strict: Annotated[bool, typer.Option(help="Exit 1 when any run shows a problem (not just a warning).")] = False,
+) -> None:
+    """Name the known failure modes a run's metrics show (collapsing EOS, exploding KL, over-optimisation, ...)."""
+    from pipeline.doctor import PROBLEM, diagnose  # pure Python: no torch
+
+    problems, unreadable = 0, []
+    for run in runs:
+        try:
+            found = diagnose(run)
+        except InputError as err:
+            unreadable.append(str(err))
+            continue
+        typer.echo(f"{run}: " + ("no known failure mode in its metrics" if not found else f"{len(found)} finding(s)"))
+        for diagnosis in found:
+            typer.echo(f"  {diagnosis.line()}")
+        problems += sum(d.severity == PROBLEM for d in found)
+    if unreadable:  # every readable run is reported first; the unreadable ones end the command
+        _fail("; ".join(unreadable))
+    if strict and problems:
+        raise typer.Exit(1)
+
+
 DATA_STAGES = tuple(name for name, stage in STAGE_TABLE.items() if stage.reads_data)
 
 

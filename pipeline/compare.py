@@ -22,6 +22,7 @@ from pipeline.config import COMPARE_PROMPT_DATA, CompareConfig, ModelConfig, Sam
 from pipeline.data.builtin_sentiment import heldout_prompts_with_references
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
+from pipeline.doctor import diagnose_runs
 from pipeline.evaluation import Scored, bootstrap_mean, distinct_n, kl_to_anchor, sample_and_score, win_indicators
 from pipeline.judges import gold_reward
 from pipeline.launch import init_distributed, shard
@@ -104,6 +105,9 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
         "dataset_gold_mean": sum(dataset_gold) / len(dataset_gold),
     }
     results["gold"] = getattr(gold, "name", cfg.gold)  # what actually scored (a classifier may fall back to vader)
+    results["diagnoses"] = diagnose_runs(
+        [cfg.sft, *([cfg.reward] if cfg.reward else []), *[p.run for p in cfg.policies]]
+    )
 
     from pipeline.report import print_tables, write_report
 

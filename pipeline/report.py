@@ -161,6 +161,16 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
             ),
             "",
         ]
+    if results.get("diagnoses"):
+        lines += [
+            "## Diagnoses",
+            "",
+            "What `rlhfdpo doctor` reads off each run's metrics (none: no known failure mode):",
+            "",
+        ]
+        for run, found in results["diagnoses"].items():
+            lines += [f"- `{run}`: none"] if not found else [f"- `{run}`:", *[f"  - {d}" for d in found]]
+        lines.append("")
     lines += [
         "## How this was made",
         "",

@@ -49,10 +49,10 @@ def test_data_inspect_reports_a_missing_file_in_one_line(tmp_path):
 def test_every_stage_is_a_command():
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("sft", "reward", "dpo", "ppo", "data"):
+    for command in ("sft", "reward", "dpo", "ppo", "data", "compare", "adherence", "doctor", "experiment"):
         assert command in result.stdout
     result = run_cli("data", "--help")
-    assert "inspect" in result.stdout and "pairs" in result.stdout
+    assert "inspect" in result.stdout and "pairs" in result.stdout and "gatt" in result.stdout
 
 
 def test_a_stage_with_a_missing_model_fails_in_one_line(tmp_path):

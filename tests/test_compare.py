@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from helpers import run_cli, write_yaml
 from pipeline.evaluation import distinct_n, win_indicators
@@ -87,7 +88,8 @@ def test_report_holds_every_method_temperature_and_interval(comparison):
 
 
 def test_samples_and_pictures_are_written(comparison):
-    out, _ = comparison
+    out, config = comparison
+    results = json.loads((out / "results.json").read_text())
     lines = (out / "samples.jsonl").read_text().splitlines()
     assert len(lines) == 7 * 40
     first = json.loads(lines[0])
@@ -101,9 +103,15 @@ def test_samples_and_pictures_are_written(comparison):
         "## DPO against PPO",
         "## Reward against KL",
         "## Cost",
+        "## Diagnoses",
     ):
         assert heading in report
     assert "config digest" in report
+    # Every trained run of the comparison is read by the doctor and listed, with or without findings.
+    compared = yaml.safe_load(config.read_text())
+    runs = [compared["sft"], compared["reward"], *[p["run"] for p in compared["policies"]]]
+    assert list(results["diagnoses"]) == runs
+    assert all(f"- `{run}`:" in report for run in runs)
 
 
 def test_the_same_seed_gives_the_same_numbers(comparison, tmp_path):
