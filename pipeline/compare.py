@@ -42,7 +42,7 @@ class MethodSamples:
     completions: list[str]
     gold: list[float]
     proxy: list[float] | None
-    kl: list[float]
+    kl: list[float] | None  # KL(pi_T || SFT_T) per prompt at this temperature T; None at T = 0
     lengths: list[int]
     finished: list[bool]
     extra: dict = field(default_factory=dict)
@@ -150,7 +150,12 @@ def sample_method(
     scored = sample_and_score(
         model, tokenizer, prompts, gold, sample, COMPARE_PROMPT_DATA, seed=cfg.seed, batch_size=cfg.batch_size
     )
-    kl = [0.0] * len(prompts) if model is sft else kl_to_anchor(model, sft, scored.sequences, tokenizer.pad_token_id)
+    if temperature == 0:  # one greedy sequence is not a sample of anything: no KL
+        kl = None
+    elif model is sft:
+        kl = [0.0] * len(prompts)
+    else:
+        kl = kl_to_anchor(model, sft, scored.sequences, tokenizer.pad_token_id, temperature)
     return MethodSamples(
         name=name,
         method=method,
@@ -169,7 +174,8 @@ def best_of_n(
 ) -> MethodSamples:
     """N samples per prompt from the SFT model; the one the reward model ranks highest is kept.
 
-    Its KL to the SFT model is the analytic log N - (N - 1) / N (Stiennon et al. 2020, App. G.3).
+    Its KL to the SFT model is the analytic log N - (N - 1) / N (Stiennon et al. 2020, App. G.3): an
+    upper bound, exact only when no two samples tie (over few distinct outcomes it is well above the KL).
     """
     repeated = [p for p in prompts for _ in range(n)]
     sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
@@ -217,7 +223,7 @@ def summarize(
             "method": s.method,
             "temperature": s.temperature,
             "gold": _interval(bootstrap_mean(s.gold, **boot)),
-            "kl": sum(s.kl) / len(s.kl),
+            "kl": sum(s.kl) / len(s.kl) if s.kl is not None else None,
             "length": sum(s.lengths) / len(s.lengths),
             "finished": sum(s.finished) / len(s.finished),
             "distinct_1": distinct_n(s.completions, 1),
@@ -323,7 +329,7 @@ def _write_samples(path: Path, samples: list[MethodSamples], prompts: list[str])
                             "completion": s.completions[i],
                             "gold": s.gold[i],
                             "proxy": s.proxy[i] if s.proxy is not None else None,
-                            "kl": s.kl[i],
+                            "kl": s.kl[i] if s.kl is not None else None,
                             "length": s.lengths[i],
                             "finished": s.finished[i],
                         }

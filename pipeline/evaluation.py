@@ -60,23 +60,37 @@ def sample_and_score(
 
 
 @torch.no_grad()
-def response_logps(model, sequences: list[TokenizedExample], pad_id: int, batch_size: int = 64) -> list[float]:
-    """Summed log-probability of each sequence's response under `model`."""
+def response_logps(
+    model, sequences: list[TokenizedExample], pad_id: int, batch_size: int = 64, temperature: float = 1.0
+) -> list[float]:
+    """Summed log-probability of each sequence's response under `model` at `temperature`
+    (softmax(logits / T), the distribution a sampler at T draws from)."""
     model.eval()
     device = next(model.parameters()).device
     out: list[float] = []
     for start in range(0, len(sequences), batch_size):
         batch = {k: v.to(device) for k, v in collate(sequences[start : start + batch_size], pad_id).items()}
-        logps, _ = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, _ = response_token_logps(
+            model, batch["input_ids"], batch["attention_mask"], batch["labels"], temperature
+        )
         out += logps.sum(-1).tolist()
     return out
 
 
-def kl_to_anchor(policy, anchor, sequences: list[TokenizedExample], pad_id: int) -> list[float]:
-    """Per-sample estimate of KL(pi || pi_ref): sum over response tokens of log pi - log pi_ref,
-    on responses sampled from pi (its mean over prompts is the sequence-level KL)."""
-    policy_logps = response_logps(policy, sequences, pad_id)
-    anchor_logps = response_logps(anchor, sequences, pad_id)
+def kl_to_anchor(
+    policy, anchor, sequences: list[TokenizedExample], pad_id: int, temperature: float = 1.0
+) -> list[float]:
+    """Per-sample estimate of KL(pi_T || pi_ref,T): sum over response tokens of log pi_T - log pi_ref,T,
+    on responses sampled from pi at temperature T (its mean over prompts is the sequence-level KL).
+
+    Both models are scored at the sampling temperature: untempered log-probs of tempered samples
+    estimate no KL at all (at T = 0.7 they gave 4.50 where the tempered KL was 6.60). A greedy
+    (T = 0) sample has no distribution to compare; the caller reports no KL for it.
+    """
+    if temperature <= 0:
+        raise ValueError("kl_to_anchor: greedy samples (temperature 0) have no KL to estimate")
+    policy_logps = response_logps(policy, sequences, pad_id, temperature=temperature)
+    anchor_logps = response_logps(anchor, sequences, pad_id, temperature=temperature)
     return [p - a for p, a in zip(policy_logps, anchor_logps)]
 
 

@@ -33,7 +33,7 @@ def main_rows(results: dict, temperature: float) -> list[list[str]]:
             [
                 m["name"],
                 f"{m['gold']['mean']:+.3f}",
-                f"{m['kl']:.2f}",
+                f"{m['kl']:.2f}" if m["kl"] is not None else "-",
                 _ci(m.get("win_vs_sft"), percent=True),
                 _ci(m.get("proxy_win_vs_sft"), percent=True),
                 _ci(m.get("win_vs_dataset"), percent=True),
@@ -94,7 +94,9 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
         f"95% paired bootstrap intervals over prompts ({cfg.bootstrap_resamples} resamples). The dataset's own "
         f'completions score {results["prompts"]["dataset_gold_mean"]:+.3f} on average. "finished" is the share of '
         f"completions that ended with EOS within {cfg.max_new_tokens} tokens; the rest are scored as cut text, "
-        "without EOS, as PPO and the reward model see them.",
+        "without EOS, as PPO and the reward model see them. KL to SFT at temperature T is KL(π_T ‖ SFT_T), both "
+        "models' log-probabilities taken at T, estimated from the samples; greedy decoding has none ('-'); "
+        "Best-of-N's is the analytic log N − (N−1)/N, an upper bound (exact only without ties).",
         "",
     ]
     for temperature in cfg.temperatures:

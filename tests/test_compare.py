@@ -71,7 +71,9 @@ def test_report_holds_every_method_temperature_and_interval(comparison):
             if key in m:
                 assert 0.0 <= m[key]["low"] <= m[key]["mean"] <= m[key]["high"] <= 1.0
         assert ("win_vs_sft" in m) == (m["name"] != "sft")
-        if m["name"] == "sft":
+        if m["temperature"] == 0:
+            assert m["kl"] is None  # one greedy sequence is not a sample: no KL
+        elif m["name"] == "sft":
             assert m["kl"] == 0.0
     best = next(m for m in results["methods"] if m["name"] == "best-of-2")
     assert best["kl"] == pytest.approx(0.6931472 - 0.5)  # log N - (N - 1) / N

@@ -60,6 +60,22 @@ def test_kl_to_itself_is_zero_and_to_another_model_is_positive(tiny_policy):
     kl = kl_to_anchor(model, other, scored.sequences, tokenizer.pad_token_id)
     assert sum(kl) / len(kl) > 0  # a Monte Carlo estimate of a positive KL over 16 samples
 
+    # At temperature T both models score the sample under softmax(logits / T): by hand for one sample.
+    sequence = scored.sequences[0]
+    ids = torch.tensor([sequence.input_ids])
+    by_hand = 0.0
+    with torch.no_grad():
+        policy_logits, anchor_logits = model(ids).logits[0], other(ids).logits[0]
+    for t in range(sequence.prompt_length, len(sequence.input_ids)):
+        token = sequence.input_ids[t]
+        by_hand += float(
+            (policy_logits[t - 1] / 0.7).log_softmax(-1)[token] - (anchor_logits[t - 1] / 0.7).log_softmax(-1)[token]
+        )
+    tempered = kl_to_anchor(model, other, [sequence], tokenizer.pad_token_id, temperature=0.7)
+    assert abs(tempered[0] - by_hand) < 1e-4 and abs(tempered[0] - kl[0]) > 1e-3  # not the untempered value
+    with pytest.raises(ValueError, match="greedy"):
+        kl_to_anchor(model, other, [sequence], tokenizer.pad_token_id, temperature=0.0)
+
 
 def test_gold_reward_names():
     from pipeline.judges import gold_reward, is_known_gold

@@ -786,6 +786,10 @@ class CompareConfig:
                 raise ConfigError(
                     f"best_of_n_temperatures: {t} is not a non-zero value of temperatures {self.temperatures}"
                 )
+        if self.frontier_temperature == 0:
+            raise ConfigError(
+                "frontier_temperature: greedy decoding (0) has no KL to put on the frontier; use one above 0"
+            )
         if self.frontier_temperature not in self.temperatures:
             raise ConfigError(
                 f"frontier_temperature: {self.frontier_temperature} is not among temperatures {self.temperatures}"
