@@ -309,6 +309,8 @@ def collect_costs(cfg: CompareConfig) -> list[dict]:
 def _cost_row(cost: dict) -> dict:
     return {
         "wall_s": cost["wall_s"],
+        "cpu_s": cost.get("cpu_s"),  # runs written before CPU time was measured have none
+        "flops": sum(cost["flops"].values()) if "flops" in cost else None,
         "peak_rss_mb": cost["peak_rss_mb"],
         "peak_gpu_mb": cost.get("peak_gpu_mb"),  # runs on a GPU only
         "tokens": sum(cost["tokens"].values()),

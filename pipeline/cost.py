@@ -1,9 +1,13 @@
-"""What a stage cost: wall-clock time, tokens and forward passes through each model, peak memory.
+"""What a stage cost: wall-clock and CPU time, tokens, forward passes and FLOPs per model, peak memory.
 
 `CostMeter.watch(model, name)` hooks a model's forward, so no training loop needs to count by hand:
 every call adds one forward pass and the tokens it saw (attended positions; new positions only
-when a KV cache is passed). The totals are summed over processes and written to `cost.json`, which
-the comparison reads to put a price beside each method.
+when a KV cache is passed), and their model FLOPs by the usual rule (Kaplan et al. 2020): 2N per
+token for a forward pass without gradients, 6N for one whose backward follows (gradients on, the
+model has trainable parameters), N the model's parameters; attention's own FLOPs are left out. The
+totals are summed over processes and written to `cost.json`, which the comparison reads to put a
+price beside each method. CPU time (process time over every process) and FLOPs measure the work
+done; wall time on a shared machine also measures the neighbours.
 """
 
 from __future__ import annotations
@@ -24,18 +28,25 @@ class CostMeter:
     def __init__(self, dist: Dist):
         self.dist = dist
         self.start = time.perf_counter()
+        self.cpu_start = time.process_time()
         self.forward_passes: Counter[str] = Counter()
         self.tokens: Counter[str] = Counter()
+        self.flops: Counter[str] = Counter()
 
     def watch(self, model: torch.nn.Module, name: str) -> torch.nn.Module:
-        def count(_module, args, kwargs):
+        parameters = sum(p.numel() for p in model.parameters())  # a sharded DTensor counts its whole shape
+
+        def count(module, args, kwargs):
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
                 return
             self.forward_passes[name] += 1
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             cached = kwargs.get("past_key_values") is not None
-            self.tokens[name] += int(input_ids.numel() if cached or mask is None else mask.sum())
+            tokens = int(input_ids.numel() if cached or mask is None else mask.sum())
+            self.tokens[name] += tokens
+            trains = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
+            self.flops[name] += (6 if trains else 2) * parameters * tokens
 
         model.register_forward_pre_hook(count, with_kwargs=True)
         return model
@@ -45,15 +56,24 @@ class CostMeter:
         names = sorted(set(self.forward_passes) | set(self.tokens))
         counts = all_reduce_sum(
             self.dist,
-            torch.tensor([[float(self.forward_passes[n]), float(self.tokens[n])] for n in names] or [[0.0, 0.0]]),
+            torch.tensor(
+                [[float(self.forward_passes[n]), float(self.tokens[n]), float(self.flops[n])] for n in names]
+                or [[0.0, 0.0, 0.0]],
+                dtype=torch.float64,  # FLOPs pass 2**24 at once; float32 would round them
+            ),
+        )
+        cpu_s = float(
+            all_reduce_sum(self.dist, torch.tensor([time.process_time() - self.cpu_start], dtype=torch.float64))
         )
         peak_rss = max(gather_objects(self.dist, _peak_rss_mb()))
         out = {
             "wall_s": round(time.perf_counter() - self.start, 2),
+            "cpu_s": round(cpu_s, 2),
             "processes": self.dist.world_size,
             "peak_rss_mb": round(peak_rss, 1),
             "forward_passes": {n: int(c[0]) for n, c in zip(names, counts.tolist())},
             "tokens": {n: int(c[1]) for n, c in zip(names, counts.tolist())},
+            "flops": {n: c[2] for n, c in zip(names, counts.tolist())},
         }
         if torch.cuda.is_available() and self.dist.device.type == "cuda":
             out["peak_gpu_mb"] = round(max(gather_objects(self.dist, torch.cuda.max_memory_allocated() / 2**20)), 1)

@@ -142,10 +142,13 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
         lines += [
             "## Cost",
             "",
-            "RLHF's PPO also pays for the preference pairs and the reward model; DPO for the pairs.",
+            "RLHF's PPO also pays for the preference pairs and the reward model; DPO for the pairs. CPU time is "
+            "process time over every process and model FLOPs are 6N per trained token and 2N per token of a forward "
+            "pass without gradients (N parameters): both measure the work, where wall time on a shared machine also "
+            "measures the neighbours.",
             "",
             *_markdown_table(
-                ["run", "wall time (s)", "with its inputs (s)", "peak memory (MB)"]
+                ["run", "wall time (s)", "with its inputs (s)", "CPU time (s)", "model FLOPs", "peak memory (MB)"]
                 + (["peak GPU memory (MB)"] if on_gpu else [])
                 + ["tokens", "forward passes"],
                 [
@@ -153,6 +156,8 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
                         c["name"],
                         f"{c['wall_s']:.0f}",
                         f"{c.get('wall_s_with_inputs', c['wall_s']):.0f}",
+                        "-" if c.get("cpu_s") is None else f"{c['cpu_s']:.0f}",
+                        "-" if c.get("flops") is None else f"{c['flops']:.2e}",
                         f"{c['peak_rss_mb']:.0f}",
                         *([_megabytes(c.get("peak_gpu_mb"))] if on_gpu else []),
                         f"{c['tokens']:,}",

@@ -87,6 +87,8 @@ def test_report_holds_every_method_temperature_and_interval(comparison):
     assert {"sft", "pairs", "reward", "dpo", "ppo"} <= cost_names
     ppo_cost = next(c for c in results["cost"] if c["name"] == "ppo")
     assert ppo_cost["inputs"] == ["pairs", "reward"] and ppo_cost["wall_s_with_inputs"] > ppo_cost["wall_s"]
+    for cost in results["cost"]:  # the work each run did, beside its wall time
+        assert cost["cpu_s"] > 0 and cost["flops"] > 0
 
 
 def test_samples_and_pictures_are_written(comparison):
