@@ -4,8 +4,8 @@
 
 Every policy continues the same held-out prompts (disjoint from the training prompts) with the same
 sampling settings; the difference to the first policy is paired by prompt and gets a paired
-bootstrap 95% interval. KL(pi || pi_first) is the mean over prompts of the summed log-ratio of
-each policy's own samples.
+bootstrap 95% interval. KL(pi_T || pi_first,T) is the mean over prompts of the summed log-ratio of
+each policy's own samples, both models scored at the sampling temperature T (none at T = 0).
 """
 
 from __future__ import annotations
@@ -42,13 +42,16 @@ def main() -> None:
         model = load_causal_lm(ModelConfig(name_or_path=path))  # a merged or a LoRA adapter folder
         tokenizer = load_tokenizer(ModelConfig(name_or_path=path))
         scored = sample_and_score(model, tokenizer, prompts, gold, sample, data, seed=args.seed)
-        kl = kl_to_anchor(model, reference, scored.sequences, tokenizer.pad_token_id)
+        kl = "-"  # a greedy sequence is not a sample: no KL
+        if args.temperature > 0:
+            per_prompt = kl_to_anchor(model, reference, scored.sequences, tokenizer.pad_token_id, args.temperature)
+            kl = f"{sum(per_prompt) / len(per_prompt):.2f}"
         if baseline_gold is None:
             baseline_gold = scored.gold
-            print(f"| {path} | {scored.mean:+.3f} | | {sum(kl) / len(kl):.2f} |")
+            print(f"| {path} | {scored.mean:+.3f} | | {kl} |")
             continue
         diff, low, high = paired_bootstrap(scored.gold, baseline_gold, seed=args.seed)
-        print(f"| {path} | {scored.mean:+.3f} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] | {sum(kl) / len(kl):.2f} |")
+        print(f"| {path} | {scored.mean:+.3f} | {diff:+.3f} [{low:+.3f}, {high:+.3f}] | {kl} |")
 
 
 if __name__ == "__main__":
