@@ -36,10 +36,11 @@ from pipeline.dialogues import (
     with_system,
 )
 from pipeline.evaluation import bootstrap_mean, paired_bootstrap
+from pipeline.files import write_jsonl
 from pipeline.instructions import Combined, combine
 from pipeline.launch import init_distributed
 from pipeline.models import load_causal_lm, load_tokenizer
-from pipeline.report import new_figure
+from pipeline.report import new_figure, save_figure
 from pipeline.runs import prepare_output_dir
 from pipeline.stage_common import report_drops
 from pipeline.training import seed_everything
@@ -123,7 +124,7 @@ def run(cfg: AdherenceConfig, overwrite: bool = False) -> Path:
     results["reached"] = reached
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    write_jsonl(out_dir / "samples.jsonl", samples)
     plot_adherence(out_dir / "adherence.png", results)
     if attention:
         plot_attention(out_dir / "attention.png", results)
@@ -343,12 +344,7 @@ def plot_adherence(path: Path, results: dict) -> Path:
     ax.set_ylim(0, 1)
     ax.set_xticks(turns)
     ax.set_title("Adherence by turn (95% bootstrap intervals)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, ax, path)
 
 
 def plot_attention(path: Path, results: dict) -> Path:

@@ -82,3 +82,8 @@ def replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, target)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object per line, written to a temporary file and renamed: a reader never sees half a dataset."""
+    return atomic_write(path, lambda staging: staging.write_text("".join(json.dumps(row) + "\n" for row in rows)))

@@ -34,7 +34,7 @@ from pipeline.dialogues import (
     roll_out,
     with_system,
 )
-from pipeline.files import atomic_write
+from pipeline.files import write_jsonl
 from pipeline.instructions import Combined, combine, with_instruction
 from pipeline.launch import init_distributed, shard
 from pipeline.models import load_causal_lm, load_tokenizer
@@ -81,8 +81,7 @@ def run(cfg: GattConfig, overwrite: bool = False) -> Path:
     for (source_id, system, _), (given, users, short), rollout in zip(dialogues, plans, rollouts):
         tally.dialogue(given, short, len(users), len(rollout.replies))
         for turn, (reply, done) in enumerate(zip(rollout.replies, rollout.finished)):
-            follows = given.follows(reply)
-            tally.reply(turn, given, reply, done)
+            follows = tally.reply(turn, given.check(reply), done)
             if not done or (cfg.only_adherent and follows is False):
                 continue
             rows.append(
@@ -96,7 +95,7 @@ def run(cfg: GattConfig, overwrite: bool = False) -> Path:
     if not rows:
         raise DataError("gatt: no sampled reply could be kept; " + tally.reasons_line(cfg.only_adherent))
     summary = tally.summary(len(rows), cfg)
-    atomic_write(out_dir / "train.jsonl", lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    write_jsonl(out_dir / "train.jsonl", rows)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     (out_dir / "README.md").write_text(card(cfg, summary))
     write_resolved(cfg, out_dir)
@@ -154,18 +153,21 @@ class Tally:
         for part in given.parts:
             self.kinds.update(k if not k.startswith("text:") else "unchecked" for k in part.kinds)
 
-    def reply(self, turn: int, given: Combined, reply: str, finished: bool) -> None:
+    def reply(self, turn: int, results: dict[str, bool], finished: bool) -> bool | None:
+        """Count one sampled reply by its check results; returns whether it follows the instructions
+        (None when nothing could be checked)."""
         self.unfinished += not finished
-        results = given.check(reply)
         for kind, passed in results.items():
             self.by_kind.setdefault(kind, [0, 0])
             self.by_kind[kind][0] += passed
             self.by_kind[kind][1] += 1
-        if results:
-            passed = all(results.values())
-            self.by_turn[turn][0] += passed
-            self.by_turn[turn][1] += 1
-            self.failed += finished and not passed
+        if not results:
+            return None
+        passed = all(results.values())
+        self.by_turn[turn][0] += passed
+        self.by_turn[turn][1] += 1
+        self.failed += finished and not passed
+        return passed
 
     def reasons_line(self, only_adherent: bool) -> str:
         failing = f"{self.failed} failing the instructions, " if only_adherent else ""

@@ -22,7 +22,7 @@ from pipeline.cost import CostMeter
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger, PromptRecord
 from pipeline.data.tokenize import encode_prompt
-from pipeline.files import atomic_write
+from pipeline.files import write_jsonl
 from pipeline.judges import gold_reward
 from pipeline.launch import close_distributed, init_distributed, shard
 from pipeline.models import load_causal_lm, load_tokenizer
@@ -116,7 +116,7 @@ def run(cfg: PairsConfig, overwrite: bool = False) -> Path:
             pairs, n_ties = make_pairs(record.prompt, texts, scores, cfg.pairing, finished)
             ties += n_ties
             rows += [{"id": f"{split}-{index}-{j}", "prompt_id": record.source_id, **p} for j, p in enumerate(pairs)]
-        _write_jsonl(out_dir / f"{split}.jsonl", rows)
+        write_jsonl(out_dir / f"{split}.jsonl", rows)
         summary[split] = {
             "prompts": len(prompts),
             "samples": len(all_scores),
@@ -179,11 +179,6 @@ def _distinct(prompts: list[PromptRecord]) -> list[PromptRecord]:
             seen.add(record.prompt)
             out.append(record)
     return out
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Written to a temporary file and renamed, so a reader never sees half a dataset."""
-    atomic_write(path, lambda staging: staging.write_text("".join(json.dumps(row) + "\n" for row in rows)))
 
 
 def _card(cfg: PairsConfig, summary: dict) -> str:

@@ -202,7 +202,7 @@ def new_figure(width: float = 6.0):
     return plt, fig, ax
 
 
-def _save(plt, fig, ax, path: Path, legend_outside: bool = False) -> Path:
+def save_figure(plt, fig, ax, path: Path, legend_outside: bool = False) -> Path:
     ax.grid(alpha=0.3)
     if legend_outside:  # one entry per run: beside the plot, never over the lines
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
@@ -229,7 +229,7 @@ def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
     ax.set_xlabel("KL(π ‖ π_SFT), summed over the response")
     ax.set_ylabel("mean gold reward")
     ax.set_title(f"Reward against KL (temperature {temperature:g})")
-    return _save(plt, fig, ax, path)
+    return save_figure(plt, fig, ax, path)
 
 
 def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
@@ -262,7 +262,7 @@ def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:
     ax.axhline(0.5, color="black", linewidth=0.8, linestyle=":")
     ax.set_xlabel("sampling temperature")
     ax.set_ylabel("gold win rate against SFT")
-    return _save(plt, fig, ax, path, legend_outside=True)
+    return save_figure(plt, fig, ax, path, legend_outside=True)
 
 
 def _megabytes(value: float | None) -> str:
