@@ -484,3 +484,35 @@ def test_make_gatt_names_every_gatt_config_and_each_loads():
     for step in experiment["steps"]:
         config_from_dict(STAGES[step["stage"]], yaml.safe_load((ROOT / step["config"]).read_text()), check=False)
     assert "gatt:" in (ROOT / "Makefile").read_text()
+
+
+def test_inputs_that_leave_nothing_to_build_or_measure_fail_in_one_line(tmp_path, chat_policy):
+    """Every reply cut at the token limit (nothing to train on), and dialogues too short for the
+    turns asked: exit 2, ending in one error line that names why, no traceback."""
+    cut = run_cli(
+        "data",
+        "gatt",
+        "configs/gatt/data.yaml",
+        *sets(
+            f"output_dir={tmp_path / 'data'}",
+            f"model.name_or_path={chat_policy}",
+            "num_dialogues=3",
+            "dialogues.max_rows=3",
+            "sample.max_new_tokens=1",
+        ),
+    )
+    last = cut.stderr.strip().splitlines()[-1]
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr
+    assert last.startswith("error: gatt: no sampled reply could be kept") and "cut at sample.max_new_tokens" in last
+    short = run_cli(
+        "adherence",
+        "configs/gatt/adherence.yaml",
+        *sets(
+            f"output_dir={tmp_path / 'adherence'}",
+            f"models=[{{name: a, path: {chat_policy}}}]",
+            "dialogues.max_rows=2",
+            "turns=9",
+        ),
+    )
+    assert short.returncode == 2 and "Traceback" not in short.stderr
+    assert short.stderr.strip().splitlines()[-1] == "error: builtin:dialogues: no dialogue has 9 user turns"
