@@ -115,6 +115,51 @@ def gae_advantages(
     return gae(rewards, values, mask, algo.gamma, algo.lam)
 
 
+def rloo(sequence_rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages of k samples of each prompt, (G, k) -> (G, k), k >= 2:
+
+        A_i = R_i - 1/(k-1) * sum_{j != i} R_j
+
+    each sample's baseline the mean reward of the prompt's other samples (Kool et al. 2019;
+    Ahmadian et al. 2024, Eq. 7), unbiased because it does not depend on the sample itself.
+    """
+    k = sequence_rewards.shape[1]
+    others = (sequence_rewards.sum(dim=1, keepdim=True) - sequence_rewards) / (k - 1)
+    return sequence_rewards - others
+
+
+def grpo(sequence_rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages of k samples of each prompt, (G, k) -> (G, k), k >= 2:
+
+        A_i = (R_i - mean(R)) / (std(R) + eps)
+
+    over the prompt's group (Shao et al. 2024, DeepSeekMath, Sec. 4.1.2, outcome supervision; the
+    sample standard deviation, as TRL's GRPOTrainer). A group of equal rewards gets advantage 0.
+    """
+    mean = sequence_rewards.mean(dim=1, keepdim=True)
+    std = sequence_rewards.std(dim=1, keepdim=True)
+    return (sequence_rewards - mean) / (std + eps)
+
+
+def _group_advantages(estimator):
+    """A critic-free estimator as ADVANTAGE_ESTIMATORS wants it: each rollout's reward is the sum of
+    its token rewards (the score minus the KL penalty, so the KL coefficient means what it means for
+    GAE), rollouts come in consecutive groups of `algo.samples_per_prompt`, and every response
+    token of a rollout gets its advantage. The returns are the advantages: there is no value model."""
+
+    def advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, algo):
+        k = algo.samples_per_prompt
+        totals = (rewards * mask).sum(-1)  # (B,)
+        if totals.shape[0] % k:
+            raise ValueError(f"{totals.shape[0]} rollouts are not groups of {k} samples per prompt")
+        per_rollout = estimator(totals.view(-1, k)).reshape(-1)  # (B,)
+        advantages = per_rollout[:, None] * mask.to(rewards.dtype)
+        return advantages, advantages
+
+    return advantages
+
+
 # ppo.advantage -> (rewards, values, mask, PPOAlgoConfig) -> (advantages, returns), each (B, T).
 # `PPOAlgoConfig.advantage` allows exactly these names (a test keeps the two the same).
-ADVANTAGE_ESTIMATORS = {"gae": gae_advantages}
+ADVANTAGE_ESTIMATORS = {"gae": gae_advantages, "rloo": _group_advantages(rloo), "grpo": _group_advantages(grpo)}
+CRITIC_FREE = ("rloo", "grpo")  # the estimators that need no value model

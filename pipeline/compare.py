@@ -1,11 +1,14 @@
 """`rlhfdpo compare`: every policy on the same held-out prompts, scored the same way.
 
-For each method (SFT, Best-of-N from SFT ranked by the reward model, and each DPO/PPO/PPO-GT run)
-and each temperature: one completion per held-out prompt, its gold reward, the reward model's
-score (the proxy), its length, the KL to the SFT model estimated from the sample, and
-distinct-n over all completions. Win rates are per prompt (ties count half) with paired bootstrap
-intervals over prompts: against SFT, against the dataset's own completion, and DPO against PPO.
-The frontier puts every run and saved checkpoint at (KL, gold reward). report.py writes it all.
+For each method (SFT, Best-of-N from SFT ranked by the reward model, and each DPO/PPO/PPO-GT run,
+for each of its training seeds) and each temperature: `samples_per_prompt` completions per
+held-out prompt, their gold reward, the reward model's score (the proxy), length, the KL to the
+SFT model along each sample (the full next-token distributions of both models, at the sampling
+temperature), and distinct-n. Every number is a mean over seeds and prompts with a two-way
+bootstrap interval (pipeline/uncertainty.py). Win rates are per prompt (ties count half): against
+SFT, against the dataset's own completion, and each DPO run against the PPO run of the nearest KL.
+The frontier puts every run and saved checkpoint at (KL, gold reward), and for each two methods
+says over which KL ranges one frontier lies above the other. report.py writes it all.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -23,32 +27,36 @@ from pipeline.data.builtin_sentiment import heldout_prompts_with_references
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
 from pipeline.doctor import diagnose_runs
-from pipeline.evaluation import Scored, bootstrap_mean, distinct_n, kl_to_anchor, sample_and_score, win_indicators
+from pipeline.evaluation import Scored, distinct_n, kl_along_samples, sample_and_score, win_indicators
+from pipeline.implicit_reward import compare_implicit_rewards
 from pipeline.judges import gold_reward
 from pipeline.launch import init_distributed, shard
 from pipeline.models import from_pretrained, load_tokenizer
 from pipeline.runs import checkpoint_folders, prepare_output_dir
 from pipeline.scoring import RewardModel, load_reward_model
 from pipeline.training import seed_everything
+from pipeline.uncertainty import FrontierRun, Resampling, frontier_difference, per_prompt
 
 
 @dataclass
 class MethodSamples:
-    """One method at one temperature: a completion per prompt and its scores, in prompt order."""
+    """One method, one training seed, one temperature: K completions per prompt (prompt-major) and their scores."""
 
     name: str
     method: str
     temperature: float
+    seed: int
     completions: list[str]
     gold: list[float]
     proxy: list[float] | None
-    kl: list[float] | None  # KL(pi_T || SFT_T) per prompt at this temperature T; None at T = 0
+    kl: list[float] | None  # KL(pi_T || SFT_T) along each sample at this temperature T; None at T = 0
     lengths: list[int]
     finished: list[bool]
+    step: int | str = "final"  # a checkpoint's step, for frontier points
     extra: dict = field(default_factory=dict)
 
 
-OUTPUTS = ("report.md", "results.json", "samples.jsonl", "frontier.png", "win_rate_vs_temperature.png")
+OUTPUTS = ("report.md", "report.html", "results.json", "samples.jsonl", "frontier.png", "win_rate_vs_temperature.png")
 
 
 def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
@@ -65,56 +73,69 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
     sft = shard(from_pretrained(AutoModelForCausalLM, sft_path, dtype=torch.float32), dist).eval()
     proxy = load_reward_model(Path(cfg.reward) / "model", "float32", dist) if cfg.reward is not None else None
 
+    def load(path: Path):
+        return shard(from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32), dist).eval()
+
     samples: list[MethodSamples] = []
+    checkpoints: list[MethodSamples] = []
     for temperature in cfg.temperatures:
         samples.append(sample_method(sft, "sft", "sft", temperature, prompts, tokenizer, gold, proxy, sft, cfg))
         best_of_n_here = temperature in (cfg.best_of_n_temperatures or [t for t in cfg.temperatures if t > 0])
         for n in cfg.best_of_n if best_of_n_here else []:  # N greedy samples are one sample N times
             samples.append(best_of_n(sft, n, temperature, prompts, tokenizer, gold, proxy, cfg))
-    frontier = []
     for policy in cfg.policies:
-        model = shard(from_pretrained(AutoModelForCausalLM, Path(policy.run) / "model", dtype=torch.float32), dist)
-        model.eval()
-        for temperature in cfg.temperatures:
-            samples.append(
-                sample_method(model, policy.name, policy.method, temperature, prompts, tokenizer, gold, proxy, sft, cfg)
-            )
-        for step, path in _checkpoints(Path(policy.run)) if cfg.checkpoints else []:
-            checkpoint = shard(from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32), dist).eval()
-            point = sample_method(
-                checkpoint,
-                policy.name,
-                policy.method,
-                cfg.frontier_temperature,
-                prompts,
-                tokenizer,
-                gold,
-                None,
-                sft,
-                cfg,
-            )
-            frontier.append(_frontier_point(point, step))
-        final = next(s for s in samples if s.name == policy.name and s.temperature == cfg.frontier_temperature)
-        frontier.append(_frontier_point(final, "final"))
+        for seed in cfg.seeds:
+            run_dir = Path(policy.run_for(seed))
+            model = load(run_dir / "model")
+            for temperature in cfg.temperatures:
+                samples.append(
+                    sample_method(
+                        model, policy.name, policy.method, temperature, prompts, tokenizer, gold, proxy, sft, cfg, seed
+                    )
+                )
+            del model
+            for step, path in _checkpoints(run_dir) if cfg.checkpoints else []:
+                point = sample_method(
+                    load(path),
+                    policy.name,
+                    policy.method,
+                    cfg.frontier_temperature,
+                    prompts,
+                    tokenizer,
+                    gold,
+                    None,
+                    sft,
+                    cfg,
+                    seed,
+                )
+                point.step = step
+                checkpoints.append(point)
 
-    results = summarize(samples, dataset_gold, frontier, cfg)
+    results = summarize(samples, checkpoints, dataset_gold, cfg)
+    dpo_runs = {p.name: [Path(p.run_for(s)) for s in cfg.seeds] for p in cfg.policies if p.method == "dpo"}
+    results["implicit_reward"] = compare_implicit_rewards(dpo_runs, sft, proxy, tokenizer, cfg, load)
     results["cost"] = collect_costs(cfg)
     results["prompts"] = {
         "count": len(prompts),
         "seed": cfg.prompt_seed,
+        "samples_per_prompt": cfg.samples_per_prompt,
         "dataset_gold_mean": sum(dataset_gold) / len(dataset_gold),
     }
+    results["seeds"] = cfg.seeds
     results["gold"] = getattr(gold, "name", cfg.gold)  # what actually scored (a classifier may fall back to vader)
     results["diagnoses"] = diagnose_runs(
-        [cfg.sft, *([cfg.reward] if cfg.reward else []), *[p.run for p in cfg.policies]]
+        [cfg.sft, *([cfg.reward] if cfg.reward else []), *[p.run_for(s) for p in cfg.policies for s in cfg.seeds]]
     )
 
     from pipeline.report import print_tables, write_report
+    from pipeline.report_html import browsed_samples, write_html
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    _write_samples(out_dir / "samples.jsonl", samples, prompts)
+    _write_samples(out_dir / "samples.jsonl", samples, prompts, cfg.samples_per_prompt)
     write_report(out_dir, results, cfg)
+    browser = browsed_samples(samples, prompts, cfg.frontier_temperature, cfg.samples_per_prompt)
+    write_html(out_dir, results, browser, cfg.temperatures)
     print_tables(results)
     return out_dir
 
@@ -145,21 +166,25 @@ def sample_method(
     proxy,
     sft,
     cfg: CompareConfig,
+    seed: int = 0,
 ) -> MethodSamples:
     sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
+    repeated = [p for p in prompts for _ in range(cfg.samples_per_prompt)]
+    # One sampling seed for every method and training seed: the samples of two methods pair by prompt.
     scored = sample_and_score(
-        model, tokenizer, prompts, gold, sample, COMPARE_PROMPT_DATA, seed=cfg.seed, batch_size=cfg.batch_size
+        model, tokenizer, repeated, gold, sample, COMPARE_PROMPT_DATA, seed=cfg.seed, batch_size=cfg.batch_size
     )
     if temperature == 0:  # one greedy sequence is not a sample of anything: no KL
         kl = None
     elif model is sft:
-        kl = [0.0] * len(prompts)
+        kl = [0.0] * len(repeated)
     else:
-        kl = kl_to_anchor(model, sft, scored.sequences, tokenizer.pad_token_id, temperature)
+        kl = kl_along_samples(model, sft, scored.sequences, tokenizer.pad_token_id, temperature)
     return MethodSamples(
         name=name,
         method=method,
         temperature=temperature,
+        seed=seed,
         completions=scored.completions,
         gold=scored.gold,
         proxy=proxy_scores(proxy, scored, cfg) if proxy is not None else None,
@@ -177,22 +202,24 @@ def best_of_n(
     Its KL to the SFT model is the analytic log N - (N - 1) / N (Stiennon et al. 2020, App. G.3): an
     upper bound, exact only when no two samples tie (over few distinct outcomes it is well above the KL).
     """
-    repeated = [p for p in prompts for _ in range(n)]
+    repeated = [p for p in prompts for _ in range(n * cfg.samples_per_prompt)]
     sample = SampleConfig(max_new_tokens=cfg.max_new_tokens, temperature=temperature)
     scored = sample_and_score(
         sft, tokenizer, repeated, gold, sample, COMPARE_PROMPT_DATA, seed=cfg.seed + n, batch_size=cfg.batch_size
     )
     ranks = proxy_scores(proxy, scored, cfg)
-    picks = [max(range(i * n, (i + 1) * n), key=lambda j: ranks[j]) for i in range(len(prompts))]
+    groups = len(repeated) // n
+    picks = [max(range(i * n, (i + 1) * n), key=lambda j: ranks[j]) for i in range(groups)]
     kl = math.log(n) - (n - 1) / n
     return MethodSamples(
         name=f"best-of-{n}",
         method="best_of_n",
         temperature=temperature,
+        seed=0,
         completions=[scored.completions[j] for j in picks],
         gold=[scored.gold[j] for j in picks],
         proxy=[ranks[j] for j in picks],
-        kl=[kl] * len(prompts),
+        kl=[kl] * groups,
         lengths=[len(scored.sequences[j].input_ids) - scored.sequences[j].prompt_length for j in picks],
         finished=[scored.finished[j] for j in picks],
         extra={"n": n},
@@ -211,63 +238,137 @@ def proxy_scores(proxy: RewardModel, scored: Scored, cfg: CompareConfig) -> list
 
 
 def summarize(
-    samples: list[MethodSamples], dataset_gold: list[float], frontier: list[dict], cfg: CompareConfig
+    samples: list[MethodSamples], checkpoints: list[MethodSamples], dataset_gold: list[float], cfg: CompareConfig
 ) -> dict:
-    boot = {"n_resamples": cfg.bootstrap_resamples, "seed": cfg.seed}
-    by_key = {(s.name, s.temperature): s for s in samples}
-    rows = []
+    """Every table of the report: each cell a mean over seeds and prompts with its interval."""
+    k = cfg.samples_per_prompt
+    resampling = Resampling(len(dataset_gold), cfg.bootstrap_resamples, cfg.seed)
+    groups: dict[tuple[str, float], list[MethodSamples]] = {}
     for s in samples:
-        baseline = by_key[("sft", s.temperature)]
+        groups.setdefault((s.name, s.temperature), []).append(s)
+
+    def table(per_run: list[list[float]]) -> list[list[float]]:
+        """(S, P) from each seed's values of its P * K samples: per prompt, the mean over its K samples."""
+        return [per_prompt(values, k) for values in per_run]
+
+    rows = []
+    for (name, temperature), runs in groups.items():
+        first = runs[0]
+        sft = groups[("sft", temperature)][0]
+        key = f"{name}@{temperature:g}"
+        dataset = [g for g in dataset_gold for _ in range(k)]
         row = {
-            "name": s.name,
-            "method": s.method,
-            "temperature": s.temperature,
-            "gold": _interval(bootstrap_mean(s.gold, **boot)),
-            "kl": sum(s.kl) / len(s.kl) if s.kl is not None else None,
-            "length": sum(s.lengths) / len(s.lengths),
-            "finished": sum(s.finished) / len(s.finished),
-            "distinct_1": distinct_n(s.completions, 1),
-            "distinct_2": distinct_n(s.completions, 2),
-            "win_vs_dataset": _interval(bootstrap_mean(win_indicators(s.gold, dataset_gold), **boot)),
+            "name": name,
+            "method": first.method,
+            "temperature": temperature,
+            "seeds": [r.seed for r in runs],
+            "gold": resampling.interval(table([r.gold for r in runs]), key),
+            "kl": resampling.interval(table([r.kl for r in runs]), key) if first.kl is not None else None,
+            "length": _mean([x for r in runs for x in r.lengths]),
+            "finished": _mean([float(x) for r in runs for x in r.finished]),
+            "distinct_1": _mean([distinct_n(r.completions, 1) for r in runs]),
+            "distinct_2": _mean([distinct_n(r.completions, 2) for r in runs]),
+            "win_vs_dataset": resampling.interval(table([win_indicators(r.gold, dataset) for r in runs]), key),
         }
-        if s.name != "sft":
-            row["win_vs_sft"] = _interval(bootstrap_mean(win_indicators(s.gold, baseline.gold), **boot))
-            if s.proxy is not None and baseline.proxy is not None:
-                row["proxy_win_vs_sft"] = _interval(bootstrap_mean(win_indicators(s.proxy, baseline.proxy), **boot))
-        if s.proxy is not None:
-            row["proxy"] = sum(s.proxy) / len(s.proxy)
-        rows.append(row | s.extra)
-    head_to_head = []
-    dpo_names = [p.name for p in cfg.policies if p.method == "dpo"]
-    ppo_names = [p.name for p in cfg.policies if p.method in ("ppo", "ppo_gt")]
-    for temperature in cfg.temperatures:
-        for a in dpo_names:
-            for b in ppo_names:
-                wins = win_indicators(by_key[(a, temperature)].gold, by_key[(b, temperature)].gold)
-                head_to_head.append(
-                    {
-                        "dpo": a,
-                        "ppo": b,
-                        "temperature": temperature,
-                        "dpo_win_rate": _interval(bootstrap_mean(wins, **boot)),
-                    }
+        if name != "sft":
+            row["win_vs_sft"] = resampling.interval(table([win_indicators(r.gold, sft.gold) for r in runs]), key)
+            if first.proxy is not None and sft.proxy is not None:
+                row["proxy_win_vs_sft"] = resampling.interval(
+                    table([win_indicators(r.proxy, sft.proxy) for r in runs]), key
                 )
-    return {"methods": rows, "head_to_head": head_to_head, "frontier": frontier}
+        if first.proxy is not None:
+            row["proxy"] = resampling.interval(table([r.proxy for r in runs]), key)
+        rows.append(row | first.extra)
 
-
-def _interval(stats: tuple[float, float, float]) -> dict:
-    mean, low, high = stats
-    return {"mean": mean, "low": low, "high": high}
-
-
-def _frontier_point(s: MethodSamples, step) -> dict:
+    frontier_runs = _frontier_runs(groups, checkpoints, cfg, table, resampling)
+    frontier = [point for run in frontier_runs.values() for point in run["points"]]
+    verdicts = []
+    methods = list(dict.fromkeys(p.method for p in cfg.policies))
+    for a, b in combinations(methods, 2):
+        runs_a = [r["run"] for r in frontier_runs.values() if r["run"].method == a]
+        runs_b = [r["run"] for r in frontier_runs.values() if r["run"].method == b]
+        difference = frontier_difference(runs_a, runs_b, resampling)
+        verdicts.append({"a": a, "b": b, **(difference or {"grid": [], "ranges": []})})
     return {
-        "name": s.name,
-        "method": s.method,
-        "step": step,
-        "kl": sum(s.kl) / len(s.kl),
-        "gold": sum(s.gold) / len(s.gold),
+        "methods": rows,
+        "head_to_head": head_to_head(groups, rows, cfg, resampling, table),
+        "frontier": frontier,
+        "frontier_verdicts": verdicts,
+        "bootstrap": {
+            "resamples": cfg.bootstrap_resamples,
+            "method": "two-way percentile bootstrap: seeds and prompts drawn with replacement, "
+            "the same prompt draw for every method",
+        },
     }
+
+
+def _frontier_runs(
+    groups, checkpoints: list[MethodSamples], cfg: CompareConfig, table, resampling: Resampling
+) -> dict[str, dict]:
+    """Per policy: its frontier points (checkpoints, then the final model) at the frontier temperature,
+    each with intervals on both axes and its per-seed means, and the FrontierRun the verdicts resample."""
+    out = {}
+    for policy in cfg.policies:
+        mine = [c for c in checkpoints if c.name == policy.name]
+        steps = sorted({c.step for c in mine}) + ["final"]
+        run = FrontierRun(key=policy.name, method=policy.method, kl=[], gold=[])
+        points = []
+        for step in steps:
+            runs = (
+                [c for c in mine if c.step == step]
+                if step != "final"
+                else groups[(policy.name, cfg.frontier_temperature)]
+            )
+            kl = torch.tensor(table([r.kl for r in runs]), dtype=torch.float64)
+            gold = torch.tensor(table([r.gold for r in runs]), dtype=torch.float64)
+            run.kl.append(kl)
+            run.gold.append(gold)
+            points.append(
+                {
+                    "name": policy.name,
+                    "method": policy.method,
+                    "step": step,
+                    "kl": resampling.interval(kl, policy.name),
+                    "gold": resampling.interval(gold, policy.name),
+                }
+            )
+        out[policy.name] = {"run": run, "points": points}
+    return out
+
+
+def head_to_head(groups, rows: list[dict], cfg: CompareConfig, resampling: Resampling, table) -> list[dict]:
+    """Each DPO run against the PPO run whose KL (at the frontier temperature) is nearest to its own.
+
+    Seeds pair by position (DPO's first seed against PPO's first, ...); prompts pair as always.
+    """
+    kl_of = {r["name"]: r["kl"] for r in rows if r["temperature"] == cfg.frontier_temperature}
+    dpo = [p.name for p in cfg.policies if p.method == "dpo"]
+    ppo = [p.name for p in cfg.policies if p.method == "ppo"]
+    out = []
+    for a in dpo:
+        if not ppo:
+            break
+        b = min(ppo, key=lambda name: abs(kl_of[name]["mean"] - kl_of[a]["mean"]))
+        overlap = kl_of[a]["low"] <= kl_of[b]["high"] and kl_of[b]["low"] <= kl_of[a]["high"]
+        for temperature in cfg.temperatures:
+            runs_a, runs_b = groups[(a, temperature)], groups[(b, temperature)]
+            wins = [win_indicators(x.gold, y.gold) for x, y in zip(runs_a, runs_b)]
+            out.append(
+                {
+                    "dpo": a,
+                    "ppo": b,
+                    "temperature": temperature,
+                    "dpo_kl": kl_of[a],
+                    "ppo_kl": kl_of[b],
+                    "kl_intervals_overlap": overlap,
+                    "dpo_win_rate": resampling.interval(table(wins), f"{a}-{b}"),
+                }
+            )
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _checkpoints(run: Path) -> list[tuple[int, Path]]:
@@ -290,20 +391,41 @@ def collect_costs(cfg: CompareConfig) -> list[dict]:
     shared = {"sft": read(cfg.sft), "pairs": read(pairs_run), "reward": read(cfg.reward)}
     rows = [{"name": name, "method": name, **_cost_row(cost)} for name, cost in shared.items() if cost]
     for policy in cfg.policies:
-        cost = read(policy.run)
-        if cost:
-            needs = ["pairs"] + (["reward"] if policy.method == "ppo" else [])
-            total = _cost_row(cost)["wall_s"] + sum(_cost_row(shared[n])["wall_s"] for n in needs if shared[n])
-            rows.append(
-                {
-                    "name": policy.name,
-                    "method": policy.method,
-                    **_cost_row(cost),
-                    "wall_s_with_inputs": total,
-                    "inputs": needs,
-                }
-            )
+        per_seed = [_cost_row(cost) for cost in (read(policy.run_for(seed)) for seed in cfg.seeds) if cost]
+        if not per_seed:
+            continue
+        cost = {key: _mean_or_none([c[key] for c in per_seed]) for key in per_seed[0]}  # one seed's run, on average
+        needs = SHARED_INPUTS[policy.method]
+        own = [read(run.replace("{seed}", str(seed))) for run in policy.inputs for seed in cfg.seeds]
+        own_wall = sum(c["wall_s"] for c in own if c) / len(cfg.seeds)
+        total = cost["wall_s"] + own_wall + sum(_cost_row(shared[n])["wall_s"] for n in needs if shared[n])
+        rows.append(
+            {
+                "name": policy.name,
+                "method": policy.method,
+                **cost,
+                "seeds": len(per_seed),
+                "wall_s_with_inputs": total,
+                "inputs": needs + policy.inputs,
+            }
+        )
     return rows
+
+
+# The shared runs each method needs: every method but PPO-GT reads the reward model or the pairs.
+SHARED_INPUTS = {
+    "dpo": ["pairs"],
+    "ppo": ["pairs", "reward"],
+    "rloo": ["pairs", "reward"],
+    "grpo": ["pairs", "reward"],
+    "rs": ["pairs", "reward"],
+    "online_dpo": ["pairs", "reward"],
+    "ppo_gt": [],
+}
+
+
+def _mean_or_none(values: list) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
 
 
 def _cost_row(cost: dict) -> dict:
@@ -318,17 +440,18 @@ def _cost_row(cost: dict) -> dict:
     }
 
 
-def _write_samples(path: Path, samples: list[MethodSamples], prompts: list[str]) -> None:
+def _write_samples(path: Path, samples: list[MethodSamples], prompts: list[str], samples_per_prompt: int) -> None:
     with path.open("w") as handle:
         for s in samples:
-            for i, prompt in enumerate(prompts):
+            for i, completion in enumerate(s.completions):
                 handle.write(
                     json.dumps(
                         {
                             "method": s.name,
+                            "seed": s.seed,
                             "temperature": s.temperature,
-                            "prompt": prompt,
-                            "completion": s.completions[i],
+                            "prompt": prompts[i // samples_per_prompt],
+                            "completion": completion,
                             "gold": s.gold[i],
                             "proxy": s.proxy[i] if s.proxy is not None else None,
                             "kl": s.kl[i] if s.kl is not None else None,

@@ -2,7 +2,9 @@
 
 A stage runs in the current process unless `launch.num_processes > 1` (or `launch.always_launch`);
 then the same command line is started again under `accelerate launch` with the configured
-Accelerate config file, and each child sees WORLD_SIZE in its environment. Sharding is torch's own
+Accelerate config file, and each child sees WORLD_SIZE in its environment. On several machines each
+runs that command with its own `launch.machine_rank`; ranks, and with them `Dist.is_main`, are
+global, so rank 0 of machine 0 alone logs and writes. Sharding is torch's own
 FSDP2 (`fully_shard`) on every transformer block and then the root, so the same code path runs on
 GPUs (NCCL) and on CPU (gloo): Accelerate's FSDP plugin would not shard on a machine without CUDA.
 """
@@ -51,6 +53,18 @@ class Dist:
 # ------------------------------------------------------------------------------------ re-launching
 
 
+DEFAULT_MAIN_PROCESS_PORT = 29500  # accelerate's, when launch.main_process_port is null
+
+# What a rank's collective raises when another process of the job stopped (gloo, then NCCL): a
+# consequence of the failure, never its cause.
+LOST_PEER = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote process exited",
+    "communicator was aborted",
+)
+
+
 def inside_launch() -> bool:
     return "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
@@ -63,7 +77,12 @@ def accelerate_config_path(launch: LaunchConfig) -> Path:
 
 
 def launch_command(launch: LaunchConfig, cli_args: list[str]) -> list[str]:
-    """The argument list (never a shell string) that re-runs this CLI under `accelerate launch`."""
+    """The argument list (never a shell string) that re-runs this CLI under `accelerate launch`.
+
+    Every machine key is passed, filled in from the environment or the accelerate config file where
+    the config leaves it null (`LaunchConfig.on_machines`), so accelerate sees the layout we checked.
+    """
+    launch = launch.on_machines()
     command = [
         sys.executable,
         "-m",
@@ -73,8 +92,12 @@ def launch_command(launch: LaunchConfig, cli_args: list[str]) -> list[str]:
         "--num_processes",
         str(launch.num_processes),
         "--num_machines",
-        "1",
+        str(launch.num_machines),
+        "--machine_rank",
+        str(launch.machine_rank),
     ]
+    if launch.main_process_ip is not None:
+        command += ["--main_process_ip", launch.main_process_ip]
     if launch.main_process_port is not None:
         command += ["--main_process_port", str(launch.main_process_port)]
     return command + ["-m", "pipeline.cli", *cli_args]
@@ -84,29 +107,75 @@ def relaunch(launch: LaunchConfig, cli_args: list[str]) -> tuple[int, str | None
     """Run the command under `accelerate launch`: (exit status, the first failing rank's message).
 
     Each rank that fails writes its one-line message (`report_failure`); the launcher's own output
-    about the failure comes first, so the caller prints that message last, where it is seen.
+    about the failure comes first, so the caller prints that message last, where it is seen. On
+    several machines each machine's launcher knows only its own ranks' messages.
     """
+    launch = launch.on_machines()
+    per_machine = launch.num_processes // launch.num_machines
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus and launch.num_processes > gpus and os.environ.get("ACCELERATE_USE_CPU") != "True":
+    if gpus and per_machine > gpus and os.environ.get("ACCELERATE_USE_CPU") != "True":
+        if launch.num_machines == 1:
+            raise ConfigError(
+                f"launch.num_processes: {per_machine} processes need as many GPUs (one each), this machine "
+                f"has {gpus}; on one GPU, launch.always_launch: true runs the sharded path in one process"
+            )
         raise ConfigError(
-            f"launch.num_processes: {launch.num_processes} processes need as many GPUs (one each), this machine "
-            f"has {gpus}; on one GPU, launch.always_launch: true runs the sharded path in one process"
+            f"launch.num_processes: {launch.num_processes} processes on {launch.num_machines} machines are "
+            f"{per_machine} per machine, one GPU each, and this machine has {gpus}"
         )
+    if launch.num_machines > 1 and launch.machine_rank == 0:
+        port = launch.main_process_port or DEFAULT_MAIN_PROCESS_PORT
+        if _port_in_use(port):  # accelerate would stop on it too, with a traceback
+            raise ConfigError(
+                f"launch.main_process_port: {port} is in use on this machine (machine 0); pick a free one"
+            )
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.num_processes)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // per_machine)))
     with tempfile.TemporaryDirectory(prefix="rlhfdpo-errors-") as errors:
         env[ERROR_DIR_ENV] = errors
         code = subprocess.run(launch_command(launch, cli_args), env=env, check=False).returncode
         if code == 0:
             return 0, None
-        reports = [json.loads(p.read_text()) for p in Path(errors).glob("rank-*.json")]
-    if not reports:
-        return code, None
-    first = min(reports, key=lambda r: r["time"])  # later failures are mostly other ranks losing their peer
-    # Ranks that hit the same error (a bad config, an occupied folder) race to report it: name the
-    # lowest of them, so the same failure always reads the same.
-    rank = min(r["rank"] for r in reports if r["message"] == first["message"])
-    return first["code"], f"rank {rank}: {first['message']}"
+        return failure(Path(errors), code, launch.num_machines)
+
+
+def failure(errors: Path, code: int, num_machines: int = 1) -> tuple[int, str | None]:
+    """(exit status, the line that says why) from what this machine's ranks left in `errors`.
+
+    A rank's own message comes first, the earliest; then a rank that started and said nothing,
+    which was killed (out of memory, a signal) or crashed in native code while the others lost
+    their connection to it; only then a lost connection, whose cause ran on another machine.
+    """
+    reports = [json.loads(p.read_text()) for p in errors.glob("rank-*.json")]
+    started = {p.name.removeprefix("started-") for p in errors.glob("started-*")}
+    silent = sorted(started - {r["rank"] for r in reports}, key=int)
+    causes = [r for r in reports if not any(text in r["message"] for text in LOST_PEER)]
+    if causes:
+        first = min(causes, key=lambda r: r["time"])
+        # Ranks that hit the same error (a bad config, an occupied folder) race to report it: name
+        # the lowest of them, so the same failure always reads the same.
+        rank = min((r["rank"] for r in causes if r["message"] == first["message"]), key=int)
+        return first["code"], f"rank {rank}: {first['message']}"
+    if silent:
+        return code, (
+            f"rank {silent[0]}: stopped without a message of its own: killed (out of memory? the launcher's "
+            "report above names the signal) or crashed, and the other processes lost their connection to it"
+        )
+    if reports:
+        first = min(reports, key=lambda r: r["time"])
+        elsewhere = "; it ran on another machine, whose output says why" if num_machines > 1 else ""
+        lost = first["message"].split(". This is typically")[0]  # gloo's advice to read the other logs
+        message = f"rank {first['rank']}: lost its connection to a process that stopped first{elsewhere} ({lost})"
+        return first["code"], message
+    return code, None
+
+
+def _port_in_use(port: int) -> bool:
+    """Whether something listens on `port` here: accelerate's own test before machine 0 starts."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(("localhost", port)) == 0
 
 
 # ---------------------------------------------------------------------------------- process group
@@ -116,6 +185,7 @@ def init_distributed() -> Dist:
     """Join the process group if launched with several processes; pick this rank's device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    _mark_started()
     use_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "False") != "True"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -125,6 +195,13 @@ def init_distributed() -> Dist:
         torch_dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device, launched=launched)
+
+
+def _mark_started() -> None:
+    """Tell the launcher this rank is running, so that one that dies without a word can be named (`failure`)."""
+    folder = os.environ.get(ERROR_DIR_ENV)
+    if inside_launch() and folder and Path(folder).is_dir():
+        (Path(folder) / f"started-{os.environ.get('RANK', os.environ['LOCAL_RANK'])}").touch()
 
 
 def close_distributed() -> None:

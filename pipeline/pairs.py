@@ -1,7 +1,9 @@
 """`rlhfdpo data pairs`: preference pairs from a policy and a gold reward (the DPO paper's IMDb recipe).
 
 Sample k completions per prompt from the SFT model, score each with the gold reward, and pair them:
-all k(k-1)/2 pairs or best-vs-worst. Ties are dropped and counted. Each pair carries its raw score
+all k(k-1)/2 pairs or best-vs-worst. With `reward_model`, a reward model labels them instead (the
+gold reward is still recorded): best-vs-worst then gives Llama 2's rejection-sampling data (SFT
+trains on the chosen side), and pairs sampled from the current policy give online DPO's. Ties are dropped and counted. Each pair carries its raw score
 gap (`margin`) and a Llama 2 rating level derived from it, so the reward model's margin loss and
 its per-level accuracy table have something to read. The output is ordinary prompt/chosen/rejected
 JSONL that every stage reads like any other dataset.
@@ -24,10 +26,11 @@ from pipeline.data.records import DropLedger, PromptRecord
 from pipeline.data.tokenize import encode_prompt
 from pipeline.files import write_jsonl
 from pipeline.judges import gold_reward
-from pipeline.launch import close_distributed, init_distributed, shard
+from pipeline.launch import broadcast_object, close_distributed, init_distributed, shard
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.runs import prepare_output_dir
 from pipeline.sampling import sample
+from pipeline.scoring import RewardModel, load_reward_model
 from pipeline.stage_common import chat_renderer, gather_by_index, report_drops, shard_batches
 from pipeline.training import StepProgress, seed_everything
 
@@ -99,6 +102,9 @@ def run(cfg: PairsConfig, overwrite: bool = False) -> Path:
     gold = gold_reward(cfg.gold_reward)
     model = meter.watch(shard(load_causal_lm(cfg.model), dist, cfg.model.dtype), "policy")
     model.eval()
+    reward_model = load_reward_model(cfg.reward_model, "float32", dist) if cfg.reward_model else None
+    if reward_model is not None:
+        meter.watch(reward_model.head, "reward")
 
     # ---- loop: sample, score, pair, for each split
     summary: dict[str, dict] = {}
@@ -106,6 +112,7 @@ def run(cfg: PairsConfig, overwrite: bool = False) -> Path:
         if not prompts:
             continue
         completions = sample_completions(model, tokenizer, prompts, cfg, dist)
+        labels = label_scores(reward_model, prompts, completions, cfg, dist) if reward_model else None
         if not dist.is_main:
             continue
         rows, ties, all_scores, all_finished = [], 0, [], []
@@ -113,7 +120,12 @@ def run(cfg: PairsConfig, overwrite: bool = False) -> Path:
             scores = gold(texts)
             all_scores += scores
             all_finished += finished
-            pairs, n_ties = make_pairs(record.prompt, texts, scores, cfg.pairing, finished)
+            pairs, n_ties = make_pairs(record.prompt, texts, labels[index] if labels else scores, cfg.pairing, finished)
+            if labels:  # labelled by the reward model: keep the gold reward of both sides beside its scores
+                by_text = dict(zip(texts, scores))
+                pairs = [
+                    p | {"chosen_gold": by_text[p["chosen"]], "rejected_gold": by_text[p["rejected"]]} for p in pairs
+                ]
             ties += n_ties
             rows += [{"id": f"{split}-{index}-{j}", "prompt_id": record.source_id, **p} for j, p in enumerate(pairs)]
         write_jsonl(out_dir / f"{split}.jsonl", rows)
@@ -125,6 +137,7 @@ def run(cfg: PairsConfig, overwrite: bool = False) -> Path:
             "mean_gold_of_samples": sum(all_scores) / len(all_scores),
             "finished_fraction": sum(all_finished) / len(all_finished),
             "pairs_by_rating": dict(Counter(r["rating"] for r in rows)),
+            "labelled_by": cfg.reward_model or cfg.gold_reward,
         }
 
     # ---- save: config and a card with the counts
@@ -172,6 +185,26 @@ def sample_completions(
     return merged if dist.is_main else []
 
 
+@torch.no_grad()
+def label_scores(
+    reward_model: RewardModel, prompts: list[PromptRecord], completions, cfg: PairsConfig, dist
+) -> list[list[float]]:
+    """The reward model's score of every completion, per prompt, read as PPO reads a rollout.
+
+    Every process scores all of them (a sharded model needs every rank in each forward pass)."""
+    completions = broadcast_object(dist, completions if dist.is_main else None)
+    k = cfg.pairing.samples_per_prompt
+    examples = reward_model.examples(
+        [r.prompt for r in prompts for _ in range(k)],
+        [t for texts, _ in completions for t in texts],
+        [f for _, finished in completions for f in finished],
+        [r.messages for r in prompts for _ in range(k)],
+        cfg.data.max_prompt_length,
+    )
+    flat = reward_model.score(examples, cfg.batch_size, dist.device).tolist()
+    return [flat[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
 def _distinct(prompts: list[PromptRecord]) -> list[PromptRecord]:
     seen, out = set(), []
     for record in prompts:
@@ -186,7 +219,12 @@ def _card(cfg: PairsConfig, summary: dict) -> str:
         "# preference pairs",
         "",
         f"Sampled from `{cfg.model.name_or_path}`, {cfg.pairing.samples_per_prompt} completions per prompt, "
-        f"scored by the `{cfg.gold_reward}` gold reward, paired `{cfg.pairing.strategy}`.",
+        + (
+            f"labelled by the reward model `{cfg.reward_model}` (the `{cfg.gold_reward}` gold reward recorded beside), "
+            if cfg.reward_model
+            else f"scored by the `{cfg.gold_reward}` gold reward, "
+        )
+        + f"paired `{cfg.pairing.strategy}`.",
         "",
         "| split | prompts | pairs | ties dropped | mean gold of samples | samples finished | "
         + " | ".join(RATING_LEVELS)

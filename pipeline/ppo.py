@@ -23,7 +23,14 @@ import torch
 from rich.table import Table
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline.advantages import ADVANTAGE_ESTIMATORS, explained_variance, kl_penalty, masked_whiten, token_rewards
+from pipeline.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    CRITIC_FREE,
+    explained_variance,
+    kl_penalty,
+    masked_whiten,
+    token_rewards,
+)
 from pipeline.config import PPOConfig, RewardSourceConfig
 from pipeline.console import cell, console, plain
 from pipeline.cost import CostMeter
@@ -208,38 +215,45 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         reference = policy  # with its adapters off (logprob_passes) it is the SFT model: no second copy
     else:
         reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist, compute).eval().requires_grad_(False)
-    value_source = str(checkpoint / "value") if checkpoint and not lora else cfg.value_model_path
-    check_value_tokenizer(value_source, tokenizer)
-    value_hf = from_pretrained(
-        AutoModelForSequenceClassification,
-        value_source,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype=torch.float32,
-    )
-    value_hf = add_lora(value_hf, cfg.model, checkpoint / "value" if checkpoint else None, head=True, base=value_source)
-    checkpoint_activations(value_hf, cfg.train.gradient_checkpointing)
-    value = shard(ScalarHead(value_hf), dist, compute)
+    critic = cfg.ppo.advantage not in CRITIC_FREE  # RLOO and GRPO take their baseline from the other samples
+    value = value_hf = value_optimizer = None
+    if critic:
+        value_source = str(checkpoint / "value") if checkpoint and not lora else cfg.value_model_path
+        check_value_tokenizer(value_source, tokenizer)
+        value_hf = from_pretrained(
+            AutoModelForSequenceClassification,
+            value_source,
+            num_labels=1,
+            pad_token_id=tokenizer.pad_token_id,
+            dtype=torch.float32,
+        )
+        value_hf = add_lora(
+            value_hf, cfg.model, checkpoint / "value" if checkpoint else None, head=True, base=value_source
+        )
+        checkpoint_activations(value_hf, cfg.train.gradient_checkpointing)
+        value = shard(ScalarHead(value_hf), dist, compute)
     if cfg.ppo.disable_dropout:
         disable_dropout(policy)
-        disable_dropout(value)
+        if value is not None:
+            disable_dropout(value)
     scorer = Scorer(cfg, tokenizer, dist)
     meter.watch(policy, "policy")
     if reference is not policy:  # LoRA's reference passes run through the policy and count as its own
         meter.watch(reference, "reference")
-    meter.watch(value, "value")
+    if value is not None:
+        meter.watch(value, "value")
     for i, model in enumerate(scorer.models):
         meter.watch(model.head, f"reward_{i}")
     policy_optimizer = build_optimizer(policy, cfg.optim)
-    value_optimizer = build_optimizer(value, cfg.optim)
+    if value is not None:
+        value_optimizer = build_optimizer(value, cfg.optim)
     value_lr_scale = (cfg.ppo.value_lr or cfg.optim.lr) / cfg.optim.lr
     kl_ctl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     plan = BatchPlan.build(len(prompts), cfg.train, dist.world_size, batch_size=cfg.ppo.rollout_batch_size)
     iterations = plan.total_steps
-    trainables = [
-        Trainable("model", policy, policy_optimizer, tokenizer),
-        Trainable("value", value, value_optimizer, tokenizer, hf_model=value_hf, prefix="model."),
-    ]
+    trainables = [Trainable("model", policy, policy_optimizer, tokenizer)]
+    if value is not None:
+        trainables.append(Trainable("value", value, value_optimizer, tokenizer, hf_model=value_hf, prefix="model."))
     # Rollouts are sampled from this generator, one per process; a checkpoint keeps its state.
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist.rank)
     start = 0
@@ -262,7 +276,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     if dist.is_main:
         retokenized = [path for path, again in zip(cfg.reward.models, scorer.retokenized) if again]
         console.print(
-            f"ppo: {len(prompts)} prompts, {iterations} iterations of {cfg.ppo.rollout_batch_size} rollouts, "
+            f"ppo: {len(prompts)} prompts, {iterations} iterations of {cfg.ppo.rollout_batch_size} prompts x "
+            f"{cfg.ppo.samples_per_prompt} rollouts, advantages by {cfg.ppo.advantage}, "
             f"{cfg.ppo.epochs} epochs of minibatches of {cfg.ppo.mini_batch_size}; score from "
             + plain(cfg.reward.kind if cfg.reward.kind == "gold" else ", ".join(cfg.reward.models))
             + (
@@ -280,7 +295,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             ids = [i for part in plan.micro_batches(iteration, dist) for i in part]
             lr = lr_at(iteration, iterations, cfg.optim)
             set_lr(policy_optimizer, lr)
-            set_lr(value_optimizer, lr * value_lr_scale)
+            if value_optimizer is not None:
+                set_lr(value_optimizer, lr * value_lr_scale)
             done = iteration + 1
             rollout, stats, table = collect_rollout(
                 policy,
@@ -298,8 +314,8 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             clock = time.perf_counter()
             stats |= ppo_update(policy, value, policy_optimizer, value_optimizer, rollout, cfg, dist, iteration)
             stats["time/update"] = time.perf_counter() - clock
-            ensure_finite(done, **{"policy loss": stats["loss/policy"], "value loss": stats["loss/value"]})
-            kl_ctl.update(stats["objective/kl"], cfg.ppo.rollout_batch_size)
+            ensure_finite(done, **{"policy loss": stats["loss/policy"], "value loss": stats.get("loss/value", 0.0)})
+            kl_ctl.update(stats["objective/kl"], cfg.ppo.rollout_batch_size * cfg.ppo.samples_per_prompt)
             metrics = {"step": done, **stats, "objective/kl_coef": kl_ctl.value, "lr": lr}
             if done % cfg.train.log_every == 0 or done == iterations:
                 run_dir.log(metrics)
@@ -315,7 +331,10 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # ---- save: the policy (and the value model beside it), card
     merged = save_merged(cfg.model)
     run_dir.save_model(policy, tokenizer, merged=merged)
-    save_pretrained(value, tokenizer, run_dir.root / "value", dist, hf_model=value_hf, prefix="model.", merged=merged)
+    if value is not None:
+        save_pretrained(
+            value, tokenizer, run_dir.root / "value", dist, hf_model=value_hf, prefix="model.", merged=merged
+        )
     cost = meter.write(run_dir.root)
     run_dir.write_card(
         "ppo",
@@ -375,7 +394,10 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
         with adapters_disabled(reference):  # a LoRA policy is its own reference, adapters off
             ref_logits = reference(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
         ref_logps.append(token_logps(ref_logits.float() / temperature, part["labels"])[0])
-        old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
+        critic_free = value is None  # RLOO and GRPO: no value model, the baseline is the other samples
+        old_values.append(
+            torch.zeros_like(logps) if critic_free else value(part["input_ids"], part["attention_mask"])[:, :-1]
+        )
     mask = torch.cat(masks)
     return torch.cat(old_logps), torch.cat(ref_logps), torch.cat(old_values) * mask, torch.cat(entropies), mask
 
@@ -413,7 +435,10 @@ def collect_rollout(
     """
     clock = time.perf_counter()
     policy.eval()
-    value.eval()
+    if value is not None:
+        value.eval()
+    # Each prompt's samples are consecutive: the critic-free estimators compare them as a group.
+    prompts = [p for p in prompts for _ in range(cfg.ppo.samples_per_prompt)]
     examples, responses, finished = sample_rollouts(policy, tokenizer, prompts, cfg, dist, generator)
     batch = {k: v.to(dist.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
     generate_s, clock = time.perf_counter() - clock, time.perf_counter()
@@ -441,7 +466,7 @@ def collect_rollout(
     totals = sums.over_ranks(dist)
     n_rollouts = totals.pop("rollouts")
     stats = {name: total / n_rollouts for name, total in totals.items()} | {
-        "val/explained_variance": explained_variance(old_values, returns, mask),
+        **({"val/explained_variance": explained_variance(old_values, returns, mask)} if value is not None else {}),
         # this process's seconds per phase (rank 0's are logged): where an iteration's time goes
         "time/generate": generate_s,
         "time/score": score_s,
@@ -460,7 +485,8 @@ def ppo_update(
     n_rows = rollout.input_ids.shape[0]
     temperature = cfg.rollout.temperature
     policy.train()
-    value.train()
+    if value is not None:
+        value.train()
     sums = Sums()
     for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(
@@ -473,7 +499,8 @@ def ppo_update(
             for i, chunk in enumerate(micro_chunks):
                 rows = mini[chunk.start : chunk.stop]
                 sync_on_last(policy, dist, i, len(micro_chunks))
-                sync_on_last(value, dist, i, len(micro_chunks))
+                if value is not None:
+                    sync_on_last(value, dist, i, len(micro_chunks))
                 mask = rollout.mask[rows]
                 labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
                 if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
@@ -489,26 +516,28 @@ def ppo_update(
                 policy_loss, policy_stats = ppo_policy_loss(
                     logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range
                 )
-                values = value(rollout.input_ids[rows], rollout.attention_mask[rows])[:, :-1]
-                value_loss, value_clipped = ppo_value_loss(
-                    values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range
-                )
-                loss = policy_loss + cfg.ppo.value_coef * value_loss
+                loss = policy_loss
+                if value is not None:
+                    values = value(rollout.input_ids[rows], rollout.attention_mask[rows])[:, :-1]
+                    value_loss, value_clipped = ppo_value_loss(
+                        values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range
+                    )
+                    loss = loss + cfg.ppo.value_coef * value_loss
+                    sums.add(**{"loss/value": value_loss, "val/clipfrac": value_clipped})
                 if cfg.ppo.entropy_coef:
                     loss = loss - cfg.ppo.entropy_coef * (entropy_from_logits(logits[:, :-1]) * mask).sum()
                 backward_global_mean(loss, tokens, dist)  # a token mean over the global minibatch
                 sums.add(
                     **{
                         "loss/policy": policy_loss,
-                        "loss/value": value_loss,
                         "policy/clipfrac": policy_stats["clipfrac"],
                         "policy/approxkl": policy_stats["approxkl"],
-                        "val/clipfrac": value_clipped,
                         "tokens": mask.sum(),
                     }
                 )
             clip_and_step(policy, policy_optimizer, cfg.optim.max_grad_norm, iteration + 1)
-            clip_and_step(value, value_optimizer, cfg.optim.max_grad_norm, iteration + 1)
+            if value is not None:
+                clip_and_step(value, value_optimizer, cfg.optim.max_grad_norm, iteration + 1)
     totals = sums.over_ranks(dist)
     tokens = totals.pop("tokens")
     return {name: total / tokens for name, total in totals.items()}

@@ -11,8 +11,27 @@ from rich.table import Table
 from pipeline.config import CompareConfig, digest
 from pipeline.console import cell, console
 
-COLOURS = {"sft": "black", "best_of_n": "grey", "dpo": "tab:blue", "ppo": "tab:orange", "ppo_gt": "tab:green"}
-SHADES = {"best_of_n": "Greys", "dpo": "Blues", "ppo": "Oranges", "ppo_gt": "Greens"}  # colour maps per method
+COLOURS = {
+    "sft": "black",
+    "best_of_n": "grey",
+    "dpo": "tab:blue",
+    "ppo": "tab:orange",
+    "ppo_gt": "tab:green",
+    "rloo": "tab:red",
+    "grpo": "tab:purple",
+    "rs": "tab:brown",
+    "online_dpo": "tab:cyan",
+}
+SHADES = {  # colour maps per method
+    "best_of_n": "Greys",
+    "dpo": "Blues",
+    "ppo": "Oranges",
+    "ppo_gt": "Greens",
+    "rloo": "Reds",
+    "grpo": "Purples",
+    "rs": "YlOrBr",
+    "online_dpo": "GnBu",
+}
 
 
 def _ci(interval: dict | None, percent: bool = False) -> str:
@@ -24,16 +43,26 @@ def _ci(interval: dict | None, percent: bool = False) -> str:
     return f"{interval['mean']:+.3f} [{interval['low']:+.3f}, {interval['high']:+.3f}]"
 
 
+def _value(interval: dict | None, digits: int = 3, signed: bool = True) -> str:
+    """'mean [low, high]' of a non-rate quantity; '-' where there is none."""
+    if not interval:
+        return "-"
+    form = f"{'+' if signed else ''}.{digits}f"
+    return f"{interval['mean']:{form}} [{interval['low']:{form}}, {interval['high']:{form}}]"
+
+
 def main_rows(results: dict, temperature: float) -> list[list[str]]:
     rows = []
     for m in results["methods"]:
         if m["temperature"] != temperature:
             continue
+        kl = m["kl"]
+        exact = m["method"] in ("sft", "best_of_n")  # SFT's is 0 and Best-of-N's an analytic bound: no interval
         rows.append(
             [
                 m["name"],
-                f"{m['gold']['mean']:+.3f}",
-                f"{m['kl']:.2f}" if m["kl"] is not None else "-",
+                _value(m["gold"]),
+                "-" if kl is None else f"{kl['mean']:.2f}" if exact else _value(kl, 2, signed=False),
                 _ci(m.get("win_vs_sft"), percent=True),
                 _ci(m.get("proxy_win_vs_sft"), percent=True),
                 _ci(m.get("win_vs_dataset"), percent=True),
@@ -47,8 +76,8 @@ def main_rows(results: dict, temperature: float) -> list[list[str]]:
 
 MAIN_HEADER = [
     "method",
-    "gold reward",
-    "KL to SFT",
+    "gold reward (95% CI)",
+    "KL to SFT (95% CI)",
     "gold win rate vs SFT (95% CI)",
     "reward-model win rate vs SFT",
     "win rate vs dataset completion",
@@ -56,6 +85,41 @@ MAIN_HEADER = [
     "finished",
     "distinct-2",
 ]
+
+HEAD_TO_HEAD_HEADER = ["DPO", "its KL", "PPO of the nearest KL", "its KL", "temperature", "DPO win rate (95% CI)"]
+
+
+def head_to_head_rows(results: dict) -> list[list[str]]:
+    return [
+        [
+            h["dpo"],
+            _value(h["dpo_kl"], 2, signed=False),
+            h["ppo"],
+            _value(h["ppo_kl"], 2, signed=False) + ("" if h["kl_intervals_overlap"] else " (apart)"),
+            f"{h['temperature']:g}",
+            _ci(h["dpo_win_rate"], percent=True),
+        ]
+        for h in results["head_to_head"]
+    ]
+
+
+def verdict_lines(results: dict) -> list[str]:
+    """One line per pair of methods: over which KL ranges whose frontier is above, as the data supports."""
+    from pipeline.uncertainty import verdict_sentence
+
+    lines = []
+    for v in results.get("frontier_verdicts", []):
+        a, b = _label(v["a"]), _label(v["b"])
+        if not v["ranges"]:
+            lines.append(f"- {a} against {b}: the two frontiers share no KL range")
+            continue
+        parts = [f"KL {r['from']:.1f}–{r['to']:.1f}: {verdict_sentence(a, b, r['verdict'])}" for r in v["ranges"]]
+        lines.append(f"- {a} against {b}: " + "; ".join(parts))
+    return lines
+
+
+def _label(method: str) -> str:
+    return method.replace("_", "-").upper()
 
 
 def print_tables(results: dict) -> None:
@@ -67,12 +131,14 @@ def print_tables(results: dict) -> None:
             table.add_row(*map(cell, row))
         console.print(table)
     if results["head_to_head"]:
-        table = Table(title="DPO against PPO (gold reward, per prompt)")
-        for column in ("DPO", "PPO", "temperature", "DPO win rate (95% CI)"):
+        table = Table(title="DPO against the PPO run of the nearest KL (gold reward, per prompt)")
+        for column in HEAD_TO_HEAD_HEADER:
             table.add_column(column)
-        for h in results["head_to_head"]:
-            table.add_row(cell(h["dpo"]), cell(h["ppo"]), f"{h['temperature']:g}", _ci(h["dpo_win_rate"], percent=True))
+        for row in head_to_head_rows(results):
+            table.add_row(*map(cell, row))
         console.print(table)
+    for line in verdict_lines(results):
+        console.print(cell(line))
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -89,14 +155,18 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
     lines = [
         "# RLHF vs DPO on the same footing",
         "",
-        f"{results['prompts']['count']} held-out prompts (seed {results['prompts']['seed']}), one completion each per "
-        f"method and temperature, scored by the `{results['gold']}` gold reward. Win rates count ties as half and carry "
-        f"95% paired bootstrap intervals over prompts ({cfg.bootstrap_resamples} resamples). The dataset's own "
+        f"{results['prompts']['count']} held-out prompts (seed {results['prompts']['seed']}), "
+        f"{_samples(results['prompts'].get('samples_per_prompt', 1))} per method, temperature and training seed "
+        f"(seeds {', '.join(map(str, results.get('seeds', [0])))}), scored by the `{results['gold']}` gold reward. "
+        "Each number is a mean over seeds and prompts; its 95% interval is a two-way percentile bootstrap that draws "
+        f"seeds and prompts with replacement ({cfg.bootstrap_resamples} resamples; the same prompt draw for every "
+        "method, so comparisons stay paired by prompt). Win rates count ties as half. The dataset's own "
         f'completions score {results["prompts"]["dataset_gold_mean"]:+.3f} on average. "finished" is the share of '
         f"completions that ended with EOS within {cfg.max_new_tokens} tokens; the rest are scored as cut text, "
-        "without EOS, as PPO and the reward model see them. KL to SFT at temperature T is KL(π_T ‖ SFT_T), both "
-        "models' log-probabilities taken at T, estimated from the samples; greedy decoding has none ('-'); "
-        "Best-of-N's is the analytic log N − (N−1)/N, an upper bound (exact only without ties).",
+        "without EOS, as PPO and the reward model see them. KL to SFT at temperature T is KL(π_T ‖ SFT_T): along "
+        "each sample, the sum over its tokens of the KL between the two models' full next-token distributions at T "
+        "(lower variance than the sampled log-ratio, never negative); greedy decoding has none ('-'); Best-of-N's is "
+        "the analytic log N − (N−1)/N, an upper bound (exact only without ties).",
         "",
     ]
     for temperature in cfg.temperatures:
@@ -110,13 +180,11 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
         lines += [
             "## DPO against PPO",
             "",
-            *_markdown_table(
-                ["DPO", "PPO", "temperature", "DPO win rate (95% CI)"],
-                [
-                    [h["dpo"], h["ppo"], f"{h['temperature']:g}", _ci(h["dpo_win_rate"], percent=True)]
-                    for h in results["head_to_head"]
-                ],
-            ),
+            "Each DPO run against the PPO run whose KL at the frontier's temperature is nearest its own ('apart': "
+            "their KL intervals do not overlap, so the pair is not at matched KL). The frontier verdict below is the "
+            "comparison at matched KL.",
+            "",
+            *_markdown_table(HEAD_TO_HEAD_HEADER, head_to_head_rows(results)),
             "",
         ]
     lines += [
@@ -124,19 +192,31 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
         "",
         f"![frontier]({frontier_png.name})",
         "",
+        "Error bars are 95% intervals on both axes; faint points are single seeds.",
+        "",
         *_markdown_table(
-            ["run", "method", "step", "KL to SFT", "gold reward"],
+            ["run", "method", "step", "KL to SFT (95% CI)", "gold reward (95% CI)"],
             [
-                [p["name"], p["method"], str(p["step"]), f"{p['kl']:.2f}", f"{p['gold']:+.3f}"]
+                [p["name"], p["method"], str(p["step"]), _value(p["kl"], 2, signed=False), _value(p["gold"])]
                 for p in results["frontier"]
             ],
         ),
+        "",
+        "### Frontier verdicts",
+        "",
+        "Each method's frontier is the upper envelope of gold reward over KL across its runs and checkpoints "
+        "(linear between its Pareto points). Over the KL range both frontiers reach, the gold-reward difference at "
+        "matched KL on a grid, with its 95% interval from the resampled frontiers: a range where the interval "
+        "excludes 0 is a difference the data supports.",
+        "",
+        *verdict_lines(results),
         "",
         "## Win rate against temperature",
         "",
         f"![win rate]({temperature_png.name})",
         "",
     ]
+    lines += implicit_reward_lines(results.get("implicit_reward"))
     if results["cost"]:
         on_gpu = any(c.get("peak_gpu_mb") is not None for c in results["cost"])
         lines += [
@@ -160,8 +240,8 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
                         "-" if c.get("flops") is None else f"{c['flops']:.2e}",
                         f"{c['peak_rss_mb']:.0f}",
                         *([_megabytes(c.get("peak_gpu_mb"))] if on_gpu else []),
-                        f"{c['tokens']:,}",
-                        f"{c['forward_passes']:,}",
+                        f"{c['tokens']:,.0f}",
+                        f"{c['forward_passes']:,.0f}",
                     ]
                     for c in results["cost"]
                 ],
@@ -191,6 +271,46 @@ def write_report(out_dir: Path, results: dict, cfg: CompareConfig) -> None:
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def implicit_reward_lines(implicit: dict | None) -> list[str]:
+    """DPO's implicit reward beside the reward model, as a reward model is judged (Llama 2's Table 8 layout)."""
+    if not implicit:
+        return []
+    models = implicit["models"]
+    levels = list(dict.fromkeys(level for m in models for level in m["by_rating"]))
+    gaps = list(dict.fromkeys(gap for m in models for gap in m["by_gap"]))
+    header = [
+        "reward",
+        "accuracy (95% CI)",
+        *levels,
+        *[f"gold gap {g}" for g in gaps],
+        "rank correlation with gold gap",
+    ]
+    rows = [
+        [
+            m["name"],
+            _ci(m["accuracy"], percent=True),
+            *[f"{100 * m['by_rating'][level]['accuracy']:.1f}%" if level in m["by_rating"] else "" for level in levels],
+            *[f"{100 * m['by_gap'][gap]['accuracy']:.1f}%" if gap in m["by_gap"] else "" for gap in gaps],
+            "-" if m["spearman_gold_gap"] is None else f"{m['spearman_gold_gap']:+.3f}",
+        ]
+        for m in models
+    ]
+    counts = models[0]
+    pairs_per_level = ", ".join(f"{level} {counts['by_rating'][level]['pairs']}" for level in counts["by_rating"])
+    return [
+        "## DPO's implicit reward as a reward model",
+        "",
+        f"On the {implicit['pairs']} held-out pairs of `{implicit['source']}` ({pairs_per_level}): how often each reward "
+        "ranks the chosen response above the rejected one, per rating level and per bin of the pair's gold-reward "
+        "gap, and Spearman's rank correlation of its reward difference with the gold gap. DPO's implicit reward is "
+        "β·log(π/π_SFT) (DPO paper, Eq. 5; the prompt's log-partition term cancels within a pair); for several seeds, "
+        "the mean over them.",
+        "",
+        *_markdown_table(header, rows),
+        "",
+    ]
+
+
 def new_figure(width: float = 6.0):
     """A headless matplotlib figure of the report's size: (pyplot, figure, axes)."""
     import matplotlib
@@ -215,21 +335,38 @@ def save_figure(plt, fig, ax, path: Path, legend_outside: bool = False) -> Path:
 
 
 def plot_frontier(path: Path, points: list[dict], temperature: float) -> Path:
-    """Gold reward against KL to SFT, one point per run and checkpoint (DPO paper, Fig. 2 left)."""
+    """Gold reward against KL to SFT, one point per run and checkpoint with 95% intervals on both axes,
+    and each seed's point faintly (DPO paper, Fig. 2 left)."""
     plt, fig, ax = new_figure()
     for method in sorted({p["method"] for p in points}):
         mine = [p for p in points if p["method"] == method]
-        ax.scatter(
-            [p["kl"] for p in mine],
-            [p["gold"] for p in mine],
-            label=method.replace("_", "-").upper(),
-            color=COLOURS.get(method),
-            alpha=0.8,
+        colour = COLOURS.get(method)
+        for p in mine:
+            ax.scatter(p["kl"]["per_seed"], p["gold"]["per_seed"], color=colour, alpha=0.2, s=12, linewidths=0)
+        ax.errorbar(
+            [p["kl"]["mean"] for p in mine],
+            [p["gold"]["mean"] for p in mine],
+            xerr=_error_bars([p["kl"] for p in mine]),
+            yerr=_error_bars([p["gold"] for p in mine]),
+            fmt="o",
+            label=_label(method),
+            color=colour,
+            alpha=0.85,
+            capsize=2,
+            markersize=5,
         )
     ax.set_xlabel("KL(π ‖ π_SFT), summed over the response")
     ax.set_ylabel("mean gold reward")
     ax.set_title(f"Reward against KL (temperature {temperature:g})")
     return save_figure(plt, fig, ax, path)
+
+
+def _error_bars(intervals: list[dict]) -> list[list[float]]:
+    return [[i["mean"] - i["low"] for i in intervals], [i["high"] - i["mean"] for i in intervals]]
+
+
+def _samples(k: int) -> str:
+    return "one completion each" if k == 1 else f"{k} completions each"
 
 
 def plot_win_rate_vs_temperature(path: Path, methods: list[dict]) -> Path:

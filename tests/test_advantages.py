@@ -254,3 +254,38 @@ def test_explained_variance_by_hand():
     junk_v[~mask] = torch.tensor([-3e5, 4e5], dtype=torch.float64)
     assert_close(explained_variance(junk_v, junk_r, mask), 0.85)
     assert isinstance(explained_variance(values, returns, mask), float)
+
+
+def test_rloo_and_grpo_by_hand():
+    from pipeline.advantages import grpo, rloo
+
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    # Leave-one-out: 1 - (2 + 3) / 2, 2 - (1 + 3) / 2, 3 - (1 + 2) / 2; equal rewards give 0.
+    assert torch.allclose(rloo(rewards), torch.tensor([[-1.5, 0.0, 1.5], [0.0, 0.0, 0.0]]))
+    # Group-relative: mean 2, sample std 1.
+    assert torch.allclose(grpo(rewards, eps=0.0)[0], torch.tensor([-1.0, 0.0, 1.0]))
+    assert torch.equal(grpo(rewards)[1], torch.zeros(3))
+
+
+def test_critic_free_estimators_give_every_response_token_its_rollouts_advantage():
+    from types import SimpleNamespace
+
+    from pipeline.advantages import ADVANTAGE_ESTIMATORS
+
+    mask = torch.tensor([[False, True, True], [False, True, False], [True, True, True], [False, False, True]])
+    # Token rewards: -0.1 KL per token and the score on the last: rollout totals 0.8, 2.0 | 0.0, 3.0.
+    rewards = torch.tensor([[0.0, -0.1, 0.9], [0.0, 2.0, 0.0], [-0.1, -0.1, 0.2], [0.0, 0.0, 3.0]])
+    rewards_off_mask = rewards + (~mask) * 100.0  # positions outside a response count for nothing
+    algo = SimpleNamespace(samples_per_prompt=2)
+    advantages, returns = ADVANTAGE_ESTIMATORS["rloo"](rewards_off_mask, torch.zeros_like(rewards), mask, algo)
+    per_rollout = torch.tensor([0.8 - 2.0, 2.0 - 0.8, 0.0 - 3.0, 3.0 - 0.0])
+    assert torch.allclose(advantages, per_rollout[:, None] * mask, atol=1e-6)
+    assert torch.equal(advantages, returns)
+    grouped, _ = ADVANTAGE_ESTIMATORS["grpo"](rewards, torch.zeros_like(rewards), mask, algo)
+    # Two samples a, b: mean (a + b) / 2, sample std |a - b| / sqrt(2), so A = +-(|a - b| / 2) / (std + eps).
+    first = 0.6 / (1.2 / 2**0.5 + 1e-4)
+    second = 1.5 / (3.0 / 2**0.5 + 1e-4)
+    expected = torch.tensor([-first, first, -second, second])
+    assert torch.allclose(grouped, expected[:, None] * mask, atol=1e-5)
+    with pytest.raises(ValueError, match="groups of 2"):
+        ADVANTAGE_ESTIMATORS["rloo"](rewards[:3], torch.zeros(3, 3), mask[:3], algo)

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.config import ArchitectureConfig, DataConfig, SampleConfig
 from pipeline.data.builtin_sentiment import load_rows
-from pipeline.evaluation import kl_to_anchor, paired_bootstrap, sample_and_score, wilson_interval
+from pipeline.evaluation import kl_along_samples, kl_to_anchor, paired_bootstrap, sample_and_score, wilson_interval
 from pipeline.models import create_scratch_model, train_tokenizer
 
 
@@ -38,18 +38,18 @@ def tiny_policy():
     return model, tokenizer
 
 
+def unscored_samples(model, tokenizer, prompts, max_new_tokens):
+    no_reward = lambda texts: [0.0] * len(texts)  # noqa: E731 - these tests need the samples, not their scores
+    config = SampleConfig(max_new_tokens=max_new_tokens)
+    return sample_and_score(
+        model, tokenizer, prompts, no_reward, config, DataConfig(max_length=64, max_prompt_length=16), seed=0
+    )
+
+
 def test_kl_to_itself_is_zero_and_to_another_model_is_positive(tiny_policy):
     model, tokenizer = tiny_policy
     prompts = ["i saw this", "the movie was", "we rented it", "my wife and i"] * 4
-    scored = sample_and_score(
-        model,
-        tokenizer,
-        prompts,
-        lambda texts: [0.0] * len(texts),
-        SampleConfig(max_new_tokens=10),
-        DataConfig(max_length=64, max_prompt_length=16),
-        seed=0,
-    )
+    scored = unscored_samples(model, tokenizer, prompts, max_new_tokens=10)
     assert len(scored.sequences) == len(prompts)
     assert all(abs(k) < 1e-5 for k in kl_to_anchor(model, model, scored.sequences, tokenizer.pad_token_id))
     other = copy.deepcopy(model)
@@ -96,3 +96,29 @@ def test_wilson_interval_worked_by_hand():
     assert low == 0.0 and abs(high - 0.2775401) < 1e-6
     with pytest.raises(ValueError):
         wilson_interval(0, 0)
+
+
+def test_kl_along_samples_is_the_full_next_token_kl_summed_over_the_response(tiny_policy):
+    model, tokenizer = tiny_policy
+    prompts = ["i saw this", "the movie was", "we rented it"]
+    scored = unscored_samples(model, tokenizer, prompts, max_new_tokens=8)
+    assert all(abs(k) < 1e-5 for k in kl_along_samples(model, model, scored.sequences, tokenizer.pad_token_id))
+    other = copy.deepcopy(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for temperature in (1.0, 0.7):
+        got = kl_along_samples(model, other, scored.sequences, tokenizer.pad_token_id, temperature, batch_size=2)
+        for sequence, value in zip(scored.sequences, got):
+            ids = torch.tensor([sequence.input_ids])
+            with torch.no_grad():
+                p_logits, q_logits = model(ids).logits[0], other(ids).logits[0]
+            by_hand = 0.0
+            for t in range(sequence.prompt_length, len(sequence.input_ids)):  # logits at t-1 predict token t
+                p = torch.softmax(p_logits[t - 1] / temperature, -1)
+                q = torch.softmax(q_logits[t - 1] / temperature, -1)
+                by_hand += float((p * (p.log() - q.log())).sum())
+            assert value == pytest.approx(by_hand, abs=1e-4) and value > 0
+    with pytest.raises(ValueError, match="greedy"):
+        kl_along_samples(model, other, scored.sequences, tokenizer.pad_token_id, temperature=0.0)

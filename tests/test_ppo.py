@@ -298,3 +298,53 @@ def test_a_resumed_run_ends_with_bit_identical_weights(small_pipeline, tmp_path)
     for name, weights in uninterrupted.items():
         resumed = load_file(out / name / "model.safetensors")
         assert all(torch.equal(resumed[k], weights[k]) for k in weights), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("advantage", ["rloo", "grpo"])
+def test_critic_free_advantages_raise_the_gold_reward_with_no_value_model(small_pipeline, advantage, tmp_path):
+    """RLOO and GRPO: 16 prompts x 4 samples, the same 64 rollouts per iteration as PPO's, no value model."""
+    out = tmp_path / f"ppo-{advantage}"
+    args = [
+        "ppo",
+        str(small_pipeline["ppo"]),
+        *sets(
+            f"output_dir={out}",
+            "reward.kind=gold",
+            f"ppo.advantage={advantage}",
+            "ppo.samples_per_prompt=4",
+            "ppo.rollout_batch_size=16",
+            "train.save_every=6",
+        ),
+    ]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = iterations(out)
+    assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-4)
+    assert all("loss/value" not in m and "val/explained_variance" not in m for m in metrics)
+    diff, low, high = gold_gain(small_pipeline["root"] / "sft" / "model", out / "model")
+    assert low > 0, (advantage, diff, low, high)
+    assert not (out / "value").exists() and not (out / "checkpoints" / "step-6" / "value").exists()
+    # A run resumed from its step-6 checkpoint (no value model in it) ends where the whole run did.
+    from safetensors.torch import load_file
+
+    whole = load_file(out / "model" / "model.safetensors")
+    result = run_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = load_file(out / "model" / "model.safetensors")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+@pytest.mark.slow
+def test_critic_free_advantages_need_groups_and_no_value_model(small_pipeline):
+    for overrides, message in (
+        (["ppo.advantage=rloo"], "samples_per_prompt: rloo compares several samples"),
+        (
+            ["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "ppo.mini_batch_size=48"],
+            "does not divide the 128 rollouts",
+        ),
+        (["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "value_model=gpt2"], "trains no value model"),
+    ):
+        result = run_cli("ppo", str(small_pipeline["ppo"]), *sets("reward.kind=gold", *overrides))
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

@@ -321,20 +321,119 @@ class TrainConfig:
 
 @dataclass
 class LaunchConfig:
+    """How many processes run the stage, on how many machines (pipeline/launch.py starts them)."""
+
+    # Processes of the whole job, on all machines together, as accelerate's --num_processes counts
+    # them: 2 machines of 8 GPUs are 16. train.batch_size is split over all of them.
     num_processes: int = 1
     # Accelerate config file used when num_processes > 1. None picks configs/accelerate/fsdp.yaml
     # on a CUDA machine and configs/accelerate/cpu.yaml elsewhere.
     accelerate_config: str | None = None
+    # Machines that run the job together, each the same command with its own machine_rank. null, for
+    # this and the next three keys: the environment's NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT,
+    # else accelerate_config's file, else one machine.
+    num_machines: int | None = None
+    machine_rank: int | None = None  # this machine's number, 0 to num_machines - 1; machine 0 holds rank 0
+    main_process_ip: str | None = None  # the address of machine 0, reachable from every machine
+    # The port on machine 0 where the machines meet (null: accelerate's 29500; 0: any free port, one machine only)
     main_process_port: int | None = None
     # Run under `accelerate launch` even with one process, so that FSDP2 wraps, shards and gathers
     # over a world of one: the sharded code path on a single GPU (or CPU), as `--num-processes 1`
     # in Accelerate would. Off, one process runs the stage directly.
     always_launch: bool = False
 
+    # The variables a launch script (scripts/slurm/) sets for the machine keys: MASTER_ADDR and
+    # MASTER_PORT are torch's own (env://), NNODES and NODE_RANK what torchrun and SLURM scripts
+    # commonly export. Accelerate itself reads none of them: it takes its config file or its flags.
+    MACHINE_ENVIRONMENT = {
+        "num_machines": "NNODES",
+        "machine_rank": "NODE_RANK",
+        "main_process_ip": "MASTER_ADDR",
+        "main_process_port": "MASTER_PORT",
+    }
+
     def check(self, at: str) -> None:
         positive(at, num_processes=self.num_processes)
         if self.accelerate_config is not None and not Path(self.accelerate_config).is_file():
             raise ConfigError(f"{at}.accelerate_config: no such file: {self.accelerate_config}")
+        self.on_machines(at=at)  # a layout that cannot run (NODE_RANK=2 of 2 machines) fails now, not after launching
+
+    def on_machines(self, environ=None, at: str = "launch") -> LaunchConfig:
+        """This config with its machine keys filled in and checked: each key as set, else from the
+        environment, else from the accelerate config file, else one machine of rank 0.
+
+        `environ`: the environment to read (os.environ when None). A bad value fails in one line
+        naming where it came from, so a wrong NODE_RANK is not mistaken for a wrong config key.
+        """
+        import os
+
+        environ = os.environ if environ is None else environ
+        from_file = self._accelerate_file_machines()
+        values: dict = {"num_machines": 1, "machine_rank": 0, "main_process_ip": None, "main_process_port": None}
+        where = {key: f"{at}.{key}" for key in values}  # the key, and where its value came from when not from it
+        for key, variable in self.MACHINE_ENVIRONMENT.items():
+            if getattr(self, key) is not None:
+                values[key] = getattr(self, key)
+            elif environ.get(variable, "").strip():
+                values[key], where[key] = environ[variable].strip(), f"{at}.{key} ({variable})"
+            elif from_file.get(key) is not None:
+                values[key], where[key] = from_file[key], f"{at}.{key} ({self.accelerate_config})"
+            if key != "main_process_ip" and values[key] is not None:
+                values[key] = self._whole_number(where[key], values[key])
+        machines, rank, ip, port = (values[k] for k in self.MACHINE_ENVIRONMENT)
+        if machines < 1:
+            raise ConfigError(f"{where['num_machines']}: must be at least 1, got {machines}")
+        if not 0 <= rank < machines:
+            raise ConfigError(
+                f"{where['machine_rank']}: {rank} is not a machine: {where['num_machines']} is {machines}, "
+                f"so machines are numbered 0 to {machines - 1}"
+            )
+        if self.num_processes % machines:
+            raise ConfigError(
+                f"{at}.num_processes: {self.num_processes} does not split evenly over {machines} machines "
+                f"({where['num_machines']}); it counts the processes of all machines together: 2 machines "
+                "of 8 GPUs are 16"
+            )
+        if port is not None and not 0 <= port <= 65535:
+            raise ConfigError(f"{where['main_process_port']}: {port} is not a port (0 to 65535)")
+        if machines > 1 and not ip:
+            raise ConfigError(
+                f"{at}.main_process_ip: {machines} machines need the address of machine 0 "
+                f"(set {at}.main_process_ip or MASTER_ADDR)"
+            )
+        if machines > 1 and port == 0:
+            raise ConfigError(
+                f"{where['main_process_port']}: 0 (any free port) works on one machine only; "
+                "the other machines must know the port"
+            )
+        return LaunchConfig(
+            num_processes=self.num_processes,
+            accelerate_config=self.accelerate_config,
+            num_machines=machines,
+            machine_rank=rank,
+            main_process_ip=ip,
+            main_process_port=port,
+            always_launch=self.always_launch,
+        )
+
+    def _accelerate_file_machines(self) -> dict:
+        """The machine keys of the accelerate config file named here (YAML or JSON), {} without one."""
+        if self.accelerate_config is None or not Path(self.accelerate_config).is_file():
+            return {}
+        import yaml
+
+        try:
+            content = yaml.safe_load(Path(self.accelerate_config).read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise ConfigError(f"{self.accelerate_config}: not a valid accelerate config (YAML or JSON)") from None
+        return {k: content.get(k) for k in self.MACHINE_ENVIRONMENT} if isinstance(content, dict) else {}
+
+    @staticmethod
+    def _whole_number(at: str, value) -> int:
+        """`value` (an int, or an environment variable's text) as an int, or a one-line error naming `at`."""
+        if isinstance(value, bool) or not str(value).lstrip("-").isdigit():
+            raise ConfigError(f"{at}: expected a whole number, got {value!r}")
+        return int(value)
 
 
 @dataclass
@@ -420,6 +519,9 @@ class PairsConfig:
     pairing: PairingConfig = field(default_factory=PairingConfig)
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=48, temperature=1.0))
     gold_reward: str = "vader"
+    # Label the pairs by this reward model (a reward run's model folder) instead of the gold reward:
+    # rejection sampling (best of k by the reward model) and online DPO. The gold reward is still recorded.
+    reward_model: str | None = None
     batch_size: int = 64  # prompts per generation batch per process
     seed: int = 0
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -429,6 +531,8 @@ class PairsConfig:
             raise ConfigError("output_dir: must not be empty")
         for section in ("model", "data", "pairing", "sample", "launch"):
             getattr(self, section).check(section)
+        if self.reward_model is not None:
+            check_reward_model_path("reward_model", self.reward_model)
         if self.model.lora is not None:
             raise ConfigError("model.lora: pairs only samples from the model, it trains nothing; remove it")
         positive("", num_train_prompts=self.num_train_prompts, batch_size=self.batch_size)
@@ -613,7 +717,11 @@ class PPOAlgoConfig:
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
-    advantage: Literal["gae"] = "gae"  # the advantage estimator: GAE over response tokens (gamma, lam)
+    # The advantage estimator: GAE over response tokens with a value model (gamma, lam), or a
+    # critic-free one over samples_per_prompt samples of each prompt, with no value model: RLOO's
+    # leave-one-out baseline or GRPO's group-normalised reward. The KL penalty is in the reward for all three.
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    samples_per_prompt: int = 1  # rollouts per prompt (rollout_batch_size counts prompts); rloo and grpo need >= 2
     whiten_advantages: bool = True
     value_lr: float | None = None  # defaults to optim.lr
     # Dropout off in the policy and value models (TRL's default): with it on, the update's log-probs
@@ -627,10 +735,17 @@ class PPOAlgoConfig:
             mini_batch_size=self.mini_batch_size,
             micro_batch_size=self.micro_batch_size,
             epochs=self.epochs,
+            samples_per_prompt=self.samples_per_prompt,
         )
-        if self.rollout_batch_size % self.mini_batch_size:
+        rollouts = self.rollout_batch_size * self.samples_per_prompt
+        if rollouts % self.mini_batch_size:
             raise ConfigError(
-                f"{at}.mini_batch_size: {self.mini_batch_size} does not divide rollout_batch_size={self.rollout_batch_size}"
+                f"{at}.mini_batch_size: {self.mini_batch_size} does not divide the {rollouts} rollouts of an iteration "
+                f"(rollout_batch_size={self.rollout_batch_size} x samples_per_prompt={self.samples_per_prompt})"
+            )
+        if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"{at}.samples_per_prompt: {self.advantage} compares several samples of each prompt; set it to 2 or more"
             )
         for name in ("clip_range", "value_clip_range", "value_coef", "entropy_coef"):
             if getattr(self, name) < 0:
@@ -675,6 +790,8 @@ class PPOConfig:
         for name in ("reference", "value_model"):
             if getattr(self, name):
                 check_model_path(name, getattr(self, name))
+        if self.value_model and self.ppo.advantage in ("rloo", "grpo"):
+            raise ConfigError(f"value_model: ppo.advantage {self.ppo.advantage} trains no value model; remove it")
         if self.train.max_steps is None:
             raise ConfigError("train.max_steps: PPO needs the number of iterations")
         default = TrainConfig()
@@ -724,13 +841,30 @@ class PolicySpec:
     """One trained policy in the comparison: a run directory whose model/ (and checkpoints) are sampled."""
 
     name: str = "dpo"
-    method: Literal["dpo", "ppo", "ppo_gt"] = "dpo"
+    # dpo; ppo, rloo, grpo (PPO with those advantages) against the reward model, ppo_gt against the gold
+    # reward; rs (SFT on the reward model's best of k); online_dpo (DPO on pairs the reward model labels
+    # from the current policy, in rounds). Methods are compared with each other on the frontier.
+    method: Literal["dpo", "ppo", "ppo_gt", "rloo", "grpo", "rs", "online_dpo"] = "dpo"
+    # The run directory; with several seeds, a pattern with {seed} (runs/dpo/seed-{seed}).
     run: str = "runs/dpo"
+    # Runs this method also needed beyond the shared SFT, pairs and reward runs (its own sampled pairs,
+    # earlier rounds), with {seed} where they are per seed: their cost counts toward its own.
+    inputs: list[str] = field(default_factory=list)
 
-    def check(self, at: str) -> None:
+    def run_for(self, seed: int) -> str:
+        return self.run.replace("{seed}", str(seed))
+
+    def check(self, at: str, seeds: list[int] | None = None) -> None:
         if not self.name:
             raise ConfigError(f"{at}.name: must not be empty")
-        check_model_path(f"{at}.run", str(Path(self.run) / "model"))
+        seeds = seeds or [0]
+        if len(seeds) > 1 and "{seed}" not in self.run:
+            raise ConfigError(
+                f"{at}.run: {self.run} names one run, but seeds are {seeds}; write where each seed's run is, "
+                "e.g. runs/dpo/seed-{seed}"
+            )
+        for seed in seeds:
+            check_model_path(f"{at}.run", str(Path(self.run_for(seed)) / "model"))
 
 
 @dataclass
@@ -764,7 +898,11 @@ class CompareConfig:
     gold: str = "vader"
     bootstrap_resamples: int = 1000
     batch_size: int = 250  # prompts sampled together
-    seed: int = 0
+    seed: int = 0  # sampling seed (the same for every method, so samples pair by prompt) and bootstrap seed
+    # The training seeds of every policy: each number is a mean over seeds and prompts, its interval
+    # from a bootstrap over both (pipeline/uncertainty.py). `rlhfdpo experiment` sets it from its own seeds.
+    seeds: list[int] = field(default_factory=lambda: [0])
+    samples_per_prompt: int = 1  # completions per prompt and method; a prompt's value is their mean
 
     def check(self, at: str = "") -> None:
         check_model_path("sft", str(Path(self.sft) / "model"))
@@ -773,8 +911,10 @@ class CompareConfig:
         elif self.best_of_n:
             raise ConfigError("best_of_n: needs a reward model to rank the samples (reward is null)")
         names = [p.name for p in self.policies]
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: expected distinct seeds, at least one, got {self.seeds}")
         for i, policy in enumerate(self.policies):
-            policy.check(f"policies.{i}")
+            policy.check(f"policies.{i}", self.seeds)
         if len(set(names)) != len(names) or "sft" in names:
             raise ConfigError(f"policies: names must be distinct and not 'sft', got {names}")
         if any(n < 2 for n in self.best_of_n):
@@ -800,6 +940,7 @@ class CompareConfig:
             max_new_tokens=self.max_new_tokens,
             bootstrap_resamples=self.bootstrap_resamples,
             batch_size=self.batch_size,
+            samples_per_prompt=self.samples_per_prompt,
         )
         check_gold("gold", self.gold)
 
@@ -982,6 +1123,9 @@ class StepSpec:
     config: str = "configs/sft.yaml"
     set: list[str] = field(default_factory=list)  # --set overrides, e.g. ["loss.beta=0.5", "output_dir=runs/dpo-b0.5"]
     after: list[str] = field(default_factory=list)  # names of earlier steps whose outputs this one reads
+    # Run once per experiment seed, its seed (train.seed or seed) and {seed} in `set` set to it; its output_dir
+    # must hold {seed} (output_dir=runs/dpo-b0.1/seed-{seed}). A compare step gets seeds=<the seeds>.
+    seeded: bool = False
 
     def check(self, at: str) -> None:
         if not Path(self.config).is_file():
@@ -993,13 +1137,22 @@ class ExperimentConfig:
     """`rlhfdpo experiment`: run stages in order, reusing any whose config and inputs are unchanged."""
 
     steps: list[StepSpec] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])  # training seeds of every `seeded` step
 
     def check(self, at: str = "") -> None:
         if not self.steps:
             raise ConfigError("steps: at least one step is needed")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: expected distinct seeds, at least one, got {self.seeds}")
         seen: set[str] = set()
         for i, step in enumerate(self.steps):
             step.check(f"steps.{i}")
+            if step.seeded and not any(o.startswith("output_dir=") and "{seed}" in o for o in step.set):
+                raise ConfigError(
+                    f"steps.{i}.set: a seeded step writes one run per seed: add output_dir=<folder with {{seed}}>"
+                )
+            if step.seeded and step.stage in ("compare", "adherence"):
+                raise ConfigError(f"steps.{i}.seeded: {step.stage} trains nothing; it reads every seed's runs")
             if step.name in seen:
                 raise ConfigError(f"steps.{i}.name: '{step.name}' is used twice")
             for name in step.after:
