@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ExperimentConfig, StepSpec, load_config, to_dict
@@ -20,6 +23,7 @@ from pipeline.errors import RunFailed
 from pipeline.stages import STAGES
 
 STAMP = ".experiment-stamp"
+LOG = "experiment.log"  # a step's output when several steps run at once
 
 
 def step_stamp(step: StepSpec, upstream: list[str]) -> tuple[str, Path]:
@@ -66,24 +70,130 @@ def expand_seeds(cfg: ExperimentConfig) -> list[tuple[StepSpec, list[str]]]:
     return out
 
 
+def slot_environment(slot: int, share: int, environ: dict[str, str], cpus: int, gpus: int) -> dict[str, str]:
+    """The environment of a step in `slot` (0 to share - 1) while `share` steps run at once.
+
+    Each gets its part of the CPU cores as OpenMP threads (unless OMP_NUM_THREADS is set: the
+    user's choice stands) and, on a machine with GPUs, its own: slot i the i-th of every `share`
+    visible GPUs, or, with fewer GPUs than steps, GPU i mod their number, shared. A step alone
+    (share 1) gets the whole machine.
+    """
+    env = dict(environ)
+    if share == 1:
+        return env
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpus // share)))
+    visible = [d for d in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()] or [
+        str(i) for i in range(gpus)
+    ]
+    if visible:
+        mine = visible[slot::share] if len(visible) >= share else [visible[slot % len(visible)]]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
+    return env
+
+
+@dataclass
+class Running:
+    step: StepSpec
+    stamp: str
+    output: Path
+    slot: int
+    process: subprocess.Popen
+    started: float
+    log: Path | None
+
+
+def _start(step: StepSpec, stamp: str, output: Path, slot: int, share: int, gpus: int, logged: bool) -> Running:
+    """Start a step in `slot`, sharing the machine with `share` - 1 others; `logged`: its output to
+    a log file (several steps may run at once) rather than the terminal."""
+    console.print(
+        f"[bold]running[/bold] {plain(step.name)}: {plain(STAGES[step.stage].command_line(step.config))} "
+        f"{plain(' '.join(step.set))}"
+    )
+    command = [sys.executable, "-m", "pipeline.cli", *STAGES[step.stage].command, step.config]
+    command += [arg for override in step.set for arg in ("--set", override)]
+    command += ["--overwrite"]  # the step's output is stale (its stamp differs) or unfinished: replace it
+    env = slot_environment(slot, share, dict(os.environ), os.cpu_count() or 1, gpus)
+    if not logged:  # one step at a time: its output streams to the terminal as a stage's own would
+        return Running(step, stamp, output, slot, subprocess.Popen(command, env=env), time.monotonic(), None)
+    # Several at once would interleave line by line: each writes to a log beside its run (a stage
+    # keeps the files it did not write in its output_dir, so --overwrite leaves the log alone).
+    output.mkdir(parents=True, exist_ok=True)
+    log = output / LOG
+    with log.open("w") as handle:
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    return Running(step, stamp, output, slot, process, time.monotonic(), log)
+
+
 def run(cfg: ExperimentConfig) -> Path:
-    stamps: dict[str, str] = {}
-    output = Path(".")
-    for step, after in expand_seeds(cfg):
-        stamp, output = step_stamp(step, [stamps[name] for name in after])
-        stamps[step.name] = stamp
-        stamp_file = output / STAMP
-        if finished(output, step.stage) and stamp_file.is_file() and stamp_file.read_text() == stamp:
-            console.print(f"[green]reused[/green] {plain(step.name)} ({plain(output)})")
-            continue
-        console.print(
-            f"[bold]running[/bold] {plain(step.name)}: {plain(STAGES[step.stage].command_line(step.config))} {plain(' '.join(step.set))}"
+    """Run every step whose stamp changed, `cfg.jobs` at a time, each as soon as the steps it reads
+    (`after`) have finished; with jobs 1 in the order they are listed. A failed step stops new starts;
+    the running ones finish (and are kept), then the run fails naming the step and its log."""
+    plan = expand_seeds(cfg)
+    gpus = _cuda_devices() if cfg.jobs > 1 else 0
+    stamps: dict[str, str] = {}  # the steps finished or reused
+    outputs: dict[str, Path] = {}
+    pending = list(plan)
+    running: list[Running] = []
+    failed: list[tuple[Running, int]] = []
+    try:
+        while pending or running:
+            while not failed and len(running) < cfg.jobs:
+                ready = [(step, after) for step, after in pending if all(name in stamps for name in after)]
+                if not ready:
+                    break
+                step, after = ready[0]
+                pending.remove((step, after))
+                stamp, outputs[step.name] = step_stamp(step, [stamps[name] for name in after])
+                if _reusable(outputs[step.name], step.stage, stamp):
+                    console.print(f"[green]reused[/green] {plain(step.name)} ({plain(outputs[step.name])})")
+                    stamps[step.name] = stamp
+                    continue
+                slot = min(set(range(cfg.jobs)) - {r.slot for r in running})
+                # Started with nothing running and nothing else ready, a step runs alone to its end (a
+                # step becomes ready only when one finishes): it gets the whole machine.
+                share = 1 if not running and len(ready) == 1 else cfg.jobs
+                running.append(_start(step, stamp, outputs[step.name], slot, share, gpus, logged=cfg.jobs > 1))
+            if not running:
+                break  # what is left waits on a failed step
+            done = _wait_for_one(running)
+            running.remove(done)
+            seconds = time.monotonic() - done.started
+            if done.process.returncode != 0:
+                failed.append((done, done.process.returncode))
+                console.print(f"[red]failed[/red] {plain(done.step.name)} after {seconds:.0f} s")
+                continue
+            (done.output / STAMP).write_text(done.stamp)
+            stamps[done.step.name] = done.stamp
+            console.print(f"[green]finished[/green] {plain(done.step.name)} in {seconds:.0f} s")
+    finally:
+        for r in running:  # the runner itself was interrupted or failed: no step goes on unwatched
+            r.process.terminate()
+            r.process.wait()
+    if failed:
+        done, code = failed[0]
+        where = ""
+        if done.log:
+            console.print(plain("\n".join(done.log.read_text(errors="replace").splitlines()[-20:])))
+            where = f" (its output: {done.log})"
+        raise RunFailed(
+            f"step {done.step.name} failed with exit status {code}{where}; finished steps are kept and reused"
         )
-        command = [sys.executable, "-m", "pipeline.cli", *STAGES[step.stage].command, step.config]
-        command += [arg for override in step.set for arg in ("--set", override)]
-        command += ["--overwrite"]  # the step's output is stale (its stamp differs) or unfinished: replace it
-        code = subprocess.run(command, check=False).returncode
-        if code != 0:
-            raise RunFailed(f"step {step.name} failed with exit status {code}; finished steps are kept and reused")
-        stamp_file.write_text(stamp)
-    return output
+    return outputs[plan[-1][0].name]
+
+
+def _reusable(output: Path, stage: str, stamp: str) -> bool:
+    return finished(output, stage) and (output / STAMP).is_file() and (output / STAMP).read_text() == stamp
+
+
+def _wait_for_one(running: list[Running]) -> Running:
+    while True:
+        for r in running:
+            if r.process.poll() is not None:
+                return r
+        time.sleep(0.2)
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

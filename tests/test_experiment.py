@@ -10,12 +10,14 @@ import shutil
 import pytest
 
 from helpers import ROOT, run_cli, sets
+from pipeline.config import ExperimentConfig, load_config
+from pipeline.experiment import expand_seeds
 
 pytestmark = pytest.mark.slow
 
 
 def steps_by_outcome(output: str) -> dict[str, list[str]]:
-    outcome = {"running": [], "reused": []}
+    outcome = {"running": [], "reused": [], "finished": []}
     for line in output.splitlines():
         words = line.split()
         if words and words[0] in outcome:
@@ -55,8 +57,16 @@ POLICIES = [name for name in SEEDED if name not in NOT_POLICIES]
 
 def test_quick_comparison_writes_the_report(quick):
     work, result = quick
-    running = steps_by_outcome(result.stdout + result.stderr)["running"]
-    assert running == ["sft", "pairs", "reward", *[f"{n}/seed-0" for n in SEEDED], "compare"]
+    outcome = steps_by_outcome(result.stdout + result.stderr)
+    assert sorted(outcome["running"]) == sorted(["sft", "pairs", "reward", *[f"{n}/seed-0" for n in SEEDED], "compare"])
+    # The shipped plan runs two steps at once: each started only after every step it reads had finished.
+    lines = (result.stdout + result.stderr).splitlines()
+    at = {(words[0], words[1].rstrip(":")): i for i, words in enumerate(map(str.split, lines)) if len(words) > 1}
+    cfg = load_config(ExperimentConfig, str(work / "configs" / "experiment-quick.yaml"), [SEEDS])
+    assert cfg.jobs == 2
+    for step, after in expand_seeds(cfg):
+        assert all(at[("finished", name)] < at[("running", step.name)] for name in after), step.name
+    assert (work / "runs" / "quick" / "ppo-kl0.05" / "seed-0" / "experiment.log").is_file()
     report = work / "runs" / "quick" / "compare"
     results = json.loads((report / "results.json").read_text())
     names = {m["name"] for m in results["methods"]}
