@@ -8,16 +8,12 @@ import time
 import torch
 
 
-def _timed(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm-up
-    times, out = [], None
-    for _ in range(repeats):
-        _synchronize()
-        start = time.perf_counter()
-        out = fn()
-        _synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def _time_once(fn) -> tuple[float, object]:
+    _synchronize()
+    start = time.perf_counter()
+    out = fn()
+    _synchronize()
+    return time.perf_counter() - start, out
 
 
 def _synchronize() -> None:
@@ -31,7 +27,7 @@ def rollout_speed(
     batch: int,
     prompt_len: int,
     new_tokens: int,
-    repeats: int = 3,
+    rounds: int = 3,
     seed: int = 0,
     device_type: str = "cpu",
     dtype: str = "float32",
@@ -71,15 +67,31 @@ def rollout_speed(
         )
         return out[:, prompt_len:]
 
-    ours_s, ours_out = _timed(ours, repeats)
-    theirs_s, theirs_out = _timed(theirs, repeats)
+    ours(), theirs()  # warm-up
+    # Rounds, ours and theirs within each, in alternating order: a neighbour's load that comes and
+    # goes hits both sides of a round alike, so the ratio is taken within the round.
+    ours_s, theirs_s = [], []
+    for round_ in range(rounds):
+        for side in (ours, theirs) if round_ % 2 == 0 else (theirs, ours):
+            seconds, out = _time_once(side)
+            if side is ours:
+                ours_s.append(seconds)
+                ours_out = out
+            else:
+                theirs_s.append(seconds)
+                theirs_out = out
     tokens = batch * new_tokens
+    ratios = [t / o for o, t in zip(ours_s, theirs_s)]
     return {
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
-        "ours_tokens_per_s": tokens / ours_s,
-        "generate_tokens_per_s": tokens / theirs_s,
-        "speedup": theirs_s / ours_s,
+        "rounds": rounds,
+        "ours_tokens_per_s": tokens / statistics.median(ours_s),
+        "ours_tokens_per_s_range": [tokens / max(ours_s), tokens / min(ours_s)],
+        "generate_tokens_per_s": tokens / statistics.median(theirs_s),
+        "generate_tokens_per_s_range": [tokens / max(theirs_s), tokens / min(theirs_s)],
+        "speedup": statistics.median(ratios),
+        "speedup_range": [min(ratios), max(ratios)],
         "same_greedy_outputs": bool(torch.equal(ours_out, theirs_out)),
     }

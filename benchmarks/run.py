@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +31,8 @@ FULL = {
     "sweep_steps": 10,
     "rollout": {"batch": 32, "prompt_len": 32, "new_tokens": 96},
     "ppo_iterations": 4,
+    "rounds": 3,
+    "prefix": {"shapes": ["hh", "builtin"], "batch": 8},
 }
 # One GPU: two GPT-2 shapes that fill it sensibly, trained in bf16 weights; the 3M scaling sweep
 # says nothing about a GPU and is left out.
@@ -44,6 +47,7 @@ GPU = {
     "sweep_steps": 0,
     "rollout": {"batch": 64, "prompt_len": 32, "new_tokens": 128},
     "ppo_iterations": 3,
+    "rounds": 3,
     "dtype": "bfloat16",
     "variants": ["ours", "trl"],  # device time is short: equal settings only
 }
@@ -58,6 +62,8 @@ QUICK = {
     "sweep_steps": 6,
     "rollout": {"batch": 4, "prompt_len": 8, "new_tokens": 8},
     "ppo_iterations": 2,
+    "rounds": 2,
+    "prefix": {"shapes": ["hh"], "batch": 2},
 }
 STAGES = ("sft", "reward", "dpo")
 # (label, framework, settings). The first and last run at equal settings: same random batches.
@@ -142,45 +148,58 @@ def ppo_spec(size: str, iterations: int, rollouts: int, new_tokens: int, fx_path
 def training_rows(
     plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, frameworks: list[str], device: dict
 ) -> list[dict]:
-    rows = []
-    for size in plan["sizes"]:
-        for stage in STAGES:
-            for label, framework, settings in VARIANTS:
-                if label not in plan.get("variants", [label]):
-                    continue
-                if framework not in frameworks:
-                    continue
-                spec = training_spec(
-                    stage,
-                    size,
-                    plan["batch_size"],
-                    plan["steps"],
-                    fx_path,
-                    out / "runs" / f"{label}-{stage}-{size}",
-                    framework=framework,
-                    dtype=device["dtype"],
-                    **settings,
-                )
-                result = run_worker(spec, Path(spec["out"]))
-                per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair"]
-                seq_len = per_example if stage == "sft" else per_example / 2
-                row = summarize(
-                    result,
-                    peak,
-                    flops_per_token(stage, fx["models"][size], seq_len),
-                    per_example,
-                    plan["warmup"],
-                    plan["window"],
-                )
-                row["framework"] = label
-                rows.append(row)
-                print(
-                    f"  {label:12s} {stage:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
-                    f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB RSS  "
-                    f"{_gpu_mb(row)}MFU {row['mfu']:.1%}",
-                    flush=True,
-                )
-    return rows
+    """Each (stage, size, variant) measured once per round. Within a round every variant of a stage
+    runs back to back, in reverse order every other round, so that a neighbour's load which comes and
+    goes falls on both sides of a ratio; the ratio to TRL is then taken within each round."""
+    per_round: dict[tuple[str, str, str], list[dict]] = {}
+    for round_ in range(plan["rounds"]):
+        for size in plan["sizes"]:
+            for stage in STAGES:
+                variants = [v for v in VARIANTS if v[0] in plan.get("variants", [v[0]]) and v[1] in frameworks]
+                for label, framework, settings in variants if round_ % 2 == 0 else variants[::-1]:
+                    spec = training_spec(
+                        stage,
+                        size,
+                        plan["batch_size"],
+                        plan["steps"],
+                        fx_path,
+                        out / "runs" / f"{label}-{stage}-{size}" / f"round-{round_}",
+                        framework=framework,
+                        dtype=device["dtype"],
+                        **settings,
+                    )
+                    result = run_worker(spec, Path(spec["out"]))
+                    per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair"]
+                    seq_len = per_example if stage == "sft" else per_example / 2
+                    row = summarize(
+                        result,
+                        peak,
+                        flops_per_token(stage, fx["models"][size], seq_len),
+                        per_example,
+                        plan["warmup"],
+                        plan["window"],
+                    )
+                    per_round.setdefault((stage, size, label), []).append(row)
+                    print(
+                        f"  round {round_ + 1} {label:12s} {stage:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
+                        f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB RSS  "
+                        f"{_gpu_mb(row)}MFU {row['mfu']:.1%}",
+                        flush=True,
+                    )
+    return [over_rounds(rows, label) for (_, _, label), rows in per_round.items()]
+
+
+def over_rounds(rows: list[dict], label: str) -> dict:
+    """One variant's rounds as one row: the median of each measure, the range of the throughputs,
+    and each round's examples/s (for ratios within a round)."""
+    row = {**rows[0], "framework": label, "rounds": len(rows)}
+    for key in ("examples_per_s", "tokens_per_s", "mfu", "peak_rss_mb", "peak_gpu_mb", "time_to_first_step_s"):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        row[key] = statistics.median(values) if values else None
+        if key in ("examples_per_s", "tokens_per_s"):
+            row[f"{key}_range"] = [min(values), max(values)]
+    row["examples_per_s_rounds"] = [r["examples_per_s"] for r in rows]
+    return row
 
 
 def scaling_rows(plan: dict, fx: dict, out: Path, peak: float) -> list[dict]:
@@ -245,7 +264,13 @@ def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path, device: dict) -> tu
     for size in plan["sizes"]:
         row = {
             "size": size,
-            **rollout_speed(fx["models"][size], **plan["rollout"], device_type=device["type"], dtype=device["dtype"]),
+            **rollout_speed(
+                fx["models"][size],
+                **plan["rollout"],
+                rounds=plan["rounds"],
+                device_type=device["type"],
+                dtype=device["dtype"],
+            ),
         }
         rollouts.append(row)
         print(
@@ -268,6 +293,23 @@ def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path, device: dict) -> tu
     return rollouts, {"size": spec["size"], "rollout_batch_size": spec["rollout_batch_size"], "seconds": split}
 
 
+def prefix_rows(plan: dict, fx: dict) -> list[dict]:
+    """Pairs with the prompt once against a row per side, on the largest size, per pair shape."""
+    from benchmarks.prefix import prefix_sharing_speed
+
+    size = plan["sizes"][-1]
+    rows = []
+    for shape in plan["prefix"]["shapes"]:
+        row = {"size": size, **prefix_sharing_speed(fx["models"][size], shape, plan["prefix"]["batch"], plan["rounds"])}
+        rows.append(row)
+        print(
+            f"  prompt once, {shape} pairs, {size}: {row['speedup']:.2f}x ({row['tokens_saved']:.0%} fewer tokens), "
+            f"largest log-prob difference {row['max_logp_difference']:.1e}",
+            flush=True,
+        )
+    return rows
+
+
 def markdown(bench: dict) -> str:
     on_gpu = bench.get("device", {}).get("type") == "cuda"
     memory, memory_key = ("peak GPU memory", "peak_gpu_mb") if on_gpu else ("peak RSS", "peak_rss_mb")
@@ -278,21 +320,26 @@ def markdown(bench: dict) -> str:
         "",
     ]
     lines += [
+        "Each measure: the median over rounds (min–max); ratios are taken within each round.",
+        "",
         f"| stage | size | framework | examples/s | tokens/s | {memory} (MB) | time to first step (s) | MFU |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     by_key = {(r["stage"], r["size"], r["framework"]): r for r in bench["training"]}
     for r in bench["training"]:
+        low, high = r["examples_per_s_range"]
         lines.append(
-            f"| {r['stage']} | {r['size']} | {r['framework']} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"| {r['stage']} | {r['size']} | {r['framework']} | {r['examples_per_s']:.2f} ({low:.2f}–{high:.2f}) | "
+            f"{_median_range(r['tokens_per_s'], r['tokens_per_s_range'])} | "
             f"{r[memory_key]:.0f} | {r['time_to_first_step_s']:.1f} | {r['mfu']:.1%} |"
         )
     ratios = []
     for (stage, size, framework), r in by_key.items():
         other = by_key.get((stage, size, "trl"))
         if framework.startswith("ours") and other:
+            within = [a / b for a, b in zip(r["examples_per_s_rounds"], other["examples_per_s_rounds"])]
             ratios.append(
-                f"| {stage} | {size} | {framework} | {r['examples_per_s'] / other['examples_per_s']:.2f}x | "
+                f"| {stage} | {size} | {framework} | {statistics.median(within):.2f}x ({min(within):.2f}–{max(within):.2f}) | "
                 f"{r[memory_key] - other[memory_key]:+.0f} MB |"
             )
     if ratios:
@@ -308,9 +355,25 @@ def markdown(bench: dict) -> str:
         "|---|---|---:|---:|---:|---|",
     ]
     for r in bench["rollout"]:
+        low, high = r["speedup_range"]
         lines.append(
-            f"| {r['size']} | {r['batch']} x {r['new_tokens']} | {r['ours_tokens_per_s']:.0f} | "
-            f"{r['generate_tokens_per_s']:.0f} | {r['speedup']:.2f}x | {r['same_greedy_outputs']} |"
+            f"| {r['size']} | {r['batch']} x {r['new_tokens']} | {_median_range(r['ours_tokens_per_s'], r['ours_tokens_per_s_range'])} | "
+            f"{_median_range(r['generate_tokens_per_s'], r['generate_tokens_per_s_range'])} | "
+            f"{r['speedup']:.2f}x ({low:.2f}–{high:.2f}) | {r['same_greedy_outputs']} |"
+        )
+    if bench.get("prefix"):
+        lines += [
+            "",
+            "| pairs, prompt once (train.share_prompt) | size | batch | prompt + response tokens | fewer tokens | "
+            "policy step, row per side (s) | prompt once (s) | speedup | largest log-prob difference |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+    for r in bench.get("prefix", []):
+        low, high = r["speedup_range"]
+        lines.append(
+            f"| {r['shape']} | {r['size']} | {r['batch']} | {r['prompt_len']} + 2 x {r['response_len']} | "
+            f"{r['tokens_saved']:.0%} | {r['per_side_s']:.3f} | {r['shared_s']:.3f} | {r['speedup']:.2f}x ({low:.2f}–{high:.2f}) | "
+            f"{r['max_logp_difference']:.1e} |"
         )
     phases = bench["ppo_iteration"]["seconds"]
     total = sum(phases.values())
@@ -330,6 +393,10 @@ def markdown(bench: dict) -> str:
             f"| {r['stage']} | {r['seq_len']} | {r['batch_size']} | {r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['mfu']:.0%} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _median_range(median: float, bounds: list[float]) -> str:
+    return f"{median:.0f} ({bounds[0]:.0f}–{bounds[1]:.0f})"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -368,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         fx = fixture_module.build(fx_path.parent, sizes={size: fixture_module.SIZES[size] for size in plan["sizes"]})
     training = training_rows(plan, fx, fx_path, out, peak, frameworks, device)
     rollout, ppo_iteration = ppo_rows(plan, fx, fx_path, out, device)
+    prefix = prefix_rows(plan, fx) if "prefix" in plan else []  # on the CPU
     scaling = scaling_rows(plan, fx, out, peak)
 
     machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -388,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
         "training": training,
         "rollout": rollout,
         "ppo_iteration": ppo_iteration,
+        "prefix": prefix,
         "scaling": scaling,
         "wall_s": time.time() - started,
     }

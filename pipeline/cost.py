@@ -42,8 +42,16 @@ class CostMeter:
                 return
             self.forward_passes[name] += 1
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
-            cached = kwargs.get("past_key_values") is not None
-            tokens = int(input_ids.numel() if cached or mask is None else mask.sum())
+            # A decoding step (its cache already holds the context) computes every row, finished ones too.
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            cached = cache is not None and cache.get_seq_length() > 0
+            if cached or mask is None:
+                tokens = input_ids.numel()
+            elif mask.dim() == 4:  # (B, 1, T, T), prefix sharing's: a real token attends to itself
+                diagonal = mask.diagonal(dim1=-2, dim2=-1)
+                tokens = int(diagonal.sum() if diagonal.dtype == torch.bool else (diagonal == 0).sum())
+            else:
+                tokens = int(mask.sum())
             self.tokens[name] += tokens
             trains = torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
             self.flops[name] += (6 if trains else 2) * parameters * tokens

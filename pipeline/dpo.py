@@ -2,8 +2,9 @@
 
 The policy and the frozen reference both start as the SFT model. Reference log-probs come from a
 cache computed once (pipeline/reference.py), so the reference model is not in memory while the
-policy trains. Chosen and rejected go through the policy in one concatenated forward; sequence
-log-probs are summed over response tokens only. Loss variants are pure functions in losses.py.
+policy trains. Chosen and rejected go through the policy in one concatenated forward, or, with
+`train.share_prompt`, as one row per pair whose prompt is computed once (pipeline/prefix_sharing.py);
+sequence log-probs are summed over response tokens only. Loss variants are pure functions in losses.py.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pipeline.console import console
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger
-from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
+from pipeline.data.tokenize import TokenizedPair, pair_length, tokenize_pair
 from pipeline.evaluation import wilson_interval
 from pipeline.launch import close_distributed, init_distributed, shard
-from pipeline.logprobs import response_token_logps
 from pipeline.lora import add_lora, lora_summary, save_merged, trainable_parameter_count
 from pipeline.losses import chosen_nll, dpo_sigmoid_loss, hinge_loss, implicit_rewards, ipo_loss
 from pipeline.models import count_parameters, load_causal_lm, load_tokenizer
+from pipeline.prefix_sharing import collate_for, pair_logps, share_prompt_in
 from pipeline.reference import reference_logps
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
@@ -72,14 +73,6 @@ def preference_loss(loss: DPOLossConfig, pc, pr, rc, rr, chosen_lengths) -> torc
     return losses
 
 
-def forward_pairs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """One forward over chosen+rejected rows (2B, T): (policy chosen, policy rejected, chosen lengths)."""
-    token_logps, mask = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    logps, lengths = token_logps.sum(-1), mask.sum(-1)  # (2B,): log pi(y|x) over the response only
-    half = logps.shape[0] // 2
-    return logps[:half], logps[half:], lengths[:half]
-
-
 def batch_stats(loss_cfg: DPOLossConfig, losses, pc, pr, rc, rr) -> dict[str, torch.Tensor]:
     """The sums of one micro-batch from which every logged metric is a mean (TRL's names)."""
     chosen_reward, rejected_reward = implicit_rewards(pc, pr, rc, rr, loss_cfg.beta)
@@ -122,6 +115,7 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         dist,
         meter,
         policy,
+        cfg.train.share_prompt,
     )
     reference = {
         "train": (ref_chosen[: len(train_set)], ref_rejected[: len(train_set)]),
@@ -131,6 +125,7 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # ---- build: the policy (unless LoRA built it above), optimizer
     if policy is None:
         policy = build_policy(cfg, checkpoint, dist, meter)
+    share = share_prompt_in(policy, cfg.train.share_prompt, dist)
     optimizer = build_optimizer(policy, cfg.optim)
     plan = BatchPlan.build(len(train_set), cfg.train, dist.world_size, [pair_length(p) for p in train_set])
     trainables = [Trainable("model", policy, optimizer, tokenizer)]
@@ -166,8 +161,8 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             sums = Sums()
             for i, ids in enumerate(micro):
                 sync_on_last(policy, dist, i, len(micro))
-                batch = {k: v.to(dist.device) for k, v in collate_pairs([train_set[j] for j in ids], pad_id).items()}
-                pc, pr, chosen_lengths = forward_pairs(policy, batch)
+                batch = collate_for([train_set[j] for j in ids], pad_id, share)
+                pc, pr, chosen_lengths = pair_logps(policy, {k: v.to(dist.device) for k, v in batch.items()})
                 rc, rr = ref_c[ids].to(dist.device), ref_r[ids].to(dist.device)
                 losses = preference_loss(cfg.loss, pc, pr, rc, rr, chosen_lengths)
                 backward_global_mean(losses.sum(), step_pairs, dist)
@@ -185,12 +180,12 @@ def run(cfg: DPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
                 {"loss": metrics["loss"], "acc": metrics["rewards/accuracies"], "margin": metrics["rewards/margins"]},
             )
             if due(done, cfg.train.eval_every, plan.total_steps):
-                run_dir.log({"step": done, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)})
+                run_dir.log({"step": done, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id, share)})
             if due(done, cfg.train.save_every, plan.total_steps):
                 run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints, cfg)
 
     # ---- save: held-out metrics, model folder, samples, card
-    final = {"step": plan.total_steps, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id)}
+    final = {"step": plan.total_steps, **evaluate(policy, eval_set, reference["eval"], cfg, dist, pad_id, share)}
     run_dir.log(final)
     run_dir.save_model(policy, tokenizer, merged=save_merged(cfg.model))
     prompts = list(dict.fromkeys(p.prompt for p in eval_pairs))[: cfg.sample.num_prompts]
@@ -231,8 +226,9 @@ def evaluate(
     cfg: DPOConfig,
     dist,
     pad_id: int,
+    share: bool = False,
 ) -> dict[str, float]:
-    """The training metrics on held-out pairs, prefixed eval/."""
+    """The training metrics on held-out pairs, prefixed eval/; `share`: one row per pair."""
     if not eval_set:
         return {}
     policy.eval()
@@ -240,8 +236,8 @@ def evaluate(
     for part in shard_batches(len(eval_set), cfg.train.eval_batch_size, dist):
         real = torch.tensor([i is not None for i in part])
         ids = [i if i is not None else 0 for i in part]
-        batch = {k: v.to(dist.device) for k, v in collate_pairs([eval_set[i] for i in ids], pad_id).items()}
-        pc, pr, chosen_lengths = forward_pairs(policy, batch)
+        batch = collate_for([eval_set[i] for i in ids], pad_id, share)
+        pc, pr, chosen_lengths = pair_logps(policy, {k: v.to(dist.device) for k, v in batch.items()})
         rc, rr = reference[0][ids].to(dist.device), reference[1][ids].to(dist.device)
         keep = real.to(dist.device)
         pc, pr, rc, rr, chosen_lengths = (t[keep] for t in (pc, pr, rc, rr, chosen_lengths))

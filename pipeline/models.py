@@ -258,8 +258,12 @@ class ScalarHead(torch.nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         # The head in float32 even under bf16 autocast: rounded to bf16 (steps of 1/64 near 2.0),
         # close scores would tie, and a tie counts as a wrong preference.
         with torch.autocast(hidden.device.type, enabled=False):
@@ -274,6 +278,21 @@ def last_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (positions * attention_mask.bool()).argmax(dim=-1)  # (B,)
     return scores.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+def attends_to_every_earlier_position(model) -> bool:
+    """Whether every layer is full causal attention (no sliding window, chunk or shared KV): then a
+    mask or cache of our own making means to the model what its own would."""
+    try:  # transformers before 5 cannot describe its layers, and is left to its own masks and caches
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # pragma: no cover - depends on the installed transformers
+        return False
+    config = getattr(model, "config", None)
+    try:
+        layer_types, _ = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    except (AttributeError, TypeError):  # a config this transformers cannot describe per layer
+        return False
+    return bool(layer_types) and all(kind == "full_attention" for kind in layer_types)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -17,12 +17,12 @@ import torch
 from pipeline.config import ModelConfig
 from pipeline.console import console, plain
 from pipeline.cost import CostMeter
-from pipeline.data.tokenize import TokenizedPair, collate_pairs
+from pipeline.data.tokenize import TokenizedPair
 from pipeline.files import atomic_write
 from pipeline.launch import Dist, barrier, shard
-from pipeline.logprobs import response_token_logps
 from pipeline.lora import adapter_base, adapters_disabled, is_adapter_folder
 from pipeline.models import load_causal_lm
+from pipeline.prefix_sharing import collate_for, pair_logps, share_prompt_in
 from pipeline.stage_common import gather_by_index, shard_batches
 from pipeline.training import StepProgress
 
@@ -91,11 +91,13 @@ def reference_logps(
     dist: Dist,
     meter: CostMeter | None = None,
     policy: torch.nn.Module | None = None,
+    share_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(chosen, rejected) summed response log-probs under the reference, each (N,), and cache hit.
 
     `policy`: a LoRA policy adapted from `model`; with its adapters off it is the reference (the
-    cache key, the weights of `model`, stays right), and no second model is loaded.
+    cache key, the weights of `model`, stays right), and no second model is loaded. `share_prompt`:
+    one row per pair, its prompt computed once, where the model's attention allows.
     """
     path = cache_path(cache_dir, model, pairs)
     if path.is_file():
@@ -113,23 +115,19 @@ def reference_logps(
         reference = shard(load_causal_lm(model), dist, model.dtype)
         if meter is not None:
             meter.watch(reference, "reference")
+    share = share_prompt_in(reference, share_prompt, dist)
     was_training = reference.training
     reference.eval()
     mine = {}
     batches = shard_batches(len(pairs), batch_size, dist)
     with torch.no_grad(), StepProgress(dist, len(batches), 0, "reference log-probs") as progress:
         for done, part in enumerate(batches, start=1):
-            batch = collate_pairs([pairs[i if i is not None else 0] for i in part], pad_id)
-            batch = {k: v.to(dist.device) for k, v in batch.items()}
+            batch = collate_for([pairs[i if i is not None else 0] for i in part], pad_id, share)
             with adapters_disabled(reference):
-                token_logps, _ = response_token_logps(
-                    reference, batch["input_ids"], batch["attention_mask"], batch["labels"]
-                )
-            logps = token_logps.sum(-1)  # (2B,)
-            half = len(part)
+                chosen, rejected, _ = pair_logps(reference, {k: v.to(dist.device) for k, v in batch.items()})
             for j, index in enumerate(part):
                 if index is not None:
-                    mine[index] = (float(logps[j]), float(logps[half + j]))
+                    mine[index] = (float(chosen[j]), float(rejected[j]))
             progress.update(done, {})
     reference.train(was_training)
     del reference  # a reference model of its own is not kept in memory during training

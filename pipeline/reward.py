@@ -22,12 +22,13 @@ from pipeline.console import cell, console
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_pairs
 from pipeline.data.records import DropLedger, PreferencePair
-from pipeline.data.tokenize import TokenizedPair, collate_pairs, pair_length, tokenize_pair
+from pipeline.data.tokenize import TokenizedPair, pair_length, tokenize_pair
 from pipeline.evaluation import wilson_interval
 from pipeline.launch import close_distributed, init_distributed, shard
 from pipeline.lora import add_lora, lora_summary, save_merged
 from pipeline.losses import bradley_terry_loss, reward_centering_penalty
 from pipeline.models import ScalarHead, fit_vocabulary, from_pretrained, hub_options, load_tokenizer
+from pipeline.prefix_sharing import collate_for, share_prompt_in, shared_pair_scores
 from pipeline.runs import RunDir, Trainable
 from pipeline.scoring import sequence_scores
 from pipeline.stage_common import (
@@ -66,7 +67,9 @@ def pair_margin(pair: PreferencePair, cfg: RewardConfig) -> float:
 
 
 def score_pairs(head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen and rejected halves of a collated pair batch, each (B,)."""
+    """Rewards of the chosen and rejected sides of a batch of either layout of `collate_for`, each (B,)."""
+    if "segments" in batch:
+        return shared_pair_scores(head, batch)
     rewards = sequence_scores(head, batch["input_ids"], batch["attention_mask"])  # (2B,)
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:]
@@ -121,10 +124,13 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
 
     # ---- loop
     pad_id = tokenizer.pad_token_id
+    share = share_prompt_in(model, cfg.train.share_prompt, dist)
     model.train()
     with StepProgress(dist, plan.total_steps, start_step, "reward") as progress:
         for step in range(start_step, plan.total_steps):
-            batches = [collate_pairs([train_set[i] for i in ids], pad_id) for ids in plan.micro_batches(step, dist)]
+            batches = [
+                collate_for([train_set[i] for i in ids], pad_id, share) for ids in plan.micro_batches(step, dist)
+            ]
             step_pairs = count_over_ranks(dist, sum(len(b["margin"]) for b in batches))
             lr = lr_at(step, plan.total_steps, cfg.optim)
             set_lr(optimizer, lr)
@@ -162,12 +168,12 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
                 run_dir.log(metrics)
             progress.update(done, {"loss": metrics["loss"], "accuracy": metrics["accuracy"]})
             if due(done, cfg.train.eval_every, plan.total_steps):
-                run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id)["metrics"]})
+                run_dir.log({"step": done, **evaluate(model, eval_set, cfg, dist, pad_id, share)["metrics"]})
             if due(done, cfg.train.save_every, plan.total_steps):
                 run_dir.save_checkpoint(done, trainables, {}, cfg.train.keep_checkpoints, cfg)
 
     # ---- save: held-out tables, normalisation statistics in the config, model folder, card
-    report = evaluate(model, eval_set, cfg, dist, pad_id)
+    report = evaluate(model, eval_set, cfg, dist, pad_id, share)
     final = {"step": plan.total_steps, **report["metrics"]}
     run_dir.log(final)
     if "eval/reward_mean" in final:
@@ -190,14 +196,15 @@ def run(cfg: RewardConfig, resume: bool = False, overwrite: bool = False) -> Pat
 
 
 @torch.no_grad()
-def evaluate(model, eval_set: list[TokenizedPair], cfg: RewardConfig, dist, pad_id: int) -> dict:
-    """Held-out accuracy overall, per rating level and per |r_c - r_r| bin; reward mean and std."""
+def evaluate(model, eval_set: list[TokenizedPair], cfg: RewardConfig, dist, pad_id: int, share: bool = False) -> dict:
+    """Held-out accuracy overall, per rating level and per |r_c - r_r| bin; reward mean and std;
+    `share`: one row per pair."""
     if not eval_set:
         return {"metrics": {}, "by_rating": {}, "by_gap": {}}
     model.eval()
     mine = {}  # index -> (r_chosen, r_rejected) of this rank's real slots
     for part in shard_batches(len(eval_set), cfg.train.eval_batch_size, dist):
-        batch = collate_pairs([eval_set[i if i is not None else 0] for i in part], pad_id)
+        batch = collate_for([eval_set[i if i is not None else 0] for i in part], pad_id, share)
         chosen, rejected = score_pairs(model, {k: v.to(dist.device) for k, v in batch.items()})
         mine |= {i: (c, r) for i, c, r in zip(part, chosen.tolist(), rejected.tolist()) if i is not None}
     model.train()

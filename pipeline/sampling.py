@@ -7,19 +7,80 @@ must run the same number of forward passes, so the loop ends when all ranks are 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from transformers.cache_utils import Cache, DynamicLayer
 
 from pipeline.launch import collective_device
 from pipeline.logprobs import keeps_logit_positions
+from pipeline.models import attends_to_every_earlier_position
 
 
 @dataclass
 class Generation:
     sequences: list[list[int]]  # response token ids, EOS included when reached
     finished: list[bool]  # whether the response ended with EOS
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's keys and values written in place into buffers sized for the whole generation,
+    (B, heads, capacity, head_dim); attention reads only the filled part, a view. transformers'
+    DynamicLayer concatenates every layer's whole cache at every step (a third of sampling time
+    on CPU); its StaticLayer attends over the whole capacity, empty slots included."""
+
+    is_croppable = False
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.filled = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.key_buffer = key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1]))
+        self.keys, self.values = self.key_buffer[:, :, :0], self.value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def _refuse(self, *args, **kwargs):
+        raise NotImplementedError("a preallocated KV cache only grows: no cropping, reordering or offloading")
+
+    crop = batch_select_indices = batch_repeat_interleave = reorder_cache = offload = _refuse
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.filled + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions asked to hold {end}")
+        self.key_buffer[:, :, self.filled : end] = key_states
+        self.value_buffer[:, :, self.filled : end] = value_states
+        self.filled = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.filled = 0
+
+
+def preallocated_cache(model, capacity: int) -> Cache | None:
+    """A cache of `capacity` positions per layer for a model whose layers all attend to every earlier
+    position; None (the model's own cache) for sliding-window, chunked or shared-KV layers."""
+    if not attends_to_every_earlier_position(model):
+        return None
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(layers)])
+
+
+def cache_argument(model) -> str:
+    """The forward argument that takes a KV cache, and the output field that returns it: `cache` from
+    transformers 5.24 (which warns on the old name), `past_key_values` before."""
+    forward = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -65,19 +126,28 @@ def generate(
     batch = len(prompts)
     width = max(len(p) for p in prompts)
     input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    # The mask of every position the generation can reach, filled as it goes: each step passes a
+    # longer view of it rather than a new, concatenated mask.
+    full_mask = torch.ones((batch, width + max_new_tokens), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        full_mask[row, : width - len(prompt)] = 0
+    input_ids, full_mask = input_ids.to(device), full_mask.to(device)
+    attention_mask = full_mask[:, :width]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
 
     # The prompt's logits are never used, only the last position's: skip the LM head on the rest.
     last_only = {"logits_to_keep": 1} if keeps_logit_positions(type(model)) else {}
+    cache_name = cache_argument(model)
     out = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **last_only
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **{cache_name: preallocated_cache(model, width + max_new_tokens)},
+        **last_only,
     )
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    cache, logits = getattr(out, cache_name), out.logits[:, -1, :]
     next_position = position_ids[:, -1] + 1  # (B,)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -89,15 +159,14 @@ def generate(
         if _all_done(done, sync_ranks) or t == max_new_tokens - 1:
             break
         # Finished rows keep feeding pad tokens; what they attend to no longer matters.
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
         out = model(
             input_ids=token.unsqueeze(-1),
-            attention_mask=attention_mask,
+            attention_mask=full_mask[:, : width + t + 1],
             position_ids=next_position.unsqueeze(-1),
-            past_key_values=cache,
             use_cache=True,
+            **{cache_name: cache},
         )
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        cache, logits = getattr(out, cache_name), out.logits[:, -1, :]
         next_position = next_position + 1
 
     sequences, finished = [], []

@@ -92,22 +92,29 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
         "time_to_first_step_s": 3.0,
         "mfu": 0.5,
     }
+    from benchmarks.run import over_rounds
+
+    # Three rounds each: the ratio is the median of the ratios within a round (10/8, 14/7, 6/6),
+    # 1.25x, not the ratio of the medians (10/7).
+    ours = over_rounds([{**row, "examples_per_s": e} for e in (10.0, 14.0, 6.0)], "ours")
+    trl = over_rounds([{**row, "examples_per_s": e, "peak_rss_mb": 1000.0} for e in (8.0, 7.0, 6.0)], "trl")
+    assert ours["examples_per_s"] == 10.0 and ours["examples_per_s_range"] == [6.0, 14.0] and ours["rounds"] == 3
     bench = {
         "matmul_peak_gflops": 100.0,
         "machine": "2 CPU cores",
         "command": "python -m benchmarks.run",
-        "training": [
-            {**row, "framework": "ours"},
-            {**row, "framework": "trl", "examples_per_s": 8.0, "peak_rss_mb": 1000.0},
-        ],
+        "training": [ours, trl],
         "rollout": [
             {
                 "size": "3M",
                 "batch": 32,
                 "new_tokens": 96,
                 "ours_tokens_per_s": 3000.0,
+                "ours_tokens_per_s_range": [2900.0, 3100.0],
                 "generate_tokens_per_s": 1500.0,
+                "generate_tokens_per_s_range": [1400.0, 1600.0],
                 "speedup": 2.0,
+                "speedup_range": [1.9, 2.1],
                 "same_greedy_outputs": True,
             }
         ],
@@ -117,10 +124,27 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
             "seconds": {"generate": 1.0, "score": 1.0, "advantages": 0.0, "update": 2.0},
         },
         "scaling": [{**row, "framework": "ours", "seq_len": 128}],
+        "prefix": [
+            {
+                "shape": "hh",
+                "size": "25M",
+                "batch": 8,
+                "prompt_len": 160,
+                "response_len": 80,
+                "tokens_saved": 0.4,
+                "per_side_s": 1.0,
+                "shared_s": 0.6,
+                "speedup": 1.6,
+                "speedup_range": [1.5, 1.7],
+                "max_logp_difference": 2e-6,
+            }
+        ],
     }
     text = markdown(bench)
-    assert "| dpo | 3M | ours | 1.25x | -100 MB |" in text
-    assert "| 3M | 32 x 96 | 3000 | 1500 | 2.00x | True |" in text
+    assert "| hh | 25M | 8 | 160 + 2 x 80 | 40% | 1.000 | 0.600 | 1.60x (1.50–1.70) | 2.0e-06 |" in text
+    assert "| dpo | 3M | ours | 10.00 (6.00–14.00) | 2000 (2000–2000) | 900 | 3.0 | 50.0% |" in text
+    assert "| dpo | 3M | ours | 1.25x (1.00–2.00) | -100 MB |" in text
+    assert "| 3M | 32 x 96 | 3000 (2900–3100) | 1500 (1400–1600) | 2.00x (1.90–2.10) | True |" in text
     assert "update 2.00 s (50%)" in text
 
     # On a GPU: the bf16 ceiling, GPU memory where RSS was, and no empty scaling table.
@@ -128,7 +152,7 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     gpu["training"] = [{**r, "peak_gpu_mb": mb} for r, mb in zip(bench["training"], (2000.0, 2500.0))]
     text = markdown(gpu)
     assert "Measured bf16 matmul peak" in text and "peak GPU memory (MB)" in text
-    assert "| dpo | 3M | ours | 1.25x | -500 MB |" in text
+    assert "| dpo | 3M | ours | 1.25x (1.00–2.00) | -500 MB |" in text
     assert "scaling" not in text
 
 
@@ -161,3 +185,23 @@ def test_worker_splits_a_ppo_iteration_into_phases(tmp_path):
     phases = json.loads((tmp_path / "result.json").read_text())["ppo_phases"]
     assert set(phases) == {"generate", "score", "advantages", "update"}
     assert all(seconds > 0 for seconds in phases.values())
+
+
+def test_rollout_speed_times_both_sides_in_rounds_and_checks_their_greedy_tokens(tiny_folders):
+    from benchmarks.rollout import rollout_speed
+
+    row = rollout_speed(str(tiny_folders("policy")), batch=2, prompt_len=4, new_tokens=3, rounds=3)
+    assert row["same_greedy_outputs"] and row["rounds"] == 3
+    for key in ("ours_tokens_per_s", "generate_tokens_per_s", "speedup"):
+        low, high = row[f"{key}_range"]
+        assert 0 < low <= row[key] <= high
+
+
+def test_prefix_sharing_bench_times_both_layouts_and_finds_the_same_log_probs(tiny_folders):
+    from benchmarks.prefix import prefix_sharing_speed
+
+    row = prefix_sharing_speed(str(tiny_folders("policy", n_positions=512)), "hh", batch=2, rounds=2)
+    assert row["max_logp_difference"] < 1e-4 and row["rounds"] == 2
+    assert 0.3 < row["tokens_saved"] < 0.5  # a 160-token prompt once instead of twice, beside 2 x ~80
+    low, high = row["speedup_range"]
+    assert 0 < low <= row["speedup"] <= high

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from helpers import read_metrics
+from helpers import read_metrics, run_ok, sets
 from pipeline.config import (
     DataConfig,
     DPOLossConfig,
@@ -64,3 +64,24 @@ def test_dpo_raises_the_gold_reward_over_sft(small_pipeline, small_dpo_run):
         scores[name] = sample_and_score(model, tokenizer, prompts, gold, sample, data, seed=1)
     diff, low, high = paired_bootstrap(scores["dpo"].gold, scores["sft"].gold, seed=0)
     assert low > 0, (scores["sft"].mean, scores["dpo"].mean, diff, low, high)
+
+
+@pytest.mark.slow
+def test_a_shared_prompt_gives_the_same_reference_log_probs_and_loss_curve(small_pipeline, small_dpo_run, tmp_path):
+    shared = tmp_path / "dpo"
+    run_ok(
+        "dpo",
+        str(small_pipeline["dpo"]),
+        *sets(f"output_dir={shared}", f"reference.cache_dir={tmp_path / 'cache'}", "train.share_prompt=true"),
+    )
+    # The reference pass ran again, one row per pair: the same log-probs as the rows per side cached before.
+    (mine,) = (tmp_path / "cache").glob("*.pt")
+    (theirs,) = (small_pipeline["root"] / "cache").glob("*.pt")
+    mine, theirs = torch.load(mine), torch.load(theirs)
+    for side in ("chosen", "rejected"):
+        torch.testing.assert_close(mine[side], theirs[side], rtol=0, atol=1e-4)
+    curve = lambda run: [(m["step"], m["loss"], m["rewards/margins"]) for m in read_metrics(run) if "loss" in m]  # noqa: E731
+    expected, got = curve(small_dpo_run), curve(shared)
+    assert [s for s, *_ in got] == [s for s, *_ in expected] and len(got) > 10
+    for (_, loss, margin), (_, loss_e, margin_e) in zip(got, expected):
+        assert loss == pytest.approx(loss_e, abs=1e-4) and margin == pytest.approx(margin_e, abs=1e-4)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from helpers import read_metrics
+from helpers import read_metrics, run_ok, sets
 from pipeline.config import (
     RATING_LEVELS,
     RewardConfig,
@@ -98,3 +98,19 @@ def test_reward_score_does_not_change_with_padding(reward_run):
     mask[1, : len(longer[:width])] = 1
     batched = model(input_ids=padded, attention_mask=mask).logits
     assert batched[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_shared_prompt_gives_the_same_loss_curve_and_held_out_rewards(small_pipeline, reward_run, tmp_path):
+    shared = tmp_path / "reward"
+    run_ok("reward", str(small_pipeline["reward"]), *sets(f"output_dir={shared}", "train.share_prompt=true"))
+    curve = lambda run: [(m["step"], m["loss"]) for m in read_metrics(run) if "loss" in m]  # noqa: E731
+    expected, got = curve(reward_run), curve(shared)
+    assert [s for s, _ in got] == [s for s, _ in expected] and len(got) > 1
+    for (_, loss), (_, loss_e) in zip(got, expected):
+        assert loss == pytest.approx(loss_e, abs=1e-4)
+    report, report_e = (json.loads((run / "eval.json").read_text())["metrics"] for run in (shared, reward_run))
+    for key in ("eval/loss", "eval/reward_mean", "eval/reward_std"):
+        assert report[key] == pytest.approx(report_e[key], abs=1e-4), key
+    # A pair whose two rewards differ by float rounding may order either way: at most one flips.
+    assert report["eval/accuracy"] == pytest.approx(report_e["eval/accuracy"], abs=1.01 / report["eval/pairs"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.sampling import next_tokens
@@ -19,3 +20,48 @@ def test_sampling_follows_the_distribution_and_never_picks_a_zero_probability_to
     # top-p 0.6 keeps {0, 2}: renormalised 0.625 / 0.375
     kept = torch.bincount(next_tokens(logits, 1.0, 0.6, torch.Generator().manual_seed(1)), minlength=4).float() / 20000
     assert kept[1] == kept[3] == 0 and abs(kept[0] - 0.625) < 0.015
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_greedy_decoding_in_the_preallocated_cache_equals_transformers_generate(tiny_tokenizer, kind):
+    from pipeline.config import ArchitectureConfig
+    from pipeline.models import create_scratch_model
+    from pipeline.sampling import PreallocatedLayer, generate, preallocated_cache
+
+    arch = ArchitectureConfig(type=kind, n_layer=2, n_head=4, n_embd=64, n_positions=64)
+    model = create_scratch_model(arch, tiny_tokenizer, seed=1).eval()
+    assert all(isinstance(layer, PreallocatedLayer) for layer in preallocated_cache(model, 40).layers)
+    prompts = torch.randint(2, model.config.vocab_size, (4, 7), generator=torch.Generator().manual_seed(0))
+    ours = generate(
+        model, prompts.tolist(), eos_id=-1, pad_id=tiny_tokenizer.pad_token_id, max_new_tokens=24, temperature=0
+    )
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        theirs = model.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=False,
+            max_new_tokens=24,
+            min_new_tokens=24,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )
+    assert ours.sequences == theirs[:, 7:].tolist()
+
+
+def test_a_sliding_window_model_keeps_its_own_cache(tiny_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from pipeline.sampling import generate, preallocated_cache
+
+    config = MistralConfig(
+        vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, sliding_window=4,
+    )  # fmt: skip
+    model = MistralForCausalLM(config).eval()
+    assert preallocated_cache(model, 32) is None
+    out = generate(model, [[5, 6, 7, 8, 9, 10]], eos_id=-1, pad_id=0, max_new_tokens=5, temperature=0)
+    ids = [5, 6, 7, 8, 9, 10]
+    with torch.no_grad():  # no cache at all: the whole sequence again at each step, the window applied
+        for _ in range(5):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert out.sequences[0] == ids[6:]

@@ -284,6 +284,11 @@ class TrainConfig:
     # Keep only each transformer block's input for backward and recompute the rest: less activation
     # memory for about one more forward pass per step; the same numbers.
     gradient_checkpointing: bool = False
+    # Pair stages (dpo, reward): each pair as one row [prompt, chosen, rejected], the rejected side
+    # masked from the chosen one and its positions restarting after the prompt, so the prompt is
+    # computed once; the same log-probs and rewards (to float rounding). Needs sdpa or eager
+    # attention (other kinds warn and run a row per side).
+    share_prompt: bool = False
     # Experiment trackers fed from the same records as metrics.jsonl (which stays the source of
     # truth): any of tensorboard, wandb, mlflow, trackio (each an optional extra).
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
@@ -317,6 +322,13 @@ class TrainConfig:
                 f"{world_size} processes gets per step (train.batch_size={self.batch_size})"
             )
         return micro, per_process // micro
+
+
+def not_for_single_sequences(stage: str, train: TrainConfig) -> None:
+    if train.share_prompt:
+        raise ConfigError(
+            f"train.share_prompt: only the pair stages (dpo, reward) share a prompt; {stage} has none to share"
+        )
 
 
 @dataclass
@@ -473,6 +485,7 @@ class SFTConfig:
     def check(self, at: str = "") -> None:
         if not self.output_dir:
             raise ConfigError("output_dir: must not be empty")
+        not_for_single_sequences("sft", self.train)
         for section in ("model", "data", "optim", "train", "launch", "sample"):
             getattr(self, section).check(section)
         self.train.accumulation_steps(self.launch.num_processes)
@@ -785,6 +798,7 @@ class PPOConfig:
     def check(self, at: str = "") -> None:
         if not self.output_dir:
             raise ConfigError("output_dir: must not be empty")
+        not_for_single_sequences("ppo", self.train)
         for section in ("model", "reward", "data", "rollout", "ppo", "kl", "optim", "train", "launch"):
             getattr(self, section).check(section)
         for name in ("reference", "value_model"):
