@@ -153,13 +153,12 @@ def shared_pair_logps(
     logits = logits.float() / temperature if temperature != 1.0 else logits.float()
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     chosen = segments[rows, positions] == CHOSEN
-    sums = torch.zeros((2, labels.shape[0]), dtype=token_logps.dtype, device=token_logps.device)
+    pairs = labels.shape[0]
+    sums = torch.zeros((2, pairs), dtype=token_logps.dtype, device=token_logps.device)
     sums[0].index_add_(0, rows[chosen], token_logps[chosen])
     sums[1].index_add_(0, rows[~chosen], token_logps[~chosen])
-    lengths = torch.zeros((2, labels.shape[0]), dtype=torch.long, device=labels.device)
-    lengths[0].index_add_(0, rows[chosen], torch.ones_like(rows[chosen]))
-    lengths[1].index_add_(0, rows[~chosen], torch.ones_like(rows[~chosen]))
-    return sums[0], sums[1], lengths[0], lengths[1]
+    lengths = torch.bincount(rows[chosen], minlength=pairs), torch.bincount(rows[~chosen], minlength=pairs)
+    return sums[0], sums[1], *lengths
 
 
 def shared_pair_scores(head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,11 +169,10 @@ def shared_pair_scores(head, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     scores = head(batch["input_ids"], attention_mask(segments, head), position_ids=batch["position_ids"])  # (B, T)
     prompt, chosen, rejected = ((segments == kind).sum(-1) for kind in (PROMPT, CHOSEN, REJECTED))
     # clamped: with no prompt token either, position 0, as last_scores reads an empty row
-    chosen_last = (prompt + chosen - 1).clamp(min=0)
-    rejected_last = torch.where(rejected > 0, prompt + chosen + rejected - 1, prompt - 1).clamp(min=0)
-    return scores.gather(1, chosen_last.unsqueeze(1)).squeeze(1), scores.gather(1, rejected_last.unsqueeze(1)).squeeze(
-        1
-    )
+    chosen_last = prompt + chosen - 1
+    rejected_last = torch.where(rejected > 0, prompt + chosen + rejected - 1, prompt - 1)
+    picked = scores.gather(1, torch.stack([chosen_last, rejected_last], dim=1).clamp(min=0))  # (B, 2)
+    return picked[:, 0], picked[:, 1]
 
 
 def collate_for(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool) -> dict[str, torch.Tensor]:

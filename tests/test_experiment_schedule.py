@@ -119,3 +119,11 @@ def test_a_failed_step_stops_new_starts_lets_running_ones_finish_and_names_its_l
     assert ("start", "c", 2) not in events and ("start", "compare", 1) not in events
     assert ("done", "b") in events and (work / "b" / experiment.STAMP).is_file()  # kept, and reused next time
     assert not (work / "a" / experiment.STAMP).exists()
+
+
+def test_jobs_below_one_on_the_command_line_is_one_line_before_any_step(tmp_path):
+    from helpers import ROOT, run_cli, sets
+
+    result = run_cli("experiment", "configs/experiment-quick.yaml", *sets("jobs=0"), cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "jobs: must be at least 1, got 0" in result.stderr and "running" not in result.stdout

@@ -172,3 +172,11 @@ def test_a_sliding_window_or_an_unlisted_family_does_not_share():
     llama = create_scratch_model(ArchitectureConfig(type="llama", n_layer=1, n_head=2, n_embd=16), _Tok(), 0)
     llama.config.model_type = "bloom"  # ALiBi from a 2D mask: a 4D one would lose it
     assert not shares_prefixes(llama)
+
+
+def test_share_prompt_in_an_sft_config_is_one_line_on_the_command_line():
+    from helpers import ROOT, run_cli, sets
+
+    result = run_cli("sft", "configs/sft.yaml", *sets("train.share_prompt=true"), cwd=ROOT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "train.share_prompt: only the pair stages (dpo, reward) share a prompt; sft has none" in result.stderr
