@@ -13,6 +13,8 @@ says over which KL ranges one frontier lies above the other. report.py writes it
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,16 +24,29 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import COMPARE_PROMPT_DATA, CompareConfig, ModelConfig, SampleConfig
+from pipeline.config import (
+    COMPARE_PROMPT_DATA,
+    EVALUATION_FILE,
+    EVALUATIONS,
+    CompareConfig,
+    ModelConfig,
+    PolicySpec,
+    SampleConfig,
+    evaluation_folder,
+    to_dict,
+)
+from pipeline.console import console, plain
 from pipeline.data.builtin_sentiment import heldout_prompts_with_references
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
 from pipeline.doctor import diagnose_runs
 from pipeline.evaluation import Scored, distinct_n, kl_along_samples, sample_and_score, win_indicators
+from pipeline.files import atomic_write
 from pipeline.implicit_reward import compare_implicit_rewards
 from pipeline.judges import gold_reward
 from pipeline.launch import init_distributed, shard
 from pipeline.models import from_pretrained, load_tokenizer
+from pipeline.reference import folder_digest
 from pipeline.runs import checkpoint_folders, prepare_output_dir
 from pipeline.scoring import RewardModel, load_reward_model
 from pipeline.training import seed_everything
@@ -57,63 +72,46 @@ class MethodSamples:
 
 
 OUTPUTS = ("report.md", "report.html", "results.json", "samples.jsonl", "frontier.png", "win_rate_vs_temperature.png")
+# Bump when a change to sampling or scoring makes earlier cached evaluations wrong.
+EVALUATION_VERSION = 1
+# The settings an evaluation's samples and scores depend on (the rest only shape the report).
+SAMPLING_SETTINGS = (
+    "best_of_n",
+    "best_of_n_temperatures",
+    "num_prompts",
+    "prompt_seed",
+    "prompt_data",
+    "temperatures",
+    "frontier_temperature",
+    "checkpoints",
+    "max_new_tokens",
+    "gold",
+    "batch_size",
+    "seed",
+    "samples_per_prompt",
+)
 
 
 def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     dist = init_distributed()
-    prepare_output_dir(out_dir, dist, resume=False, overwrite=overwrite, produces=OUTPUTS)
-    prompts, dataset_completions = held_out_prompts(cfg)
-    gold = gold_reward(cfg.gold)
-    dataset_gold = gold(dataset_completions)
+    prepare_output_dir(out_dir, dist, resume=False, overwrite=overwrite, produces=OUTPUTS, reads=(EVALUATIONS,))
+    evaluator = Evaluator(cfg, dist)
+    prompts, tokenizer, sft, proxy = evaluator.prompts, evaluator.tokenizer, evaluator.sft, evaluator.proxy
+    dataset_gold = evaluator.gold(evaluator.dataset_completions)
 
-    sft_path = Path(cfg.sft) / "model"
-    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(sft_path)))
-    sft = shard(from_pretrained(AutoModelForCausalLM, sft_path, dtype=torch.float32), dist).eval()
-    proxy = load_reward_model(Path(cfg.reward) / "model", "float32", dist) if cfg.reward is not None else None
-
-    def load(path: Path):
-        return shard(from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32), dist).eval()
-
-    samples: list[MethodSamples] = []
+    samples = evaluator.baselines()
     checkpoints: list[MethodSamples] = []
-    for temperature in cfg.temperatures:
-        samples.append(sample_method(sft, "sft", "sft", temperature, prompts, tokenizer, gold, proxy, sft, cfg))
-        best_of_n_here = temperature in (cfg.best_of_n_temperatures or [t for t in cfg.temperatures if t > 0])
-        for n in cfg.best_of_n if best_of_n_here else []:  # N greedy samples are one sample N times
-            samples.append(best_of_n(sft, n, temperature, prompts, tokenizer, gold, proxy, cfg))
     for policy in cfg.policies:
         for seed in cfg.seeds:
-            run_dir = Path(policy.run_for(seed))
-            model = load(run_dir / "model")
-            for temperature in cfg.temperatures:
-                samples.append(
-                    sample_method(
-                        model, policy.name, policy.method, temperature, prompts, tokenizer, gold, proxy, sft, cfg, seed
-                    )
-                )
-            del model
-            for step, path in _checkpoints(run_dir) if cfg.checkpoints else []:
-                point = sample_method(
-                    load(path),
-                    policy.name,
-                    policy.method,
-                    cfg.frontier_temperature,
-                    prompts,
-                    tokenizer,
-                    gold,
-                    None,
-                    sft,
-                    cfg,
-                    seed,
-                )
-                point.step = step
-                checkpoints.append(point)
+            for evaluated in evaluator.policy_run(policy, seed):
+                (samples if evaluated.step == "final" else checkpoints).append(evaluated)
+    gold = evaluator.gold
 
     results = summarize(samples, checkpoints, dataset_gold, cfg)
     dpo_runs = {p.name: [Path(p.run_for(s)) for s in cfg.seeds] for p in cfg.policies if p.method == "dpo"}
-    results["implicit_reward"] = compare_implicit_rewards(dpo_runs, sft, proxy, tokenizer, cfg, load)
+    results["implicit_reward"] = compare_implicit_rewards(dpo_runs, sft, proxy, tokenizer, cfg, evaluator.load)
     results["cost"] = collect_costs(cfg)
     results["prompts"] = {
         "count": len(prompts),
@@ -138,6 +136,97 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
     write_html(out_dir, results, browser, cfg.temperatures)
     print_tables(results)
     return out_dir
+
+
+# ------------------------------------------------------------------------------------- evaluations
+
+
+class Evaluator:
+    """The held-out prompts, gold reward, SFT model and reward model every evaluation uses, and the
+    evaluations themselves: each unit (the SFT baselines, or one policy's run for one seed) is kept in
+    output_dir/evaluations/<unit>/evaluation.json under a key that hashes every model it read and
+    every sampling setting, so `rlhfdpo evaluate` can run it early and the compare reuses it."""
+
+    def __init__(self, cfg: CompareConfig, dist):
+        self.cfg, self.dist = cfg, dist
+        self.prompts, self.dataset_completions = held_out_prompts(cfg)
+        self.gold = gold_reward(cfg.gold)
+        sft_path = Path(cfg.sft) / "model"
+        self.tokenizer = load_tokenizer(ModelConfig(name_or_path=str(sft_path)))
+        self.sft = self.load(sft_path)
+        self.proxy = load_reward_model(Path(cfg.reward) / "model", "float32", dist) if cfg.reward is not None else None
+        settings = {name: getattr(cfg, name) for name in SAMPLING_SETTINGS}
+        self._common = {
+            "version": EVALUATION_VERSION,
+            "settings": json.loads(json.dumps(settings, default=lambda o: to_dict(o))),
+            "sft": folder_digest(str(sft_path)),
+            "reward": folder_digest(str(Path(cfg.reward) / "model")) if cfg.reward is not None else None,
+            "gold": getattr(self.gold, "name", cfg.gold),
+        }
+
+    def load(self, path: Path):
+        return shard(from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32), self.dist).eval()
+
+    def baselines(self) -> list[MethodSamples]:
+        """SFT at every temperature, and Best-of-N from it where the config asks."""
+        cfg = self.cfg
+
+        def evaluate() -> list[MethodSamples]:
+            out = []
+            for temperature in cfg.temperatures:
+                out.append(self._sample(self.sft, "sft", "sft", temperature, self.proxy))
+                best_of_n_here = temperature in (cfg.best_of_n_temperatures or [t for t in cfg.temperatures if t > 0])
+                for n in cfg.best_of_n if best_of_n_here else []:  # N greedy samples are one sample N times
+                    out.append(
+                        best_of_n(self.sft, n, temperature, self.prompts, self.tokenizer, self.gold, self.proxy, cfg)
+                    )
+            return out
+
+        return self._cached(evaluation_folder(cfg.output_dir, "sft", None), {"unit": "sft"}, evaluate)
+
+    def policy_run(self, policy: PolicySpec, seed: int) -> list[MethodSamples]:
+        """One policy's run for one training seed: its final model at every temperature, then each saved
+        checkpoint at the frontier temperature (step set to the checkpoint's)."""
+        cfg = self.cfg
+        run_dir = Path(policy.run_for(seed))
+        steps = _checkpoints(run_dir) if cfg.checkpoints else []
+        models = {"final": folder_digest(str(run_dir / "model"))} | {str(s): folder_digest(str(p)) for s, p in steps}
+
+        def evaluate() -> list[MethodSamples]:
+            model = self.load(run_dir / "model")
+            out = [self._sample(model, policy.name, policy.method, t, self.proxy, seed) for t in cfg.temperatures]
+            del model
+            for step, path in steps:
+                point = self._sample(self.load(path), policy.name, policy.method, cfg.frontier_temperature, None, seed)
+                point.step = step
+                out.append(point)
+            return out
+
+        unit = {"unit": policy.name, "method": policy.method, "seed": seed, "models": models}
+        return self._cached(evaluation_folder(cfg.output_dir, policy.name, seed), unit, evaluate)
+
+    def _sample(self, model, name, method, temperature, proxy, seed: int = 0) -> MethodSamples:
+        return sample_method(
+            model, name, method, temperature, self.prompts, self.tokenizer, self.gold, proxy, self.sft, self.cfg, seed
+        )
+
+    def _cached(self, folder: Path, unit: dict, evaluate) -> list[MethodSamples]:
+        """The unit's evaluation from its folder when its key matches, else evaluated now and kept there."""
+        key = hashlib.sha256(json.dumps(self._common | unit, sort_keys=True).encode()).hexdigest()[:24]
+        path = folder / EVALUATION_FILE
+        if path.is_file():
+            try:
+                held = json.loads(path.read_text())
+                if held.get("key") == key:
+                    console.print(f"reused the evaluation in {plain(path)}")
+                    return [MethodSamples(**s) for s in held["samples"]]
+            except (ValueError, TypeError, KeyError):  # a torn or foreign file: evaluated again
+                pass
+        evaluated = evaluate()
+        if self.dist.is_main:
+            text = json.dumps({"key": key, **unit, "samples": [dataclasses.asdict(s) for s in evaluated]})
+            atomic_write(path, lambda staging: Path(staging).write_text(text))
+        return evaluated
 
 
 # --------------------------------------------------------------------------------------- sampling

@@ -34,39 +34,63 @@ def step_stamp(step: StepSpec, upstream: list[str]) -> tuple[str, Path]:
     """
     cfg = load_config(STAGES[step.stage].config, step.config, step.set)
     text = json.dumps({"config": to_dict(cfg), "inputs": upstream}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16], Path(cfg.output_dir)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], step_output(cfg)
+
+
+def step_output(cfg) -> Path:
+    """The folder a step's run leaves its output in: its output_dir, or, for an evaluation (whose
+    output_dir is the compare's), its own folder inside it."""
+    return Path(getattr(cfg, "result_dir", cfg.output_dir))
 
 
 def finished(output: Path, stage: str) -> bool:
     return (output / STAGES[stage].output).is_file()
 
 
-def seed_key(stage: str) -> str:
-    """Where a stage keeps its seed: train.seed in the training stages, seed in the others."""
-    return "train.seed" if hasattr(STAGES[stage].config(), "train") else "seed"
+def seed_override(stage: str, seed: int) -> str:
+    """How a seeded step is told its seed: train.seed in the training stages; the compare and its
+    evaluations are told which training seeds' runs to read (their own seed, the sampling seed, stays);
+    seed in the others."""
+    fields = STAGES[stage].config()
+    if hasattr(fields, "train"):
+        return f"train.seed={seed}"
+    return f"seeds=[{seed}]" if hasattr(fields, "seeds") else f"seed={seed}"
+
+
+def reads_seeds(stage: str) -> bool:
+    """Whether a stage reads every seed's runs (the compare and its evaluations)."""
+    return hasattr(STAGES[stage].config(), "seeds")
 
 
 def expand_seeds(cfg: ExperimentConfig) -> list[tuple[StepSpec, list[str]]]:
     """Each step as it runs, with the names of the runs it reads: a seeded step once per seed
-    (named step/seed-N, its seed set to N, {seed} in its overrides filled in), a compare step told the seeds.
-    A step that reads a seeded step reads every seed's run of it."""
-    runs_of: dict[str, list[str]] = {}
+    (named step/seed-N, its seed set to N, {seed} in its overrides filled in), a compare or evaluate step
+    told the seeds. A seeded step that reads a seeded step reads that step's run of its own seed; an
+    unseeded one reads every seed's run."""
+    runs_of: dict[str, dict[int | None, str]] = {}  # step -> {seed (None: unseeded): run name}
+
+    def reads(step: StepSpec, seed: int | None) -> list[str]:
+        out = []
+        for upstream in step.after:
+            runs = runs_of[upstream]
+            out += [runs[seed]] if seed is not None and seed in runs else list(runs.values())
+        return out
+
     out = []
     for step in cfg.steps:
-        after = [name for upstream in step.after for name in runs_of[upstream]]
         if step.seeded:
-            runs_of[step.name] = []
+            runs_of[step.name] = {}
             for seed in cfg.seeds:
                 name = f"{step.name}/seed-{seed}"
-                overrides = [o.replace("{seed}", str(seed)) for o in step.set] + [f"{seed_key(step.stage)}={seed}"]
-                out.append((StepSpec(name, step.stage, step.config, overrides, step.after), after))
-                runs_of[step.name].append(name)
+                overrides = [o.replace("{seed}", str(seed)) for o in step.set] + [seed_override(step.stage, seed)]
+                out.append((StepSpec(name, step.stage, step.config, overrides, step.after), reads(step, seed)))
+                runs_of[step.name][seed] = name
             continue
         overrides = list(step.set)
-        if step.stage == "compare":
+        if reads_seeds(step.stage):
             overrides.append(f"seeds={json.dumps(cfg.seeds)}")
-        out.append((StepSpec(step.name, step.stage, step.config, overrides, step.after), after))
-        runs_of[step.name] = [step.name]
+        out.append((StepSpec(step.name, step.stage, step.config, overrides, step.after), reads(step, None)))
+        runs_of[step.name] = {None: step.name}
     return out
 
 

@@ -31,10 +31,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 def weights_digest(model: ModelConfig) -> str:
     """Hash of the reference model's weight files (a local folder, or the hub snapshot in the cache)."""
-    return _weights_digest(model.name_or_path, model.revision)
+    return folder_digest(model.name_or_path, model.revision)
 
 
-def _weights_digest(name_or_path: str, revision: str | None) -> str:
+def folder_digest(name_or_path: str, revision: str | None = None) -> str:
+    """Hash of a model folder's weight files (or of its hub snapshot's): the same weights, the same hash."""
     folder = Path(name_or_path)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
@@ -45,7 +46,7 @@ def _weights_digest(name_or_path: str, revision: str | None) -> str:
         raise FileNotFoundError(f"{folder}: no weight files to hash for the reference model")
     digest = hashlib.sha256()
     if is_adapter_folder(folder):  # LoRA adapters are half a model: the base they apply to counts too
-        digest.update(_weights_digest(*adapter_base(folder)).encode())
+        digest.update(folder_digest(*adapter_base(folder)).encode())
     for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as handle:

@@ -93,26 +93,32 @@ def checkpoint_folders(checkpoints: Path) -> list[tuple[int, Path]]:
     return sorted((step, p) for p in checkpoints.iterdir() if (step := step_of(p)) is not None and p.is_dir())
 
 
-def prepare_output_dir(root: Path, dist: Dist, resume: bool, overwrite: bool, produces: tuple[str, ...]) -> None:
+def prepare_output_dir(
+    root: Path, dist: Dist, resume: bool, overwrite: bool, produces: tuple[str, ...], reads: tuple[str, ...] = ()
+) -> None:
     """Refuse to write a fresh run into a folder that holds anything; `--overwrite` clears what runs write.
 
-    Rank 0 decides and every rank gets the verdict, so all of them stop together.
+    `reads`: entries the stage expects to find there and reuses (the compare's cached evaluations),
+    which neither block a fresh run nor are cleared. Rank 0 decides and every rank gets the verdict,
+    so all of them stop together.
     """
     problem = None
     if dist.is_main:
-        problem = _output_dir_problem(Path(root), resume, overwrite, produces)
+        problem = _output_dir_problem(Path(root), resume, overwrite, produces, reads)
     problem = broadcast_object(dist, problem)
     if problem:
         raise InputError(problem)
 
 
-def _output_dir_problem(root: Path, resume: bool, overwrite: bool, produces: tuple[str, ...]) -> str | None:
+def _output_dir_problem(
+    root: Path, resume: bool, overwrite: bool, produces: tuple[str, ...], reads: tuple[str, ...] = ()
+) -> str | None:
     if resume and overwrite:
         return "--resume and --overwrite exclude each other: continue the run there, or replace it"
-    if resume or not root.is_dir() or not any(root.iterdir()):
+    if resume or not root.is_dir() or not any(p.name not in reads for p in root.iterdir()):
         return None
     if not overwrite:
-        held = sorted(p.name for p in root.iterdir())
+        held = sorted(p.name for p in root.iterdir() if p.name not in reads)
         shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         return (
             f"{root} already holds {shown}; pass --resume to continue the run there, or --overwrite to "

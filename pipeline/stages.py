@@ -13,6 +13,7 @@ from pipeline.config.schema import (
     AdherenceConfig,
     CompareConfig,
     DPOConfig,
+    EvaluateConfig,
     ExperimentConfig,
     GattConfig,
     PairsConfig,
@@ -101,6 +102,14 @@ STAGES: dict[str, Stage] = {
             ("compare",),
             "Sample every policy on held-out prompts; win rates, the reward-vs-KL frontier, cost: report.md.",
             "report.md",
+        ),
+        Stage(
+            "evaluate",
+            EvaluateConfig,
+            "pipeline.evaluate",
+            ("evaluate",),
+            "Evaluate one policy's runs (or the SFT baselines) as compare will, kept for it: evaluation.json.",
+            "evaluation.json",
         ),
         Stage(
             "gatt",

@@ -265,3 +265,10 @@ def test_a_truncated_compressed_file_is_named_not_aborted(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {path}: the compressed file ends early (truncated); download or write it again"
     ]
+
+
+def test_evaluate_names_an_unknown_policy_in_one_line_before_any_model_loads(tmp_path):
+    config = write_yaml(tmp_path / "compare.yaml", {"policies": [{"name": "dpo-b0.1", "method": "dpo", "run": "x"}]})
+    result = run_cli("evaluate", str(config), *sets("policy=dpo-b0.11"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "policy: 'dpo-b0.11' is not sft or one of policies ['dpo-b0.1'] (did you mean 'dpo-b0.1'?)" in result.stderr

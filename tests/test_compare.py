@@ -173,6 +173,69 @@ def test_the_same_seed_gives_the_same_numbers(comparison, tmp_path):
     assert first["frontier_verdicts"] == second["frontier_verdicts"]
 
 
+def test_an_evaluation_is_kept_and_reused_while_its_models_and_settings_are_unchanged(comparison, tmp_path):
+    out, config = comparison
+    copied = tmp_path / "report"
+    shutil.copytree(out, copied)
+    kept = copied / "evaluations" / "dpo" / "seed-0" / "evaluation.json"
+    first = json.loads(kept.read_text())
+    assert first["unit"] == "dpo" and sorted(first["models"]) == ["15", "final"]  # a checkpoint, the final model
+
+    evaluate = ("evaluate", str(config), *sets(f"output_dir={copied}", "policy=dpo", "seeds=[0]"))
+    again = run_cli(*evaluate)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reused the evaluation" in again.stdout + again.stderr and json.loads(kept.read_text()) == first
+
+    shorter = run_cli(*evaluate, *sets("max_new_tokens=6"))  # a sampling setting: evaluated afresh
+    assert shorter.returncode == 0, shorter.stderr[-3000:]
+    assert "reused the evaluation" not in shorter.stdout + shorter.stderr
+    changed = json.loads(kept.read_text())
+    assert changed["key"] != first["key"]
+    longest = [max(n for s in held["samples"] for n in s["lengths"]) for held in (changed, first)]
+    assert longest[0] <= 6 < longest[1]
+
+    # The compare reuses what matches and never what does not: dpo seed 0's kept evaluation (6 tokens)
+    # is of other settings, so it evaluates that run again; the report equals the one made in one go.
+    report = run_cli("compare", str(config), *sets(f"output_dir={copied}"), "--overwrite")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (report.stdout + report.stderr).count("reused the evaluation") == 4  # sft, dpo seed 1, ppo seeds 0 and 1
+    assert json.loads(kept.read_text())["key"] == first["key"]
+    fresh = json.loads((out / "results.json").read_text())
+    assert json.loads((copied / "results.json").read_text())["methods"] == fresh["methods"]
+
+
+def test_an_experiment_evaluates_each_run_in_its_own_step_and_the_compare_reuses_them(comparison, tmp_path):
+    _, config = comparison
+    settings = yaml.safe_load(config.read_text()) | {"output_dir": str(tmp_path / "report")}
+    compare = write_yaml(tmp_path / "compare.yaml", settings)
+    plan = write_yaml(
+        tmp_path / "experiment.yaml",
+        {
+            "seeds": SEEDS,
+            "jobs": 2,
+            "steps": [
+                {"name": "eval-sft", "stage": "evaluate", "config": str(compare)},
+                {
+                    "name": "eval-dpo",
+                    "stage": "evaluate",
+                    "config": str(compare),
+                    "seeded": True,
+                    "set": ["policy=dpo"],
+                },
+                {"name": "compare", "stage": "compare", "config": str(compare), "after": ["eval-sft", "eval-dpo"]},
+            ],
+        },
+    )
+    first = run_cli("experiment", str(plan))
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = tmp_path / "report" / "evaluations"
+    assert sorted(p.name for p in (kept / "dpo").iterdir()) == [f"seed-{s}" for s in SEEDS]
+    log = (tmp_path / "report" / "experiment.log").read_text()  # the compare's own output
+    assert log.count("reused the evaluation") == 1 + len(SEEDS)  # sft, and dpo per seed; ppo evaluated there
+    again = run_cli("experiment", str(plan))
+    assert again.returncode == 0 and "running" not in again.stdout  # every step, evaluations too, reused
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

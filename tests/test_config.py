@@ -365,7 +365,7 @@ def test_every_step_of_every_shipped_experiment_resolves_for_every_seed(name, mo
     not know, no value it rejects. Model folders are made by earlier steps, so their checks are off."""
     import pipeline.config.schema as schema
     from pipeline.config import ExperimentConfig
-    from pipeline.experiment import expand_seeds
+    from pipeline.experiment import expand_seeds, step_output
     from pipeline.stages import STAGES
 
     monkeypatch.setattr(schema, "check_model_path", lambda *args, **kwargs: None)
@@ -374,5 +374,5 @@ def test_every_step_of_every_shipped_experiment_resolves_for_every_seed(name, mo
     outputs = []
     for step, _ in expand_seeds(plan):
         cfg = load_config(STAGES[step.stage].config, ROOT / step.config, step.set)
-        outputs.append(cfg.output_dir)
+        outputs.append(step_output(cfg))
     assert len(set(outputs)) == len(outputs)  # no two steps (or seeds) write to the same folder

@@ -125,7 +125,7 @@ def test_a_second_run_reuses_every_step_and_a_change_reruns_only_its_dependents(
     assert running == ["dpo-b0.5/seed-0", "compare"]
 
 
-def test_seeded_steps_expand_per_seed_and_what_reads_them_reads_every_seed():
+def test_seeded_steps_expand_per_seed_read_their_own_seed_and_unseeded_ones_read_every_seed():
     from pipeline.config import ExperimentConfig, StepSpec
     from pipeline.experiment import expand_seeds
 
@@ -134,7 +134,8 @@ def test_seeded_steps_expand_per_seed_and_what_reads_them_reads_every_seed():
             StepSpec("sft", "sft", "configs/sft.yaml"),
             StepSpec("dpo", "dpo", "configs/dpo.yaml", ["output_dir=runs/dpo/seed-{seed}"], ["sft"], seeded=True),
             StepSpec("pairs", "pairs", "configs/pairs.yaml", ["output_dir=runs/p-{seed}"], ["sft"], seeded=True),
-            StepSpec("compare", "compare", "configs/compare.yaml", [], ["sft", "dpo"]),
+            StepSpec("eval", "evaluate", "configs/compare.yaml", ["policy=dpo-b0.1"], ["sft", "dpo"], seeded=True),
+            StepSpec("compare", "compare", "configs/compare.yaml", [], ["sft", "dpo", "eval"]),
         ],
         seeds=[3, 5],
     )
@@ -145,7 +146,10 @@ def test_seeded_steps_expand_per_seed_and_what_reads_them_reads_every_seed():
         ("dpo/seed-5", ["output_dir=runs/dpo/seed-5", "train.seed=5"], ["sft"]),
         ("pairs/seed-3", ["output_dir=runs/p-3", "seed=3"], ["sft"]),  # pairs has no train section
         ("pairs/seed-5", ["output_dir=runs/p-5", "seed=5"], ["sft"]),
-        ("compare", ["seeds=[3, 5]"], ["sft", "dpo/seed-3", "dpo/seed-5"]),
+        # an evaluation reads its own seed's run and is told that seed (its sampling seed stays)
+        ("eval/seed-3", ["policy=dpo-b0.1", "seeds=[3]"], ["sft", "dpo/seed-3"]),
+        ("eval/seed-5", ["policy=dpo-b0.1", "seeds=[5]"], ["sft", "dpo/seed-5"]),
+        ("compare", ["seeds=[3, 5]"], ["sft", "dpo/seed-3", "dpo/seed-5", "eval/seed-3", "eval/seed-5"]),
     ]
 
 

@@ -52,6 +52,18 @@ def test_overwrite_removes_what_runs_write_and_nothing_else(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["my-notes.txt"]
 
 
+def test_what_a_stage_reads_from_its_folder_neither_blocks_a_fresh_run_nor_is_cleared(tmp_path):
+    (tmp_path / "evaluations").mkdir()
+    (tmp_path / "evaluations" / "kept.json").write_text("{}")
+    prepare_output_dir(tmp_path, init_distributed(), False, False, produces=("report.md",), reads=("evaluations",))
+    (tmp_path / "report.md").write_text("old")
+    with pytest.raises(InputError, match=r"already holds report.md;"):  # the evaluations are not named
+        prepare_output_dir(tmp_path, init_distributed(), False, False, produces=("report.md",), reads=("evaluations",))
+    prepare_output_dir(tmp_path, init_distributed(), False, True, produces=("report.md",), reads=("evaluations",))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evaluations"]
+    assert (tmp_path / "evaluations" / "kept.json").is_file()
+
+
 def test_resume_and_overwrite_exclude_each_other(tmp_path):
     with pytest.raises(InputError, match="exclude each other"):
         prepare_output_dir(tmp_path, init_distributed(), resume=True, overwrite=True, produces=())

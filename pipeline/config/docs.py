@@ -21,8 +21,11 @@ _FIELD = re.compile(r"^\s+(\w+):\s*[^=]+?(?:=.*?)?(?:\s+#\s*(?P<comment>.*))?$")
 
 @cache
 def field_comments(cls: type) -> dict[str, str]:
-    """{field name: its comment} from the class source: the trailing `# ...`, else the `#` lines above it."""
-    comments: dict[str, str] = {}
+    """{field name: its comment} from the class source: the trailing `# ...`, else the `#` lines above it.
+    A field a config inherits keeps the comment its base class gives it."""
+    base = next((b for b in cls.__bases__ if dataclasses.is_dataclass(b)), None)
+    comments: dict[str, str] = dict(field_comments(base)) if base is not None else {}
+    own = {f.name for f in dataclasses.fields(cls)} - set(comments)
     above: list[str] = []
     for line in inspect.getsource(cls).splitlines()[1:]:
         stripped = line.strip()
@@ -30,7 +33,7 @@ def field_comments(cls: type) -> dict[str, str]:
             above.append(stripped.lstrip("# ").strip())
             continue
         match = _FIELD.match(line) if stripped and not stripped.startswith(("def ", "@", '"""', "return")) else None
-        if match and match.group(1) in {f.name for f in dataclasses.fields(cls)} and match.group(1) not in comments:
+        if match and match.group(1) in own and match.group(1) not in comments:
             text = match.group("comment") or " ".join(above)
             if text:
                 comments[match.group(1)] = text

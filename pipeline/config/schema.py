@@ -919,6 +919,12 @@ class CompareConfig:
     samples_per_prompt: int = 1  # completions per prompt and method; a prompt's value is their mean
 
     def check(self, at: str = "") -> None:
+        self.check_settings()
+        for i, policy in enumerate(self.policies):
+            policy.check(f"policies.{i}", self.seeds)
+
+    def check_settings(self) -> None:
+        """Every check but the policies' runs: those a compare needs all of, an evaluation one."""
         check_model_path("sft", str(Path(self.sft) / "model"))
         if self.reward is not None:
             check_reward_model_path("reward", str(Path(self.reward) / "model"))
@@ -927,8 +933,6 @@ class CompareConfig:
         names = [p.name for p in self.policies]
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds: expected distinct seeds, at least one, got {self.seeds}")
-        for i, policy in enumerate(self.policies):
-            policy.check(f"policies.{i}", self.seeds)
         if len(set(names)) != len(names) or "sft" in names:
             raise ConfigError(f"policies: names must be distinct and not 'sft', got {names}")
         if any(n < 2 for n in self.best_of_n):
@@ -957,6 +961,43 @@ class CompareConfig:
             samples_per_prompt=self.samples_per_prompt,
         )
         check_gold("gold", self.gold)
+
+
+EVALUATIONS = "evaluations"  # in a compare's output_dir: each run's evaluation, kept for the compare to reuse
+EVALUATION_FILE = "evaluation.json"
+
+
+def evaluation_folder(output_dir: str, unit: str, seed: int | None) -> Path:
+    """Where one unit's evaluation is kept: the SFT baselines (seed None) or one policy's run for one seed."""
+    folder = Path(output_dir) / EVALUATIONS / unit
+    return folder if seed is None else folder / f"seed-{seed}"
+
+
+@dataclass
+class EvaluateConfig(CompareConfig):
+    """`rlhfdpo evaluate`: one policy's runs (or the SFT baselines) sampled and scored exactly as
+    `rlhfdpo compare` with the same config does, kept in output_dir/evaluations/ for the compare to
+    reuse: the experiment evaluates each run as soon as it is trained, beside the runs still training."""
+
+    policy: str = "sft"  # one of policies by name, or sft: the SFT model and Best-of-N from it
+
+    def check(self, at: str = "") -> None:
+        names = [p.name for p in self.policies]
+        if self.policy != "sft" and self.policy not in names:
+            close = difflib.get_close_matches(self.policy, ["sft", *names], n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"policy: '{self.policy}' is not sft or one of policies {names}{hint}")
+        self.check_settings()
+        if self.policy == "sft":
+            return
+        index = names.index(self.policy)
+        self.policies[index].check(f"policies.{index}", self.seeds)
+
+    @property
+    def result_dir(self) -> str:
+        """The folder this evaluation leaves its evaluation.json in (with several seeds, their parent)."""
+        one_seed = self.seeds[0] if len(self.seeds) == 1 and self.policy != "sft" else None
+        return str(evaluation_folder(self.output_dir, self.policy, one_seed))
 
 
 @dataclass
@@ -1133,12 +1174,13 @@ class StepSpec:
     """One stage run of an experiment: a shipped config plus overrides, and the steps it reads."""
 
     name: str = "sft"
-    stage: Literal["sft", "pairs", "reward", "dpo", "ppo", "compare", "gatt", "adherence"] = "sft"
+    stage: Literal["sft", "pairs", "reward", "dpo", "ppo", "evaluate", "compare", "gatt", "adherence"] = "sft"
     config: str = "configs/sft.yaml"
     set: list[str] = field(default_factory=list)  # --set overrides, e.g. ["loss.beta=0.5", "output_dir=runs/dpo-b0.5"]
     after: list[str] = field(default_factory=list)  # names of earlier steps whose outputs this one reads
     # Run once per experiment seed, its seed (train.seed or seed) and {seed} in `set` set to it; its output_dir
-    # must hold {seed} (output_dir=runs/dpo-b0.1/seed-{seed}). A compare step gets seeds=<the seeds>.
+    # must hold {seed} (output_dir=runs/dpo-b0.1/seed-{seed}). A compare step gets seeds=<the seeds>; a
+    # seeded evaluate step, seeds=[<its seed>].
     seeded: bool = False
 
     def check(self, at: str) -> None:
@@ -1168,7 +1210,11 @@ class ExperimentConfig:
         seen: set[str] = set()
         for i, step in enumerate(self.steps):
             step.check(f"steps.{i}")
-            if step.seeded and not any(o.startswith("output_dir=") and "{seed}" in o for o in step.set):
+            # an evaluation's folder is named by its policy and seed (evaluation_folder) whatever output_dir is
+            per_seed_output = step.stage == "evaluate" or any(
+                o.startswith("output_dir=") and "{seed}" in o for o in step.set
+            )
+            if step.seeded and not per_seed_output:
                 raise ConfigError(
                     f"steps.{i}.set: a seeded step writes one run per seed: add output_dir=<folder with {{seed}}>"
                 )
@@ -1189,6 +1235,7 @@ STAGES: dict[str, type] = {
     "dpo": DPOConfig,
     "ppo": PPOConfig,
     "compare": CompareConfig,
+    "evaluate": EvaluateConfig,
     "gatt": GattConfig,
     "adherence": AdherenceConfig,
     "experiment": ExperimentConfig,
@@ -1205,9 +1252,13 @@ __all__ = [
     "DPOConfig",
     "DPOLossConfig",
     "DataConfig",
+    "EVALUATIONS",
+    "EVALUATION_FILE",
+    "EvaluateConfig",
     "ExperimentConfig",
     "GROUP_BATCHES",
     "GattConfig",
+    "evaluation_folder",
     "InstructionSpec",
     "KLConfig",
     "LaunchConfig",
