@@ -107,7 +107,6 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
         for seed in cfg.seeds:
             for evaluated in evaluator.policy_run(policy, seed):
                 (samples if evaluated.step == "final" else checkpoints).append(evaluated)
-    gold = evaluator.gold
 
     results = summarize(samples, checkpoints, dataset_gold, cfg)
     dpo_runs = {p.name: [Path(p.run_for(s)) for s in cfg.seeds] for p in cfg.policies if p.method == "dpo"}
@@ -120,7 +119,9 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
         "dataset_gold_mean": sum(dataset_gold) / len(dataset_gold),
     }
     results["seeds"] = cfg.seeds
-    results["gold"] = getattr(gold, "name", cfg.gold)  # what actually scored (a classifier may fall back to vader)
+    results["gold"] = getattr(
+        evaluator.gold, "name", cfg.gold
+    )  # what actually scored (a classifier may fall back to vader)
     results["diagnoses"] = diagnose_runs(
         [cfg.sft, *([cfg.reward] if cfg.reward else []), *[p.run_for(s) for p in cfg.policies for s in cfg.seeds]]
     )

@@ -43,7 +43,7 @@ def folder_digest(name_or_path: str, revision: str | None = None) -> str:
         folder = Path(snapshot_download(name_or_path, revision=revision))
     files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"{folder}: no weight files to hash for the reference model")
+        raise FileNotFoundError(f"{folder}: no weight files to hash")
     digest = hashlib.sha256()
     if is_adapter_folder(folder):  # LoRA adapters are half a model: the base they apply to counts too
         digest.update(folder_digest(*adapter_base(folder)).encode())

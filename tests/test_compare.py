@@ -186,6 +186,11 @@ def test_an_evaluation_is_kept_and_reused_while_its_models_and_settings_are_unch
     assert again.returncode == 0, again.stderr[-3000:]
     assert "reused the evaluation" in again.stdout + again.stderr and json.loads(kept.read_text()) == first
 
+    kept.write_text('{"key": "' + first["key"] + '", "samples": [{"torn')  # a write cut short
+    torn = run_cli(*evaluate)
+    assert torn.returncode == 0, torn.stderr[-3000:]
+    assert "reused the evaluation" not in torn.stdout + torn.stderr and json.loads(kept.read_text()) == first
+
     shorter = run_cli(*evaluate, *sets("max_new_tokens=6"))  # a sampling setting: evaluated afresh
     assert shorter.returncode == 0, shorter.stderr[-3000:]
     assert "reused the evaluation" not in shorter.stdout + shorter.stderr

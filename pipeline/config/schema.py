@@ -1258,7 +1258,6 @@ __all__ = [
     "ExperimentConfig",
     "GROUP_BATCHES",
     "GattConfig",
-    "evaluation_folder",
     "InstructionSpec",
     "KLConfig",
     "LaunchConfig",
@@ -1282,4 +1281,5 @@ __all__ = [
     "SourceConfig",
     "StepSpec",
     "TrainConfig",
+    "evaluation_folder",
 ]
