@@ -8,7 +8,7 @@ import torch
 
 from helpers import read_metrics, run_ok, write_yaml
 from pipeline.config import ArchitectureConfig
-from pipeline.models import create_scratch_model
+from pipeline.models import create_scratch_model, from_pretrained
 from pipeline.sampling import generate
 
 
@@ -65,3 +65,26 @@ def test_two_processes_shard_a_llama_model_and_follow_the_one_process_loss_curve
         per_rank = next(m for m in metrics if "params/per_rank" in m)["params/per_rank"]
         assert len(per_rank) == processes
     assert losses[2] == pytest.approx(losses[1], abs=2e-4)
+
+
+def test_gpt2s_written_out_gelu_is_swapped_for_torchs_fused_one_with_the_same_logits(tmp_path, tiny_tokenizer):
+    """A GPT-2 saved with activation gelu_new (the hub's) loads with torch's one-kernel tanh GELU: the
+    same logits to float rounding, and a config that says so, so that its saved copy loads the same."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=len(tiny_tokenizer), bos_token_id=0, eos_token_id=0)
+    assert config.activation_function == "gelu_new"
+    hub_like = AutoModelForCausalLM.from_config(config).eval()
+    assert isinstance(hub_like.transformer.h[0].mlp.act, NewGELUActivation)
+    hub_like.save_pretrained(tmp_path / "gpt2")
+    loaded = from_pretrained(AutoModelForCausalLM, tmp_path / "gpt2", dtype=torch.float32).eval()
+    assert all(type(block.mlp.act) is GELUTanh for block in loaded.transformer.h)
+    assert loaded.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
+    expected, got = hub_like(ids).logits, loaded(ids).logits
+    assert not torch.equal(expected, torch.zeros_like(expected))
+    assert torch.allclose(got, expected, atol=1e-5)
+    scratch = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=32), tiny_tokenizer, seed=0)
+    assert type(scratch.transformer.h[0].mlp.act) is GELUTanh

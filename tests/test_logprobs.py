@@ -180,6 +180,20 @@ def test_selected_logps_by_hand():
     assert torch.allclose(logps, torch.tensor([math.log(0.75), math.log(1 / 3)]))
 
 
+def test_selected_logps_by_rows_reads_a_row_once_per_target_with_the_same_gradient():
+    """Row 0 predicts two tokens (a shared prompt's last position): read twice without a copy, its
+    gradient the sum of the two; both values and gradients equal log_softmax's by hand."""
+    logits = torch.tensor([[math.log(3.0), 0.0, 0.0], [0.0, math.log(2.0), 0.0]], requires_grad=True)
+    rows, targets = torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1])
+    logps = selected_logps(logits, targets, rows=rows)
+    assert torch.allclose(logps, torch.tensor([math.log(3 / 5), math.log(1 / 5), math.log(2 / 4)]))
+    logps.sum().backward()
+    # d/dz of log p_y = onehot(y) - softmax(z), summed over the reads of each row
+    p0, p1 = torch.tensor([3 / 5, 1 / 5, 1 / 5]), torch.tensor([1 / 4, 2 / 4, 1 / 4])
+    expected = torch.stack([torch.tensor([1.0, 1.0, 0.0]) - 2 * p0, torch.tensor([0.0, 1.0, 0.0]) - p1])
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
 def test_scatter_puts_each_value_at_its_labelled_position():
     labels = torch.tensor([[5, -100, 7, 8], [5, 6, -100, -100]])  # next tokens: [-100, 7, 8], [6, -100, -100]
     logps, mask = scatter_response_logps(torch.tensor([-1.0, -2.0, -3.0]), labels)
