@@ -21,6 +21,7 @@ from pipeline.config import ExperimentConfig, StepSpec, load_config, to_dict
 from pipeline.console import console, plain
 from pipeline.errors import RunFailed
 from pipeline.stages import STAGES
+from pipeline.step_server import ForkedStep, StepServer
 
 STAMP = ".experiment-stamp"
 LOG = "experiment.log"  # a step's output when several steps run at once
@@ -121,30 +122,39 @@ class Running:
     stamp: str
     output: Path
     slot: int
-    process: subprocess.Popen
+    process: subprocess.Popen | ForkedStep
     started: float
     log: Path | None
 
 
-def _start(step: StepSpec, stamp: str, output: Path, slot: int, share: int, gpus: int, logged: bool) -> Running:
-    """Start a step in `slot`, sharing the machine with `share` - 1 others; `logged`: its output to
-    a log file (several steps may run at once) rather than the terminal."""
+def _start(
+    step: StepSpec, stamp: str, output: Path, slot: int, share: int, gpus: int, logged: bool, server: StepServer | None
+) -> Running:
+    """Start a step in `slot`, sharing the machine with `share` - 1 others, as a fork of `server` or
+    (None) a fresh process; `logged`: its output to a log file (several steps may run at once)
+    rather than the terminal."""
     console.print(
         f"[bold]running[/bold] {plain(step.name)}: {plain(STAGES[step.stage].command_line(step.config))} "
         f"{plain(' '.join(step.set))}"
     )
-    command = [sys.executable, "-m", "pipeline.cli", *STAGES[step.stage].command, step.config]
-    command += [arg for override in step.set for arg in ("--set", override)]
-    command += ["--overwrite"]  # the step's output is stale (its stamp differs) or unfinished: replace it
+    argv = [*STAGES[step.stage].command, step.config, *[arg for override in step.set for arg in ("--set", override)]]
+    argv += ["--overwrite"]  # the step's output is stale (its stamp differs) or unfinished: replace it
     env = slot_environment(slot, share, dict(os.environ), os.cpu_count() or 1, gpus)
-    if not logged:  # one step at a time: its output streams to the terminal as a stage's own would
-        return Running(step, stamp, output, slot, subprocess.Popen(command, env=env), time.monotonic(), None)
-    # Several at once would interleave line by line: each writes to a log beside its run (a stage
-    # keeps the files it did not write in its output_dir, so --overwrite leaves the log alone).
-    output.mkdir(parents=True, exist_ok=True)
-    log = output / LOG
-    with log.open("w") as handle:
-        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    log = None
+    if logged:
+        # Several at once would interleave line by line: each writes to a log beside its run (a stage
+        # keeps the files it did not write in its output_dir, so --overwrite leaves the log alone).
+        output.mkdir(parents=True, exist_ok=True)
+        log = output / LOG
+    if server is not None:
+        process = server.start(step.name, argv, env, log)
+    elif log is None:  # one step at a time: its output streams to the terminal as a stage's own would
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *argv], env=env)
+    else:
+        with log.open("w") as handle:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", *argv], env=env, stdout=handle, stderr=subprocess.STDOUT
+            )
     return Running(step, stamp, output, slot, process, time.monotonic(), log)
 
 
@@ -159,6 +169,7 @@ def run(cfg: ExperimentConfig) -> Path:
     pending = list(plan)
     running: list[Running] = []
     failed: list[tuple[Running, int]] = []
+    server: StepServer | None = None  # started with the first step that is not reused
     try:
         while pending or running:
             while not failed and len(running) < cfg.jobs:
@@ -176,7 +187,9 @@ def run(cfg: ExperimentConfig) -> Path:
                 # Started with nothing running and nothing else ready, a step runs alone to its end (a
                 # step becomes ready only when one finishes): it gets the whole machine.
                 share = 1 if not running and len(ready) == 1 else cfg.jobs
-                running.append(_start(step, stamp, outputs[step.name], slot, share, gpus, logged=cfg.jobs > 1))
+                if server is None and cfg.fork_steps:
+                    server = StepServer(dict(os.environ))
+                running.append(_start(step, stamp, outputs[step.name], slot, share, gpus, cfg.jobs > 1, server))
             if not running:
                 break  # what is left waits on a failed step
             done = _wait_for_one(running)
@@ -193,6 +206,8 @@ def run(cfg: ExperimentConfig) -> Path:
         for r in running:  # the runner itself was interrupted or failed: no step goes on unwatched
             r.process.terminate()
             r.process.wait()
+        if server is not None:
+            server.close()
     if failed:
         done, code = failed[0]
         where = ""

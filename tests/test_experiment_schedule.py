@@ -52,7 +52,7 @@ def stand_ins(monkeypatch, tmp_path):
     def stamp(step, upstream):
         return step.name + "|" + ",".join(upstream), tmp_path / step.name.replace("/", "-")
 
-    def start(step, stamp_, output, slot, share, gpus, logged):
+    def start(step, stamp_, output, slot, share, gpus, logged, server):
         output.mkdir(parents=True, exist_ok=True)
         (output / experiment.LOG).write_text(f"the output of {step.name}\n")
         events.append(("start", step.name, share))
@@ -90,6 +90,7 @@ def plan(jobs: int) -> ExperimentConfig:
             StepSpec("compare", "compare", "configs/compare.yaml", after=["a", "b", "c"]),
         ],
         jobs=jobs,
+        fork_steps=False,  # the stand-ins are processes of their own
     )
 
 

@@ -1,0 +1,71 @@
+"""The experiment runner's fork server: steps forked from a fresh process that imported torch once,
+each with its own working directory, environment, log and exit status, stoppable, and the server
+itself without threads to lose in a fork."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from helpers import tiny_sft_config, write_yaml
+from pipeline.step_server import StepServer, _threads
+
+
+@pytest.fixture(scope="module")
+def server():
+    # This pytest process has run torch operations (OpenMP threads): the server must not inherit them.
+    import torch
+
+    torch.ones(256, 256) @ torch.ones(256, 256)
+    started = StepServer(dict(os.environ))
+    yield started
+    started.close()
+
+
+def write_run(folder, records):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+def test_a_step_runs_the_command_line_in_its_directory_with_its_environment_and_log(server, tmp_path, monkeypatch):
+    healthy = write_run(tmp_path / "healthy", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}])
+    broken = write_run(tmp_path / "broken", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": float("nan")}])
+    monkeypatch.chdir(tmp_path)  # the step resolves relative paths where the runner stands
+    env = dict(os.environ, COLUMNS="300")
+    ok = server.start("ok", ["doctor", "healthy"], env, tmp_path / "ok.log")
+    bad = server.start("bad", ["doctor", "--strict", "broken"], env, tmp_path / "bad.log")
+    assert ok.wait() == 0 and bad.wait() == 1
+    assert "healthy: no known failure mode" in (tmp_path / "ok.log").read_text()
+    assert "non-finite values" in (tmp_path / "bad.log").read_text()
+    assert healthy.is_dir() and broken.is_dir()
+
+
+def test_a_failing_stage_leaves_its_one_line_in_the_log_without_colour_codes(server, tmp_path):
+    log = tmp_path / "step.log"
+    step = server.start("bad-config", ["sft", str(tmp_path / "missing.yaml")], dict(os.environ), log)
+    assert step.wait() != 0
+    text = log.read_text()
+    assert "missing.yaml: no such config file" in text and "Traceback" not in text
+    assert "\x1b[" not in text  # the console re-detected that stderr is a file, as a fresh process would
+
+
+def test_a_stopped_step_ends_by_its_signal_and_the_server_has_no_thread_to_lose(server, tmp_path):
+    config = write_yaml(tmp_path / "sft.yaml", tiny_sft_config(tmp_path / "run", max_steps=100000))
+    step = server.start("long", ["sft", str(config)], dict(os.environ, OMP_NUM_THREADS="1"), tmp_path / "long.log")
+    time.sleep(1.0)
+    assert step.poll() is None  # still training
+    # Forked from a process with one thread: no OpenMP pool, no lock held by a thread the fork drops.
+    assert len(os.listdir(f"/proc/{server.process.pid}/task")) == 1
+    step.terminate()
+    assert step.wait() == -15  # SIGTERM, reported as subprocess reports a signal
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_step_without_a_thread_count_gets_the_cores_a_fresh_process_would():
+    assert _threads({"OMP_NUM_THREADS": "3"}) == 3
+    assert _threads({}) == len(os.sched_getaffinity(0))
+    assert _threads({"OMP_NUM_THREADS": "junk"}) == len(os.sched_getaffinity(0))
