@@ -184,6 +184,7 @@ def _run_step(request: dict, replies_fd: int) -> int:
     import traceback
 
     os.close(replies_fd)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops a step as it stops a fresh process
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -232,6 +233,9 @@ def _threads(env: dict[str, str]) -> int:
 
 
 def main() -> None:
+    # Ctrl-C in the terminal reaches the runner, the server and the steps alike: the steps stop, the
+    # runner reports it, and the server ends when the runner closes its stdin, not with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     replies_fd = int(os.environ.pop("RLHFDPO_STEP_SERVER_REPLIES"))
     from pipeline.cli import _quiet_libraries
 
