@@ -110,7 +110,12 @@ def test_a_shared_prompt_gives_the_same_loss_curve_and_held_out_rewards(small_pi
     for (_, loss), (_, loss_e) in zip(got, expected):
         assert loss == pytest.approx(loss_e, abs=1e-4)
     report, report_e = (json.loads((run / "eval.json").read_text())["metrics"] for run in (shared, reward_run))
-    for key in ("eval/loss", "eval/reward_mean", "eval/reward_std"):
+    for key in ("eval/loss", "eval/margin", "eval/reward_std"):
         assert report[key] == pytest.approx(report_e[key], abs=1e-4), key
+    # A Bradley-Terry loss reads only reward differences, so nothing in it holds the rewards' common
+    # level: float rounding moves it freely (the two runs' levels part by ~2e-4 while the loss and the
+    # margin agree to 1e-6). PPO reads rewards normalised by the saved mean and std, so the level never
+    # reaches a policy.
+    assert report["eval/reward_mean"] == pytest.approx(report_e["eval/reward_mean"], abs=1e-3)
     # A pair whose two rewards differ by float rounding may order either way: at most one flips.
     assert report["eval/accuracy"] == pytest.approx(report_e["eval/accuracy"], abs=1.01 / report["eval/pairs"])
