@@ -69,7 +69,14 @@ STAGES = ("sft", "reward", "dpo")
 # (label, framework, settings). The first and last run at equal settings: same random batches.
 # "ours+grouped" adds train.group_by_length, which TRL's pair trainers cannot use (their datasets
 # have no input_ids column for transformers' LengthGroupedSampler).
-VARIANTS = [("ours", "ours", {}), ("ours+grouped", "ours", {"ours": {"group_by_length": True}}), ("trl", "trl", {})]
+# "ours+packed" (SFT only) packs each batch's sequences into as few rows as fit (train.packing).
+VARIANTS = [
+    ("ours", "ours", {}),
+    ("ours+grouped", "ours", {"ours": {"group_by_length": True}}),
+    ("ours+packed", "ours", {"ours": {"packing": True}}),
+    ("trl", "trl", {}),
+]
+ONLY_FOR = {"ours+packed": ("sft",)}  # a variant's stages, where not every stage
 
 
 REUSE = {"results": True}
@@ -155,7 +162,13 @@ def training_rows(
     for round_ in range(plan["rounds"]):
         for size in plan["sizes"]:
             for stage in STAGES:
-                variants = [v for v in VARIANTS if v[0] in plan.get("variants", [v[0]]) and v[1] in frameworks]
+                variants = [
+                    v
+                    for v in VARIANTS
+                    if v[0] in plan.get("variants", [v[0]])
+                    and v[1] in frameworks
+                    and stage in ONLY_FOR.get(v[0], STAGES)
+                ]
                 for label, framework, settings in variants if round_ % 2 == 0 else variants[::-1]:
                     spec = training_spec(
                         stage,

@@ -55,7 +55,12 @@ def scatter_response_logps(kept_logps: torch.Tensor, labels: torch.Tensor) -> tu
 
 
 def response_token_logps(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps, mask), each (B, T-1): the log-probability of every labelled next token.
 
@@ -63,15 +68,19 @@ def response_token_logps(
     where the model takes a boolean `logits_to_keep` (transformers 5); on the rest, the full
     logits are computed and gathered. Both give the same numbers as `token_logps` on full logits.
     `temperature` scores under softmax(logits / T), the distribution a sampler at T draws from.
+    `position_ids` (B, T), for rows that hold several sequences (pipeline/packing.py).
     """
     kept = labels[:, 1:] != IGNORE  # position t predicts token t+1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     if keeps_logit_positions(type(model)):
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = kept
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logits = model(**inputs, logits_to_keep=keep).logits
         if logits.dim() == 2 and logits.shape[0] == int(kept.sum()):
             return scatter_response_logps(selected_logps(_tempered(logits, temperature), labels[:, 1:][kept]), labels)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(**inputs).logits
     return token_logps(_tempered(logits, temperature), labels)
 
 

@@ -28,6 +28,7 @@ from pipeline.models import (
     local_parameter_count,
     render_chat,
 )
+from pipeline.packing import PAD, block_causal_mask, pack, packing_in
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
     chat_renderer,
@@ -114,12 +115,14 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
 
     # ---- loop
     pad_id = tokenizer.pad_token_id
+    packed = packing_in(model, cfg.train.packing, dist)
+    make_batch = pack if packed else collate
     throughput = Throughput()
     metrics: dict = {}
     model.train()
     with StepProgress(dist, plan.total_steps, start_step, "sft") as progress:
         for step in range(start_step, plan.total_steps):
-            batches = [collate([train_set[i] for i in ids], pad_id) for ids in plan.micro_batches(step, dist)]
+            batches = [make_batch([train_set[i] for i in ids], pad_id) for ids in plan.micro_batches(step, dist)]
             step_tokens = count_over_ranks(dist, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches))
             lr = lr_at(step, plan.total_steps, cfg.optim)
             set_lr(optimizer, lr)
@@ -127,11 +130,19 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
             for i, batch in enumerate(batches):
                 sync_on_last(model, dist, i, len(batches))
                 batch = {k: v.to(dist.device) for k, v in batch.items()}
-                logps, _ = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                if packed:  # several sequences a row, each seeing only itself
+                    mask = block_causal_mask(batch["sequence"], model)
+                    real = int((batch["sequence"] != PAD).sum())
+                    positions = batch["position_ids"]
+                else:
+                    mask, real, positions = batch["attention_mask"], int(batch["attention_mask"].sum()), None
+                logps, _ = response_token_logps(
+                    model, batch["input_ids"], mask, batch["labels"], position_ids=positions
+                )
                 nll = -logps.sum()  # Llama 2, Sec. 3.1: the loss on answer tokens only
                 backward_global_mean(nll, step_tokens, dist)
                 nll_total += nll.detach().cpu()
-                throughput.add(int(batch["attention_mask"].sum()))
+                throughput.add(real)
             grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm, step + 1)
             done = step + 1
 

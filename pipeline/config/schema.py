@@ -289,6 +289,10 @@ class TrainConfig:
     # computed once; the same log-probs and rewards (to float rounding). Needs sdpa or eager
     # attention (other kinds warn and run a row per side).
     share_prompt: bool = False
+    # SFT: a micro-batch's sequences packed into as few rows as fit, each seeing only itself (position
+    # ids restart, a block-diagonal mask), so no FLOP goes to padding; the same loss to float
+    # rounding. Needs sdpa or eager attention (other kinds warn and pad).
+    packing: bool = False
     # Experiment trackers fed from the same records as metrics.jsonl (which stays the source of
     # truth): any of tensorboard, wandb, mlflow, trackio (each an optional extra).
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(default_factory=list)
@@ -328,6 +332,14 @@ def not_for_single_sequences(stage: str, train: TrainConfig) -> None:
     if train.share_prompt:
         raise ConfigError(
             f"train.share_prompt: only the pair stages (dpo, reward) share a prompt; {stage} has none to share"
+        )
+
+
+def not_for_pairs(stage: str, train: TrainConfig) -> None:
+    if train.packing:
+        raise ConfigError(
+            f"train.packing: only sft packs sequences; {stage} trains on pairs, whose prompt "
+            "train.share_prompt computes once instead"
         )
 
 
@@ -608,6 +620,7 @@ class RewardConfig:
     def check(self, at: str = "") -> None:
         if not self.output_dir:
             raise ConfigError("output_dir: must not be empty")
+        not_for_pairs("reward", self.train)
         for section in ("model", "data", "optim", "train", "loss", "launch"):
             getattr(self, section).check(section)
         self.train.accumulation_steps(self.launch.num_processes)
@@ -665,6 +678,7 @@ class DPOConfig:
     def check(self, at: str = "") -> None:
         if not self.output_dir:
             raise ConfigError("output_dir: must not be empty")
+        not_for_pairs("dpo", self.train)
         for section in ("model", "data", "optim", "train", "loss", "reference", "launch", "sample"):
             getattr(self, section).check(section)
         self.train.accumulation_steps(self.launch.num_processes)
@@ -768,7 +782,15 @@ class PPOAlgoConfig:
 
 
 # The train keys PPO has no use for: it batches rollouts, not a dataset, and does not evaluate.
-PPO_UNUSED_TRAIN_KEYS = ("epochs", "batch_size", "micro_batch_size", "eval_batch_size", "eval_every", "group_by_length")
+PPO_UNUSED_TRAIN_KEYS = (
+    "epochs",
+    "batch_size",
+    "micro_batch_size",
+    "eval_batch_size",
+    "eval_every",
+    "group_by_length",
+    "packing",
+)
 
 
 @dataclass
