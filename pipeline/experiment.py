@@ -21,7 +21,7 @@ from pipeline.config import ExperimentConfig, StepSpec, load_config, to_dict
 from pipeline.console import console, plain
 from pipeline.errors import RunFailed
 from pipeline.stages import STAGES
-from pipeline.step_server import ForkedStep, StepServer
+from pipeline.step_server import ForkedStep, StepServer, forks_safely
 
 STAMP = ".experiment-stamp"
 LOG = "experiment.log"  # a step's output when several steps run at once
@@ -187,7 +187,7 @@ def run(cfg: ExperimentConfig) -> Path:
                 # Started with nothing running and nothing else ready, a step runs alone to its end (a
                 # step becomes ready only when one finishes): it gets the whole machine.
                 share = 1 if not running and len(ready) == 1 else cfg.jobs
-                if server is None and cfg.fork_steps:
+                if server is None and cfg.fork_steps and forks_safely():
                     server = StepServer(dict(os.environ))
                 running.append(_start(step, stamp, outputs[step.name], slot, share, gpus, cfg.jobs > 1, server))
             if not running:

@@ -42,6 +42,12 @@ PRELOAD = (
 )
 
 
+def forks_safely() -> bool:
+    """Whether steps may be forks: Linux. macOS's system libraries may abort a forked child (Python's
+    own multiprocessing spawns there), and Windows has no fork: there each step is a fresh process."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork")
+
+
 class StepServer:
     """The runner's end: start the server, start and stop steps, collect their exit codes."""
 

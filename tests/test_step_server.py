@@ -11,7 +11,7 @@ import time
 import pytest
 
 from helpers import tiny_sft_config, write_yaml
-from pipeline.step_server import StepServer, _threads
+from pipeline.step_server import StepServer, _threads, forks_safely
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,11 @@ def test_a_step_without_a_thread_count_gets_the_cores_a_fresh_process_would():
     assert _threads({"OMP_NUM_THREADS": "3"}) == 3
     assert _threads({}) == len(os.sched_getaffinity(0))
     assert _threads({"OMP_NUM_THREADS": "junk"}) == len(os.sched_getaffinity(0))
+
+
+def test_steps_are_forks_on_linux_only(monkeypatch):
+    import sys
+
+    assert forks_safely() == sys.platform.startswith("linux")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not forks_safely()

@@ -1222,8 +1222,8 @@ class ExperimentConfig:
     # experiment.log in its output_dir instead of the terminal.
     jobs: int = 1
     # Each step a fork of one process that imported torch, transformers and the stages once
-    # (pipeline/step_server.py): about 5 s less a step than a fresh Python process. false: a fresh
-    # `python -m pipeline.cli` per step.
+    # (pipeline/step_server.py): about 5 s less a step than a fresh Python process. false, or on a
+    # system other than Linux: a fresh `python -m pipeline.cli` per step.
     fork_steps: bool = True
 
     def check(self, at: str = "") -> None:
