@@ -119,9 +119,8 @@ def run(cfg: CompareConfig, overwrite: bool = False) -> Path:
         "dataset_gold_mean": sum(dataset_gold) / len(dataset_gold),
     }
     results["seeds"] = cfg.seeds
-    results["gold"] = getattr(
-        evaluator.gold, "name", cfg.gold
-    )  # what actually scored (a classifier may fall back to vader)
+    # what actually scored (a classifier may fall back to vader)
+    results["gold"] = getattr(evaluator.gold, "name", cfg.gold)
     results["diagnoses"] = diagnose_runs(
         [cfg.sft, *([cfg.reward] if cfg.reward else []), *[p.run_for(s) for p in cfg.policies for s in cfg.seeds]]
     )

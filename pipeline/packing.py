@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.console import console, plain
 from pipeline.data.tokenize import IGNORE, TokenizedExample
-from pipeline.prefix_sharing import ATTENTION_WITH_MASKS, FAMILIES, shares_prefixes
+from pipeline.prefix_sharing import as_model_mask, masks_of_ours_in
 
 PAD = -1  # a padding position's sequence index
 
@@ -66,24 +65,10 @@ def block_causal_mask(sequence: torch.Tensor, model) -> torch.Tensor:
     query, key = sequence.unsqueeze(2), sequence.unsqueeze(1)  # (R, W, 1), (R, 1, W)
     allowed = causal & (query == key) & (key != PAD)
     allowed[:, :, 0] |= sequence == PAD
-    allowed = allowed.unsqueeze(1)
-    if model.config._attn_implementation == "sdpa":
-        return allowed
-    dtype = next(model.parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=sequence.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return as_model_mask(allowed.unsqueeze(1), model)
 
 
 def packing_in(model, asked: bool, dist) -> bool:
     """`train.packing` as this model can do it: a model that takes no mask of ours trains on padded
     rows instead, the same numbers more slowly, with a warning saying so."""
-    if asked and not shares_prefixes(model):
-        if dist.is_main:
-            config = getattr(model, "config", None)
-            console.print(
-                f"[yellow]warning:[/yellow] train.packing needs a {'/'.join(FAMILIES)} model with "
-                f"{' or '.join(ATTENTION_WITH_MASKS)} attention and no sliding window; this is "
-                f"{plain(getattr(config, 'model_type', type(model).__name__))} with "
-                f"{plain(getattr(config, '_attn_implementation', '?'))} attention: padded rows instead (the same numbers)"
-            )
-        return False
-    return asked
+    return masks_of_ours_in(model, asked, "train.packing", "padded rows", dist)

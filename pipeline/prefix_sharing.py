@@ -42,13 +42,20 @@ def shares_prefixes(model) -> bool:
 def share_prompt_in(model, asked: bool, dist) -> bool:
     """`train.share_prompt` as this model can do it: with attention that takes no mask of ours
     (flash, flex), a row per side, the same numbers more slowly, and a warning saying so."""
+    return masks_of_ours_in(model, asked, "train.share_prompt", "a row per side", dist)
+
+
+def masks_of_ours_in(model, asked: bool, option: str, fallback: str, dist) -> bool:
+    """Whether `option` (a layout that needs a (B, 1, T, T) mask of ours) runs: asked, and the model
+    takes such a mask; asked but not taken, a warning naming the `fallback` layout it runs instead."""
     if asked and not shares_prefixes(model):
         if dist.is_main:
             config = getattr(model, "config", None)
             console.print(
-                f"[yellow]warning:[/yellow] train.share_prompt needs a {'/'.join(FAMILIES)} model with sdpa or eager "
-                f"attention and no sliding window; this is {plain(getattr(config, 'model_type', type(model).__name__))} "
-                f"with {plain(getattr(config, '_attn_implementation', '?'))} attention: a row per side instead (the same numbers)"
+                f"[yellow]warning:[/yellow] {option} needs a {'/'.join(FAMILIES)} model with "
+                f"{' or '.join(ATTENTION_WITH_MASKS)} attention and no sliding window; this is "
+                f"{plain(getattr(config, 'model_type', type(model).__name__))} with "
+                f"{plain(getattr(config, '_attn_implementation', '?'))} attention: {fallback} instead (the same numbers)"
             )
         return False
     return asked
@@ -113,11 +120,16 @@ def attention_mask(segments: torch.Tensor, model) -> torch.Tensor:
     query, key = segments.unsqueeze(2), segments.unsqueeze(1)  # (B, T, 1), (B, 1, T)
     allowed = causal & (key != PAD) & (query != PAD) & ((key == PROMPT) | (key == query))
     allowed[:, :, 0] |= segments == PAD
-    allowed = allowed.unsqueeze(1)
+    return as_model_mask(allowed.unsqueeze(1), model)
+
+
+def as_model_mask(allowed: torch.Tensor, model) -> torch.Tensor:
+    """A boolean (B, 1, T, T) mask (True: attend) as the model's attention takes it: as it is for
+    SDPA; additive (0 or the dtype's minimum) for eager attention, which adds it to its scores."""
     if model.config._attn_implementation == "sdpa":
         return allowed
     dtype = next(model.parameters()).dtype
-    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def shared_pair_logps(

@@ -21,6 +21,15 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 TOL = 1e-6  # numbers worked by hand, to six decimals
 
 
+class StubTokenizer:
+    """The few tokenizer fields a scratch model reads: a 64-token vocabulary, pad 0, BOS and EOS 1."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 1
+
+    def __len__(self):
+        return 64
+
+
 def t(*rows, grad: bool = False) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64, requires_grad=grad)
 

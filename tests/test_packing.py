@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import read_metrics, run_cli, run_ok, sets, tiny_sft_config, write_yaml
+from helpers import StubTokenizer, read_metrics, run_cli, run_ok, sets, tiny_sft_config, write_yaml
 from pipeline.config import ArchitectureConfig
 from pipeline.data.tokenize import IGNORE, TokenizedExample, collate
 from pipeline.logprobs import response_token_logps
@@ -20,15 +20,6 @@ EXAMPLES = [
     TokenizedExample([41, 42, 43, 44], 4),  # nothing trained: adds nothing either way
     TokenizedExample([51, 52, 53, 54, 55, 56], 2, trained=(False, False, True, True, False, True)),
 ]
-
-
-class _Tok:
-    """The few tokenizer fields a scratch model reads."""
-
-    pad_token_id, eos_token_id, bos_token_id = 0, 1, 1
-
-    def __len__(self):
-        return 64
 
 
 def test_sequences_pack_longest_first_into_rows_no_wider_than_the_longest_with_positions_restarting():
@@ -48,7 +39,7 @@ def test_sequences_pack_longest_first_into_rows_no_wider_than_the_longest_with_p
 
 
 def test_a_token_sees_the_earlier_tokens_of_its_own_sequence_only():
-    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), _Tok(), 0)
+    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), StubTokenizer(), 0)
     batch = pack(EXAMPLES[:3], pad_id=0)  # rows [8], [5 + 3]
     mask = block_causal_mask(batch["sequence"], model)[1, 0]  # (W, W), True: attends
     assert mask[5].tolist() == [False] * 5 + [True, False, False]  # the second sequence's first token
@@ -74,7 +65,7 @@ def padded_and_packed(model, examples):
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_rows_give_the_padded_batchs_log_probs_and_gradients(kind, attention):
     arch = ArchitectureConfig(type=kind, n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=64)
-    model = create_scratch_model(arch, _Tok(), seed=3)
+    model = create_scratch_model(arch, StubTokenizer(), seed=3)
     model.config._attn_implementation = attention
     model.train(False)
     (padded, tokens), (packed, packed_tokens) = padded_and_packed(model, EXAMPLES)
@@ -93,7 +84,7 @@ def test_packed_rows_give_the_padded_batchs_log_probs_and_gradients(kind, attent
 
 
 def test_a_model_that_takes_no_mask_of_ours_pads_instead_and_says_so(capsys):
-    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), _Tok(), 0)
+    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), StubTokenizer(), 0)
 
     class Main:
         is_main = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import StubTokenizer
 from pipeline.config import ArchitectureConfig
 from pipeline.data.tokenize import TokenizedExample, TokenizedPair, collate_pairs
 from pipeline.logprobs import response_token_logps
@@ -62,7 +63,7 @@ def test_one_row_holds_the_prompt_once_with_positions_restarting_and_each_token_
 
 def test_the_rejected_side_never_sees_the_chosen_side_and_padding_counts_no_token():
     batch = collate_shared_pairs(PAIRS[:2], pad_id=0)  # the second row: 10 tokens, then 4 of padding
-    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), _Tok(), 0)
+    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), StubTokenizer(), 0)
     mask = attention_mask(batch["segments"], model)[1, 0]  # (T, T), True: attends
     rejected = 2 + 7  # after a 2-token prompt and the 7-token chosen side
     assert mask[rejected, :2].all() and not mask[rejected, 2:rejected].any() and mask[rejected, rejected]
@@ -75,7 +76,7 @@ def test_the_rejected_side_never_sees_the_chosen_side_and_padding_counts_no_toke
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prefix_log_probs_lengths_and_gradients_equal_a_row_per_side(kind, attention):
     arch = ArchitectureConfig(type=kind, n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=64)
-    model = create_scratch_model(arch, _Tok(), seed=2)
+    model = create_scratch_model(arch, StubTokenizer(), seed=2)
     model.config._attn_implementation = attention
     model.train(False)
     for temperature in (1.0, 0.7):
@@ -103,15 +104,6 @@ def test_pairs_whose_sides_begin_differently_cannot_share_a_prompt():
         collate_shared_pairs([odd], pad_id=0)
 
 
-class _Tok:
-    """The few tokenizer fields a scratch model reads."""
-
-    pad_token_id, eos_token_id, bos_token_id = 0, 1, 1
-
-    def __len__(self):
-        return 64
-
-
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prefix_rewards_and_gradients_equal_a_row_per_side(kind, attention):
@@ -123,7 +115,7 @@ def test_shared_prefix_rewards_and_gradients_equal_a_row_per_side(kind, attentio
 
     arch = ArchitectureConfig(type=kind, n_layer=2, n_head=4, n_embd=32, n_positions=64)
     torch.manual_seed(4)
-    config = scratch_config(arch, _Tok())
+    config = scratch_config(arch, StubTokenizer())
     config.num_labels = 1
     head = ScalarHead(AutoModelForSequenceClassification.from_config(config))
     head.config._attn_implementation = attention
@@ -153,7 +145,7 @@ def test_share_prompt_belongs_to_the_pair_stages_and_other_attention_falls_back_
     for stage in (SFTConfig, PPOConfig):
         with pytest.raises(ConfigError, match="train.share_prompt: only the pair stages"):
             stage(train=TrainConfig(share_prompt=True)).check()
-    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), _Tok(), 0)
+    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), StubTokenizer(), 0)
     dist = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), launched=False)
     assert share_prompt_in(model, True, dist) and not share_prompt_in(model, False, dist)
     model.config._attn_implementation = "flash_attention_2"
@@ -169,7 +161,7 @@ def test_a_sliding_window_or_an_unlisted_family_does_not_share():
     shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     assert shares_prefixes(MistralForCausalLM(MistralConfig(**shape, sliding_window=None)))
     assert not shares_prefixes(MistralForCausalLM(MistralConfig(**shape, sliding_window=4)))
-    llama = create_scratch_model(ArchitectureConfig(type="llama", n_layer=1, n_head=2, n_embd=16), _Tok(), 0)
+    llama = create_scratch_model(ArchitectureConfig(type="llama", n_layer=1, n_head=2, n_embd=16), StubTokenizer(), 0)
     llama.config.model_type = "bloom"  # ALiBi from a 2D mask: a 4D one would lose it
     assert not shares_prefixes(llama)
 

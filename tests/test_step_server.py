@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from helpers import tiny_sft_config, write_yaml
+from helpers import ROOT, tiny_sft_config, write_yaml
 from pipeline.step_server import StepServer, _threads, forks_safely
 
 
@@ -31,9 +31,9 @@ def write_run(folder, records):
     return folder
 
 
-def test_a_step_runs_the_command_line_in_its_directory_with_its_environment_and_log(server, tmp_path, monkeypatch):
-    healthy = write_run(tmp_path / "healthy", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}])
-    broken = write_run(tmp_path / "broken", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": float("nan")}])
+def test_a_step_runs_the_command_line_in_its_directory_with_its_log_and_exit_status(server, tmp_path, monkeypatch):
+    write_run(tmp_path / "healthy", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.9}])
+    write_run(tmp_path / "broken", [{"step": 1, "loss": 1.0}, {"step": 2, "loss": float("nan")}])
     monkeypatch.chdir(tmp_path)  # the step resolves relative paths where the runner stands
     env = dict(os.environ, COLUMNS="300")
     ok = server.start("ok", ["doctor", "healthy"], env, tmp_path / "ok.log")
@@ -41,16 +41,26 @@ def test_a_step_runs_the_command_line_in_its_directory_with_its_environment_and_
     assert ok.wait() == 0 and bad.wait() == 1
     assert "healthy: no known failure mode" in (tmp_path / "ok.log").read_text()
     assert "non-finite values" in (tmp_path / "bad.log").read_text()
-    assert healthy.is_dir() and broken.is_dir()
 
 
-def test_a_failing_stage_leaves_its_one_line_in_the_log_without_colour_codes(server, tmp_path):
+def test_a_failing_stage_leaves_its_one_line_in_the_log(server, tmp_path):
     log = tmp_path / "step.log"
     step = server.start("bad-config", ["sft", str(tmp_path / "missing.yaml")], dict(os.environ), log)
-    assert step.wait() != 0
+    assert step.wait() == 2
     text = log.read_text()
     assert "missing.yaml: no such config file" in text and "Traceback" not in text
-    assert "\x1b[" not in text  # the console re-detected that stderr is a file, as a fresh process would
+
+
+def test_the_console_is_set_up_for_the_steps_own_log_and_environment(server, tmp_path):
+    """The server's console was made for the server's stderr and environment; each step's is made
+    again for its own, as a fresh process's would be: plain in a log, coloured where FORCE_COLOR asks."""
+    inspect = ["data", "inspect", str(ROOT / "configs" / "quick" / "sft.yaml")]
+    plain_step = server.start("plain", inspect, dict(os.environ), tmp_path / "plain.log")
+    coloured = server.start("coloured", inspect, dict(os.environ, FORCE_COLOR="1"), tmp_path / "coloured.log")
+    assert plain_step.wait() == 0 and coloured.wait() == 0
+    plain, colour = (tmp_path / "plain.log").read_text(), (tmp_path / "coloured.log").read_text()
+    assert "SFT examples" in plain and "\x1b[" not in plain
+    assert "\x1b[" in colour
 
 
 def test_a_stopped_step_ends_by_its_signal_and_the_server_has_no_thread_to_lose(server, tmp_path):
