@@ -23,6 +23,13 @@ N_POSITIONS = 1024
 PROMPT_WORDS = (8, 32)
 RESPONSE_WORDS = (8, 64)
 MAX_LENGTH = 256  # prompt + response + EOS always fit
+# Pairs shaped like HH-RLHF: a dialogue of two or three human turns with the assistant's replies
+# between them as the prompt, about two thirds of each side's tokens.
+HH_TURNS = (2, 3)
+HH_PROMPT_WORDS = (48, 96)  # over all of the prompt's turns
+HH_RESPONSE_WORDS = (20, 52)
+HH_MAX_LENGTH = 640  # every prompt (at most 310 tokens with the bench's tokenizer) and response fits
+HH_MAX_PROMPT_LENGTH = 480
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -51,6 +58,29 @@ def pair_rows(n: int, seed: int, prompt_words=PROMPT_WORDS, response_words=RESPO
     ]
 
 
+def hh_pair_rows(n: int, seed: int) -> list[dict]:
+    """n {prompt, chosen, rejected} rows shaped like HH-RLHF: the prompt a multi-turn dialogue in
+    HH's own Human:/Assistant: form, ending at the assistant's turn."""
+    rng = random.Random(seed)
+    words = _words(random.Random(0), 3000)
+    rows = []
+    for _ in range(n):
+        turns = 2 * rng.randint(*HH_TURNS) - 1  # human, assistant, ..., human
+        budget = rng.randint(*HH_PROMPT_WORDS)
+        lengths = [max(1, budget // turns + rng.randint(-3, 3)) for _ in range(turns)]
+        prompt = "".join(
+            f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}:{_sentence(rng, words, k)}" for i, k in enumerate(lengths)
+        )
+        rows.append(
+            {
+                "prompt": prompt + "\n\nAssistant:",
+                "chosen": _sentence(rng, words, rng.randint(*HH_RESPONSE_WORDS)),
+                "rejected": _sentence(rng, words, rng.randint(*HH_RESPONSE_WORDS)),
+            }
+        )
+    return rows
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -72,6 +102,9 @@ def build(root: Path, n_rows: int = 4096, seed: int = 0, sizes: dict[str, dict] 
     sft_eval = write_jsonl(
         [{"prompt": r["prompt"], "completion": r["chosen"]} for r in eval_rows], root / "data" / "sft-eval.jsonl"
     )
+    hh_rows = hh_pair_rows(1024, seed + 2)
+    pairs_hh = write_jsonl(hh_rows, root / "data" / "pairs-hh.jsonl")
+    pairs_hh_eval = write_jsonl(hh_pair_rows(32, seed + 3), root / "data" / "pairs-hh-eval.jsonl")
     tokenizer = train_tokenizer((r[k] for r in rows for k in ("prompt", "chosen", "rejected")), VOCAB_SIZE)
     models, reward_models = {}, {}
     for name, shape in (sizes or SIZES).items():
@@ -92,17 +125,36 @@ def build(root: Path, n_rows: int = 4096, seed: int = 0, sizes: dict[str, dict] 
     prompt = [tokens(r["prompt"]) for r in rows]
     chosen = [tokens(r["chosen"]) for r in rows]
     rejected = [tokens(r["rejected"]) for r in rows]
+    hh_prompt = [tokens(r["prompt"]) for r in hh_rows]
+    hh_chosen = [tokens(r["chosen"]) for r in hh_rows]
+    hh_rejected = [tokens(r["rejected"]) for r in hh_rows]
     meta = {
         "rows": n_rows,
-        "data": {"pairs": str(pairs), "sft": str(sft), "pairs_eval": str(pairs_eval), "sft_eval": str(sft_eval)},
+        "data": {
+            "pairs": str(pairs),
+            "sft": str(sft),
+            "pairs_eval": str(pairs_eval),
+            "sft_eval": str(sft_eval),
+            "pairs_hh": str(pairs_hh),
+            "pairs_hh_eval": str(pairs_hh_eval),
+        },
         "models": models,
         "reward_models": reward_models,
         # Real (non-padding) tokens per example, EOS included: what throughput is counted in.
         "tokens_per_example": {
             "sft": sum(p + c + 1 for p, c in zip(prompt, chosen)) / n_rows,
             "pair": sum(2 * p + c + r + 2 for p, c, r in zip(prompt, chosen, rejected)) / n_rows,
+            "pair_hh": sum(2 * p + c + r + 2 for p, c, r in zip(hh_prompt, hh_chosen, hh_rejected)) / len(hh_rows),
+        },
+        # The prompts' share of a pair's tokens, row per side: what computing it once saves is half of it
+        "prompt_share": {
+            "pair": sum(2 * p for p in prompt) / sum(2 * p + c + r + 2 for p, c, r in zip(prompt, chosen, rejected)),
+            "pair_hh": sum(2 * p for p in hh_prompt)
+            / sum(2 * p + c + r + 2 for p, c, r in zip(hh_prompt, hh_chosen, hh_rejected)),
         },
         "max_tokens": max(p + max(c, r) + 1 for p, c, r in zip(prompt, chosen, rejected)),
+        "max_tokens_hh": max(p + max(c, r) + 1 for p, c, r in zip(hh_prompt, hh_chosen, hh_rejected)),
+        "max_prompt_tokens_hh": max(hh_prompt),
     }
     (root / "fixtures.json").write_text(json.dumps(meta, indent=2))
     return meta

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from benchmarks import fixtures as fixture_module
 from benchmarks.hardware import matmul_params, matmul_peak_gflops, training_flops_per_token
-from benchmarks.stats import summarize
+from benchmarks.stats import steady_throughput, summarize
 
 FULL = {
     "sizes": ["3M", "25M"],
@@ -30,9 +30,12 @@ FULL = {
     "batch_sizes": [2, 4, 8, 16],
     "sweep_steps": 10,
     "rollout": {"batch": 32, "prompt_len": 32, "new_tokens": 96},
-    "ppo_iterations": 4,
+    "ppo_iterations": 3,
     "rounds": 3,
     "prefix": {"shapes": ["hh", "builtin"], "batch": 8},
+    "hh_sizes": ["25M"],
+    "hh_steps": 8,  # pairs of ~590 tokens: half the steps of the random rows, the same warm-up and window
+    "rl_anchor": {"size": "25M", "prompts": 8, "samples_per_prompt": 4, "new_tokens": 96, "iterations": 5},
 }
 # One GPU: two GPT-2 shapes that fill it sensibly, trained in bf16 weights; the 3M scaling sweep
 # says nothing about a GPU and is left out.
@@ -64,6 +67,8 @@ QUICK = {
     "ppo_iterations": 2,
     "rounds": 2,
     "prefix": {"shapes": ["hh"], "batch": 2},
+    "hh_sizes": ["3M"],
+    "rl_anchor": {"size": "3M", "prompts": 2, "samples_per_prompt": 2, "new_tokens": 8, "iterations": 4},
 }
 STAGES = ("sft", "reward", "dpo")
 # (label, framework, settings). The first and last run at equal settings: same random batches.
@@ -74,9 +79,54 @@ VARIANTS = [
     ("ours", "ours", {}),
     ("ours+grouped", "ours", {"ours": {"group_by_length": True}}),
     ("ours+packed", "ours", {"ours": {"packing": True}}),
+    ("ours+shared", "ours", {"ours": {"share_prompt": True}}),
     ("trl", "trl", {}),
 ]
-ONLY_FOR = {"ours+packed": ("sft",)}  # a variant's stages, where not every stage
+# A variant's stages, where not every stage. "ours+shared" computes each pair's prompt once
+# (train.share_prompt, on in every shipped pair config).
+ONLY_FOR = {"ours+packed": ("sft",), "ours+shared": ("reward", "dpo")}
+# The PPO iteration's value model: its own network (the default, from the reward model) or a head on
+# the policy's trunk.
+PPO_VALUE_MODELS = {"separate": {}, "shared": {"value_model": "shared"}}
+# Pairs shaped like HH-RLHF (benchmarks/fixtures.py): the pair stages on the plan's `hh_sizes`, with
+# these variants only.
+HH_STAGES = ("reward", "dpo")
+HH_VARIANTS = ("ours+shared", "trl")  # the prompt once, as every shipped pair config; row-per-side: `prefix`
+
+
+# What `--only` can pick; `training` is the stages on the random rows, `rollout` the sampler against
+# `generate` and the phases of a PPO iteration.
+SECTIONS = ("training", "training-hh", "rollout", "rl-anchor", "prefix", "scaling")
+
+
+def _sections(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'none'}: sections are {', '.join(SECTIONS)}")
+    return names
+
+
+def training_cells(plan: dict, shapes=("random", "hh")) -> list[tuple[str, str, str]]:
+    """(stage, size, pair shape) of every timed training run, in the order a round runs them."""
+    cells = []
+    for size in plan["sizes"]:
+        if "random" in shapes:
+            cells += [(stage, size, "random") for stage in STAGES]
+        if "hh" in shapes and size in plan.get("hh_sizes", []):
+            cells += [(stage, size, "hh") for stage in HH_STAGES]
+    return cells
+
+
+def cell_variants(plan: dict, stage: str, shape: str, frameworks: list[str]) -> list[tuple[str, str, dict]]:
+    return [
+        v
+        for v in VARIANTS
+        if v[0] in plan.get("variants", [v[0]])
+        and v[1] in frameworks
+        and stage in ONLY_FOR.get(v[0], STAGES)
+        and (shape != "hh" or v[0] in HH_VARIANTS)
+    ]
 
 
 REUSE = {"results": True}
@@ -143,6 +193,8 @@ def ppo_spec(size: str, iterations: int, rollouts: int, new_tokens: int, fx_path
         "batch_size": rollouts,
         "steps": iterations,
         "max_length": fixture_module.MAX_LENGTH,
+        "max_prompt_length": 64,
+        "kl_coef": 0.05,
         "lr": 1e-5,
         "warmup_steps": 0,
         "seed": 0,
@@ -153,53 +205,68 @@ def ppo_spec(size: str, iterations: int, rollouts: int, new_tokens: int, fx_path
 
 
 def training_rows(
-    plan: dict, fx: dict, fx_path: Path, out: Path, peak: float, frameworks: list[str], device: dict
+    plan: dict,
+    fx: dict,
+    fx_path: Path,
+    out: Path,
+    peak: float,
+    frameworks: list[str],
+    device: dict,
+    shapes=("random", "hh"),
 ) -> list[dict]:
     """Each (stage, size, variant) measured once per round. Within a round every variant of a stage
     runs back to back, in reverse order every other round, so that a neighbour's load which comes and
     goes falls on both sides of a ratio; the ratio to TRL is then taken within each round."""
-    per_round: dict[tuple[str, str, str], list[dict]] = {}
+    per_round: dict[tuple[str, str, str, str], list[dict]] = {}
     for round_ in range(plan["rounds"]):
-        for size in plan["sizes"]:
-            for stage in STAGES:
-                variants = [
-                    v
-                    for v in VARIANTS
-                    if v[0] in plan.get("variants", [v[0]])
-                    and v[1] in frameworks
-                    and stage in ONLY_FOR.get(v[0], STAGES)
-                ]
-                for label, framework, settings in variants if round_ % 2 == 0 else variants[::-1]:
-                    spec = training_spec(
-                        stage,
-                        size,
-                        plan["batch_size"],
-                        plan["steps"],
-                        fx_path,
-                        out / "runs" / f"{label}-{stage}-{size}" / f"round-{round_}",
-                        framework=framework,
-                        dtype=device["dtype"],
-                        **settings,
-                    )
-                    result = run_worker(spec, Path(spec["out"]))
-                    per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair"]
-                    seq_len = per_example if stage == "sft" else per_example / 2
-                    row = summarize(
-                        result,
-                        peak,
-                        flops_per_token(stage, fx["models"][size], seq_len),
-                        per_example,
-                        plan["warmup"],
-                        plan["window"],
-                    )
-                    per_round.setdefault((stage, size, label), []).append(row)
-                    print(
-                        f"  round {round_ + 1} {label:12s} {stage:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
-                        f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB RSS  "
-                        f"{_gpu_mb(row)}MFU {row['mfu']:.1%}",
-                        flush=True,
-                    )
-    return [over_rounds(rows, label) for (_, _, label), rows in per_round.items()]
+        for stage, size, shape in training_cells(plan, shapes):
+            variants = cell_variants(plan, stage, shape, frameworks)
+            for label, framework, settings in variants if round_ % 2 == 0 else variants[::-1]:
+                hh = shape == "hh"
+                spec = training_spec(
+                    stage,
+                    size,
+                    plan["batch_size"],
+                    plan.get("hh_steps", plan["steps"]) if hh else plan["steps"],
+                    fx_path,
+                    out / "runs" / f"{label}-{stage}{'-hh' if hh else ''}-{size}" / f"round-{round_}",
+                    framework=framework,
+                    dtype=device["dtype"],
+                    **(
+                        {
+                            "shape": "hh",
+                            "max_length": fixture_module.HH_MAX_LENGTH,
+                            "max_prompt_length": fixture_module.HH_MAX_PROMPT_LENGTH,
+                        }
+                        if hh
+                        else {}
+                    ),
+                    **settings,
+                )
+                result = run_worker(spec, Path(spec["out"]))
+                per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair_hh" if hh else "pair"]
+                seq_len = per_example if stage == "sft" else per_example / 2
+                row = summarize(
+                    result,
+                    peak,
+                    flops_per_token(stage, fx["models"][size], seq_len),
+                    per_example,
+                    plan["warmup"],
+                    plan["window"],
+                )
+                row["shape"] = shape
+                if settings.get("ours", {}).get("share_prompt"):
+                    # Throughput counts a pair's tokens as a row per side has them (the same work as
+                    # TRL's); MFU counts what is computed, the prompt once.
+                    row["mfu"] *= 1 - fx["prompt_share"]["pair_hh" if hh else "pair"] / 2
+                per_round.setdefault((stage, size, shape, label), []).append(row)
+                print(
+                    f"  round {round_ + 1} {label:12s} {stage:6s} {shape:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
+                    f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB RSS  "
+                    f"{_gpu_mb(row)}MFU {row['mfu']:.1%}",
+                    flush=True,
+                )
+    return [over_rounds(rows, label) for (*_, label), rows in per_round.items()]
 
 
 def over_rounds(rows: list[dict], label: str) -> dict:
@@ -291,19 +358,104 @@ def ppo_rows(plan: dict, fx: dict, fx_path: Path, out: Path, device: dict) -> tu
             f"tok/s ({row['speedup']:.2f}x), same greedy outputs: {row['same_greedy_outputs']}",
             flush=True,
         )
-    spec = ppo_spec(
-        plan["sizes"][-1],
-        plan["ppo_iterations"],
-        plan["rollout"]["batch"],
-        plan["rollout"]["new_tokens"],
-        fx_path,
-        out / "runs" / "ours-ppo",
-        dtype=device["dtype"],
-    )
-    result = run_worker(spec, Path(spec["out"]))
-    split = result["ppo_phases"]
-    print("  ppo iteration: " + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()), flush=True)
-    return rollouts, {"size": spec["size"], "rollout_batch_size": spec["rollout_batch_size"], "seconds": split}
+    # The PPO iteration with a value model of its own (the reward model's copy, the default) and
+    # with a value head on the policy's trunk (value_model: shared), in rounds, alternating.
+    per_round: dict[str, list[dict]] = {}
+    for round_ in range(plan["rounds"]):
+        order = list(PPO_VALUE_MODELS)
+        for label in order if round_ % 2 == 0 else order[::-1]:
+            spec = ppo_spec(
+                plan["sizes"][-1],
+                plan["ppo_iterations"],
+                plan["rollout"]["batch"],
+                plan["rollout"]["new_tokens"],
+                fx_path,
+                out / "runs" / f"ours-ppo-{label}" / f"round-{round_}",
+                dtype=device["dtype"],
+                **PPO_VALUE_MODELS[label],
+            )
+            split = run_worker(spec, Path(spec["out"]))["ppo_phases"]
+            per_round.setdefault(label, []).append(split)
+            print(
+                f"  round {round_ + 1} ppo iteration, {label} value model: "
+                + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()),
+                flush=True,
+            )
+    iteration = {
+        "size": spec["size"],
+        "rollout_batch_size": spec["rollout_batch_size"],
+        "seconds": {k: statistics.median(r[k] for r in per_round["separate"]) for k in per_round["separate"][0]},
+        "variants": {
+            label: {
+                "seconds": {k: statistics.median(r[k] for r in rounds) for k in rounds[0]},
+                "total_s_rounds": [sum(r.values()) for r in rounds],
+            }
+            for label, rounds in per_round.items()
+        },
+    }
+    return rollouts, iteration
+
+
+def rl_anchor_rows(plan: dict, fx_path: Path, out: Path, frameworks: list[str], device: dict) -> list[dict]:
+    """Our critic-free PPO iteration (ppo.advantage grpo and rloo) against TRL's GRPOTrainer and
+    RLOOTrainer at equal settings (benchmarks/worker.py run_trl_rl): each iteration samples
+    `samples_per_prompt` completions of `prompts` prompts and takes one optimizer step on all of
+    them. Completions/s over the iterations after the first, in rounds, the ratio within a round."""
+    anchor = plan["rl_anchor"]
+    completions = anchor["prompts"] * anchor["samples_per_prompt"]
+    per_round: dict[tuple[str, str], list[dict]] = {}
+    for round_ in range(plan["rounds"]):
+        for method in ("grpo", "rloo"):
+            order = [f for f in ("ours", "trl") if f in frameworks]
+            for framework in order if round_ % 2 == 0 else order[::-1]:
+                spec = ppo_spec(
+                    anchor["size"],
+                    anchor["iterations"],
+                    anchor["prompts"],
+                    anchor["new_tokens"],
+                    fx_path,
+                    out / "runs" / f"{framework}-{method}-{anchor['size']}" / f"round-{round_}",
+                    framework=framework,
+                    stage=method,
+                    batch_size=completions,  # what one optimizer step (one iteration) trains on
+                    dtype=device["dtype"],
+                    ppo={
+                        "advantage": method,
+                        "samples_per_prompt": anchor["samples_per_prompt"],
+                        "rollout_batch_size": anchor["prompts"],
+                        "mini_batch_size": completions,
+                        "micro_batch_size": completions,
+                        "epochs": 1,
+                    },
+                )
+                result = run_worker(spec, Path(spec["out"]))
+                per_s = steady_throughput(result["step_times"], completions, warmup=1, window=1)
+                row = {"completions_per_s": per_s, "peak_rss_mb": result["peak_rss_mb"]}
+                if result.get("peak_gpu_mb") is not None:
+                    row["peak_gpu_mb"] = result["peak_gpu_mb"]
+                per_round.setdefault((method, framework), []).append(row)
+                print(
+                    f"  round {round_ + 1} {framework:4s} {method} {anchor['size']}: {per_s:.2f} completions/s "
+                    f"({anchor['prompts']} prompts x {anchor['samples_per_prompt']}, {anchor['new_tokens']} new tokens), "
+                    f"{row['peak_rss_mb']:.0f} MB RSS",
+                    flush=True,
+                )
+    rows = []
+    for (method, framework), rounds in per_round.items():
+        rates = [r["completions_per_s"] for r in rounds]
+        row = {
+            "method": method,
+            "framework": framework,
+            **{k: v for k, v in anchor.items() if k != "iterations"},
+            "completions_per_s": statistics.median(rates),
+            "completions_per_s_range": [min(rates), max(rates)],
+            "completions_per_s_rounds": rates,
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rounds),
+        }
+        if rounds[0].get("peak_gpu_mb") is not None:
+            row["peak_gpu_mb"] = statistics.median(r["peak_gpu_mb"] for r in rounds)
+        rows.append(row)
+    return rows
 
 
 def prefix_rows(plan: dict, fx: dict) -> list[dict]:
@@ -332,20 +484,27 @@ def markdown(bench: dict) -> str:
         f"({bench['machine']}); command: `{bench['command']}`",
         "",
     ]
-    lines += [
-        "Each measure: the median over rounds (min–max); ratios are taken within each round.",
-        "",
-        f"| stage | size | framework | examples/s | tokens/s | {memory} (MB) | time to first step (s) | MFU |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    by_key = {(r["stage"], r["size"], r["framework"]): r for r in bench["training"]}
+    lines += ["Each measure: the median over rounds (min–max); ratios are taken within each round."]
+    if bench["training"]:
+        lines += [
+            "",
+            f"| stage | size | framework | examples/s | tokens/s | {memory} (MB) | time to first step (s) | MFU |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+    by_key = {(_stage_name(r), r["size"], r["framework"]): r for r in bench["training"]}
     for r in bench["training"]:
         low, high = r["examples_per_s_range"]
         lines.append(
-            f"| {r['stage']} | {r['size']} | {r['framework']} | {r['examples_per_s']:.2f} ({low:.2f}–{high:.2f}) | "
+            f"| {_stage_name(r)} | {r['size']} | {r['framework']} | {r['examples_per_s']:.2f} ({low:.2f}–{high:.2f}) | "
             f"{_median_range(r['tokens_per_s'], r['tokens_per_s_range'])} | "
             f"{r[memory_key]:.0f} | {r['time_to_first_step_s']:.1f} | {r['mfu']:.1%} |"
         )
+    if any(r["framework"] == "ours+shared" for r in bench["training"]):
+        lines += [
+            "",
+            "ours+shared computes each pair's prompt once: its tokens/s counts a pair's tokens as a row per side "
+            "has them (the same work as TRL's), its MFU the tokens it computes.",
+        ]
     ratios = []
     for (stage, size, framework), r in by_key.items():
         other = by_key.get((stage, size, "trl"))
@@ -362,11 +521,12 @@ def markdown(bench: dict) -> str:
             "|---|---|---|---:|---:|",
             *ratios,
         ]
-    lines += [
-        "",
-        "| rollouts | batch x new tokens | ours tok/s | generate tok/s | speedup | same greedy outputs |",
-        "|---|---|---:|---:|---:|---|",
-    ]
+    if bench["rollout"]:
+        lines += [
+            "",
+            "| rollouts | batch x new tokens | ours tok/s | generate tok/s | speedup | same greedy outputs |",
+            "|---|---|---:|---:|---:|---|",
+        ]
     for r in bench["rollout"]:
         low, high = r["speedup_range"]
         lines.append(
@@ -374,6 +534,32 @@ def markdown(bench: dict) -> str:
             f"{_median_range(r['generate_tokens_per_s'], r['generate_tokens_per_s_range'])} | "
             f"{r['speedup']:.2f}x ({low:.2f}–{high:.2f}) | {r['same_greedy_outputs']} |"
         )
+    anchor = {(r["method"], r["framework"]): r for r in bench.get("rl_anchor", [])}
+    if anchor:
+        lines += [
+            "",
+            "| critic-free RL iteration | size | prompts x samples, new tokens | ours completions/s | TRL completions/s | "
+            "ours / TRL | ours − TRL peak RSS |",
+            "|---|---|---|---:|---:|---:|---:|",
+        ]
+    for method in ("grpo", "rloo"):
+        ours, trl = anchor.get((method, "ours")), anchor.get((method, "trl"))
+        if ours is None:
+            continue
+        cells = [
+            f"{method} | {ours['size']} | {ours['prompts']} x {ours['samples_per_prompt']}, {ours['new_tokens']}",
+            _median_range(ours["completions_per_s"], ours["completions_per_s_range"], 2),
+        ]
+        if trl is None:
+            cells += ["-", "-", "-"]
+        else:
+            within = [a / b for a, b in zip(ours["completions_per_s_rounds"], trl["completions_per_s_rounds"])]
+            cells += [
+                _median_range(trl["completions_per_s"], trl["completions_per_s_range"], 2),
+                f"{statistics.median(within):.2f}x ({min(within):.2f}–{max(within):.2f})",
+                f"{ours['peak_rss_mb'] - trl['peak_rss_mb']:+.0f} MB",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
     if bench.get("prefix"):
         lines += [
             "",
@@ -388,13 +574,30 @@ def markdown(bench: dict) -> str:
             f"{r['tokens_saved']:.0%} | {r['per_side_s']:.3f} | {r['shared_s']:.3f} | {r['speedup']:.2f}x ({low:.2f}–{high:.2f}) | "
             f"{r['max_logp_difference']:.1e} |"
         )
-    phases = bench["ppo_iteration"]["seconds"]
-    total = sum(phases.values())
-    lines += [
-        "",
-        f"One PPO iteration ({bench['ppo_iteration']['size']}, {bench['ppo_iteration']['rollout_batch_size']} rollouts): "
-        + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in phases.items()),
-    ]
+    if bench.get("ppo_iteration"):
+        iteration = bench["ppo_iteration"]
+        variants = iteration.get("variants") or {"separate": {"seconds": iteration["seconds"]}}
+        lines += [
+            "",
+            f"One PPO iteration ({iteration['size']}, {iteration['rollout_batch_size']} rollouts), the median "
+            "seconds of each phase over rounds:",
+            "",
+            "| value model | " + " | ".join(variants["separate"]["seconds"]) + " | iteration | speedup |",
+            "|---|" + "---:|" * (len(variants["separate"]["seconds"]) + 2),
+        ]
+        base = variants["separate"].get("total_s_rounds")
+        for label, variant in variants.items():
+            phases = variant["seconds"]
+            total = sum(phases.values())
+            speedup = "-"
+            if base and label != "separate":
+                within = [a / b for a, b in zip(base, variant["total_s_rounds"])]
+                speedup = f"{statistics.median(within):.2f}x ({min(within):.2f}–{max(within):.2f})"
+            lines.append(
+                f"| {label} | "
+                + " | ".join(f"{v:.2f} s ({v / total:.0%})" for v in phases.values())
+                + f" | {total:.2f} s | {speedup} |"
+            )
     if bench["scaling"]:
         lines += [
             "",
@@ -408,8 +611,12 @@ def markdown(bench: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _median_range(median: float, bounds: list[float]) -> str:
-    return f"{median:.0f} ({bounds[0]:.0f}–{bounds[1]:.0f})"
+def _stage_name(row: dict) -> str:
+    return row["stage"] + (" (HH-shaped)" if row.get("shape") == "hh" else "")
+
+
+def _median_range(median: float, bounds: list[float], digits: int = 0) -> str:
+    return f"{median:.{digits}f} ({bounds[0]:.{digits}f}–{bounds[1]:.{digits}f})"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -420,6 +627,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--skip-trl", action="store_true", help="our stages only (TRL is in the optional 'bench' extra)"
     )
     parser.add_argument("--fresh", action="store_true", help="re-measure runs whose results are already in --out")
+    parser.add_argument(
+        "--only",
+        type=_sections,
+        default=list(SECTIONS),
+        help=f"comma-separated sections to measure, of {', '.join(SECTIONS)} (default: all)",
+    )
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"],
@@ -444,12 +657,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'bf16' if device_type == 'cuda' else 'fp32'} matmul peak: {peak:.0f} GFLOP/s", flush=True)
     fx_path = out / "fixtures" / "fixtures.json"
     fx = json.loads(fx_path.read_text()) if fx_path.is_file() else None
-    if fx is None or "reward_models" not in fx or not set(plan["sizes"]) <= set(fx["models"]):
+    if fx is None or "prompt_share" not in fx or not set(plan["sizes"]) <= set(fx["models"]):
         fx = fixture_module.build(fx_path.parent, sizes={size: fixture_module.SIZES[size] for size in plan["sizes"]})
-    training = training_rows(plan, fx, fx_path, out, peak, frameworks, device)
-    rollout, ppo_iteration = ppo_rows(plan, fx, fx_path, out, device)
-    prefix = prefix_rows(plan, fx) if "prefix" in plan else []  # on the CPU
-    scaling = scaling_rows(plan, fx, out, peak)
+    only = set(args.only)
+    shapes = [shape for shape, section in (("random", "training"), ("hh", "training-hh")) if section in only]
+    training = training_rows(plan, fx, fx_path, out, peak, frameworks, device, shapes)
+    rollout, ppo_iteration = ppo_rows(plan, fx, fx_path, out, device) if "rollout" in only else ([], None)
+    rl_anchor = (
+        rl_anchor_rows(plan, fx_path, out, frameworks, device) if "rl_anchor" in plan and "rl-anchor" in only else []
+    )
+    prefix = prefix_rows(plan, fx) if "prefix" in plan and "prefix" in only else []  # on the CPU
+    scaling = scaling_rows(plan, fx, out, peak) if "scaling" in only else []
 
     machine = f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if device_type == "cuda":
@@ -458,7 +676,8 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python -m benchmarks.run"
         + (" --quick" if args.quick else "")
         + (" --skip-trl" if args.skip_trl else "")
-        + (f" --device {args.device}" if args.device != "auto" else ""),
+        + (f" --device {args.device}" if args.device != "auto" else "")
+        + (f" --only {','.join(args.only)}" if only != set(SECTIONS) else ""),
         "machine": machine,
         "device": device,
         "date": time.strftime("%Y-%m-%d"),
@@ -469,6 +688,7 @@ def main(argv: list[str] | None = None) -> dict:
         "training": training,
         "rollout": rollout,
         "ppo_iteration": ppo_iteration,
+        "rl_anchor": rl_anchor,
         "prefix": prefix,
         "scaling": scaling,
         "wall_s": time.time() - started,

@@ -28,10 +28,17 @@ def _record_step(_optimizer, _args, _kwargs) -> None:
     STEP_TIMES.append(time.time())
 
 
+def data_key(spec: dict, split: str = "") -> str:
+    """The fixture file of a spec's stage and pair shape: sft, pairs or pairs_hh (+ _eval)."""
+    if spec["stage"] == "sft":
+        return "sft" + split
+    return "pairs" + ("_hh" if spec.get("shape") == "hh" else "") + split
+
+
 def training_rows(spec: dict, fixtures: dict) -> Path:
     """The first steps x batch_size rows of the stage's data: every row is trained on once, and
     the reference pass (part of time to first step) covers exactly the rows that are used."""
-    source = Path(fixtures["data"]["pairs" if spec["stage"] != "sft" else "sft"])
+    source = Path(fixtures["data"][data_key(spec)])
     rows = source.read_text().splitlines()[: spec["steps"] * spec["batch_size"]]
     path = Path(spec["out"]) / "train.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,12 +62,12 @@ def run_ours(spec: dict, fixtures: dict) -> None:
         ],
         "eval": [
             {
-                "path": fixtures["data"]["pairs_eval" if pairs else "sft_eval"],
+                "path": fixtures["data"][data_key(spec, "_eval")],
                 "format": "prompt_chosen_rejected" if pairs else "prompt_completion",
             }
         ],
         "max_length": spec["max_length"],
-        "max_prompt_length": spec["max_length"] // 2,
+        "max_prompt_length": spec.get("max_prompt_length", spec["max_length"] // 2),
         "max_eval_examples": 16,
     }
     config = {
@@ -98,6 +105,20 @@ def run_ours(spec: dict, fixtures: dict) -> None:
     module.run(cfg, overwrite=True)
 
 
+def rl_prompts(spec: dict, fixtures: dict) -> Path:
+    """The fixture rows whose prompt fits max_prompt_length tokens: TRL's GRPO/RLOO trainers do not
+    truncate prompts, so both sides sample from exactly the same prompts."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fixtures["models"][spec["size"]])
+    rows = [json.loads(line) for line in Path(fixtures["data"]["pairs"]).read_text().splitlines()]
+    fits = [r for r in rows if len(tokenizer(r["prompt"])["input_ids"]) <= spec["max_prompt_length"]]
+    path = Path(spec["out"]) / "prompts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in fits))
+    return path
+
+
 def run_ppo(spec: dict, fixtures: dict) -> dict:
     """A few PPO iterations; returns the mean seconds of each phase, the first iteration left out."""
     import yaml
@@ -113,11 +134,13 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
         "model": {"name_or_path": folder, "dtype": spec.get("dtype", "float32"), **spec.get("model", {})},
         "reward": {"kind": "model", "models": [fixtures["reward_models"][spec["size"]]], "normalize": False},
         "data": {
-            "train": [{"path": fixtures["data"]["pairs"], "format": "prompt_chosen_rejected"}],
+            "train": [{"path": str(rl_prompts(spec, fixtures)), "format": "prompt_chosen_rejected"}],
             "max_length": spec["max_length"],
-            "max_prompt_length": 64,
+            "max_prompt_length": spec["max_prompt_length"],
         },
         "rollout": {"max_new_tokens": spec["new_tokens"], "temperature": 1.0},
+        "kl": {"coef": spec["kl_coef"]},
+        "optim": {"lr": spec["lr"], "warmup_ratio": 0.0, "schedule": "constant"},
         "ppo": {
             "rollout_batch_size": spec["rollout_batch_size"],
             "mini_batch_size": min(16, spec["rollout_batch_size"]),
@@ -132,6 +155,7 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
             **spec.get("ours", {}),
         },
         "sample_table_every": 0,
+        **({"value_model": spec["value_model"]} if spec.get("value_model") else {}),
     }
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -142,41 +166,50 @@ def run_ppo(spec: dict, fixtures: dict) -> dict:
     return {phase: sum(r[f"time/{phase}"] for r in rows) / len(rows) for phase in phases}
 
 
-def run_trl(spec: dict, fixtures: dict) -> None:
-    import datasets
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    stage, out = spec["stage"], Path(spec["out"])
-    folder = fixtures["models"][spec["size"]]
-    bf16 = spec.get("dtype") == "bfloat16"  # TRL's bf16 is autocast over float32 weights, as ours
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    train = datasets.load_dataset("json", data_files=str(training_rows(spec, fixtures)), split="train")
-    common = dict(
-        output_dir=str(out / "run"),
-        per_device_train_batch_size=spec["batch_size"],
+def trl_arguments(spec: dict, **settings) -> dict:
+    """TRL's training arguments common to every bench run, ours' optimizer (AdamW 0.9/0.95, eps 1e-5,
+    weight decay 0.1, clipping at 1.0) and no saving, logging or evaluation on the clock; `settings`
+    on top."""
+    return dict(
+        output_dir=str(Path(spec["out"]) / "run"),
         gradient_accumulation_steps=1,
-        max_steps=spec["steps"],
         learning_rate=spec["lr"],
         adam_beta1=0.9,
         adam_beta2=0.95,
         adam_epsilon=1e-5,
         weight_decay=0.1,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_steps=spec["warmup_steps"],
         max_grad_norm=1.0,
-        logging_steps=spec["steps"],
         save_strategy="no",
-        eval_strategy="no",
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
         seed=spec["seed"],
         disable_tqdm=True,
-        gradient_checkpointing=False,
-        bf16=bf16,
+        bf16=spec.get("dtype") == "bfloat16",  # TRL's bf16 is autocast over float32 weights, as ours
         fp16=False,  # TRL defaults to bf16; ours follows model.dtype, so both are set alike
-        max_length=spec["max_length"],
         dataloader_num_workers=0,
+        **settings,
+    )
+
+
+def run_trl(spec: dict, fixtures: dict) -> None:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    stage = spec["stage"]
+    folder = fixtures["models"][spec["size"]]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train = datasets.load_dataset("json", data_files=str(training_rows(spec, fixtures)), split="train")
+    common = trl_arguments(
+        spec,
+        per_device_train_batch_size=spec["batch_size"],
+        max_steps=spec["steps"],
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=spec["warmup_steps"],
+        logging_steps=spec["steps"],
+        eval_strategy="no",
+        gradient_checkpointing=False,
+        max_length=spec["max_length"],
         **spec.get("trl", {}),
     )
     if stage == "sft":
@@ -202,6 +235,61 @@ def run_trl(spec: dict, fixtures: dict) -> None:
     trainer.train()
 
 
+def run_trl_rl(spec: dict, fixtures: dict) -> None:
+    """TRL's GRPOTrainer or RLOOTrainer at the settings of our critic-free PPO iteration (run_ppo with
+    ppo.advantage grpo or rloo): the same model, prompts, samples per prompt, new tokens, sampling
+    temperature, KL coefficient (so both run a reference pass) and reward model; one generation and
+    one optimizer step on all of its completions per iteration. TRL generates with the model's own
+    `generate`."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = fixtures["models"][spec["size"]]
+    ppo = spec["ppo"]
+    completions = ppo["rollout_batch_size"] * ppo["samples_per_prompt"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(fixtures["reward_models"][spec["size"]])
+    prompts = datasets.load_dataset("json", data_files=str(rl_prompts(spec, fixtures)), split="train")
+    prompts = prompts.select_columns(["prompt"])
+    common = trl_arguments(
+        spec,
+        per_device_train_batch_size=completions,
+        steps_per_generation=1,
+        num_iterations=1,
+        num_generations=ppo["samples_per_prompt"],
+        max_completion_length=spec["new_tokens"],
+        temperature=1.0,
+        beta=spec["kl_coef"],
+        max_steps=spec["iterations"],
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        disable_dropout=True,
+    )
+    if spec["stage"] == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        trainer = GRPOTrainer(
+            model=folder,
+            reward_funcs=reward_model,
+            args=GRPOConfig(**common, scale_rewards="group"),
+            train_dataset=prompts,
+            processing_class=tokenizer,
+            reward_processing_classes=tokenizer,
+        )
+    else:
+        from trl import RLOOConfig, RLOOTrainer
+
+        trainer = RLOOTrainer(
+            model=folder,
+            reward_funcs=reward_model,
+            args=RLOOConfig(**common),
+            train_dataset=prompts,
+            processing_class=tokenizer,
+            reward_processing_classes=tokenizer,
+        )
+    trainer.train()
+
+
 def main(spec_path: str, result_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     fixtures = json.loads(Path(spec["fixtures"]).read_text())
@@ -210,7 +298,9 @@ def main(spec_path: str, result_path: str) -> None:
         torch.set_num_threads(spec["threads"])
     register_optimizer_step_post_hook(_record_step)
     extra = {}
-    if spec["stage"] == "ppo":
+    if spec["stage"] in ("grpo", "rloo") and spec["framework"] == "trl":
+        run_trl_rl(spec, fixtures)
+    elif spec["stage"] in ("ppo", "grpo", "rloo"):
         extra["ppo_phases"] = run_ppo(spec, fixtures)
     else:
         {"ours": run_ours, "trl": run_trl}[spec["framework"]](spec, fixtures)

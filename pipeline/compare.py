@@ -505,6 +505,7 @@ def collect_costs(cfg: CompareConfig) -> list[dict]:
 SHARED_INPUTS = {
     "dpo": ["pairs"],
     "ppo": ["pairs", "reward"],
+    "ppo_shared": ["pairs", "reward"],
     "rloo": ["pairs", "reward"],
     "grpo": ["pairs", "reward"],
     "rs": ["pairs", "reward"],

@@ -273,13 +273,14 @@ def broadcast_object(dist: Dist, obj):
 # ------------------------------------------------------------------------------------------ FSDP2
 
 
-def shard(model: torch.nn.Module, dist: Dist, compute_dtype: str = "float32") -> torch.nn.Module:
+def shard(model: torch.nn.Module, dist: Dist, compute_dtype: str = "float32", whole: bool = False) -> torch.nn.Module:
     """The model on this rank's device, FSDP2-sharded when several processes (or a launched one) run.
 
     Sharding is full: each transformer block is one unit, then the root holds the rest; the blocks
     are found through `_no_split_modules`, the list Hugging Face models keep of the layer classes
     that must stay whole (GPT2Block, LlamaDecoderLayer, ...).
 
+    `whole`: one unit and no blocks, for a small module of ours (PPO's shared value head).
     `compute_dtype` (the stage's `model.dtype`) is the precision of the forward passes; weights,
     gradients and optimizer state stay float32 (mixed precision). Sharded, FSDP2's policy gathers
     the weights in it; in one process, each forward runs under autocast (`compute_in`).
@@ -297,7 +298,7 @@ def shard(model: torch.nn.Module, dist: Dist, compute_dtype: str = "float32") ->
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     block_names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
-    if not blocks:
+    if not blocks and not whole:
         raise RuntimeError(f"{type(model).__name__} names no transformer block class to shard")
     for block in blocks:
         fully_shard(block, **kwargs)
@@ -368,7 +369,9 @@ def save_pretrained(
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         model = hf_model
     target = Path(target)
-    if not adapters:
+    if hasattr(model, "save_folder"):  # a module of ours, not a Hugging Face model (PPO's shared value head)
+        folders = {target: lambda staging: model.save_folder(state, staging)}
+    elif not adapters:
         folders = {target: lambda staging: _save_weights(model, _without_tied_copies(model, state), staging)}
     elif merged:
         folders = {

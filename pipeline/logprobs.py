@@ -61,7 +61,8 @@ def response_token_logps(
     labels: torch.Tensor,
     temperature: float = 1.0,
     position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_hidden: bool = False,
+):
     """(logps, mask), each (B, T-1): the log-probability of every labelled next token.
 
     The LM head runs on the labelled positions only (the response, not the prompt or padding)
@@ -69,19 +70,26 @@ def response_token_logps(
     logits are computed and gathered. Both give the same numbers as `token_logps` on full logits.
     `temperature` scores under softmax(logits / T), the distribution a sampler at T draws from.
     `position_ids` (B, T), for rows that hold several sequences (pipeline/packing.py).
+    `with_hidden`: (logps, mask, hidden), hidden (B, T, H) the last hidden state of every position
+    from the same forward (PPO's shared value head reads it).
     """
     kept = labels[:, 1:] != IGNORE  # position t predicts token t+1
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None:
         inputs["position_ids"] = position_ids
+    if with_hidden:
+        inputs["output_hidden_states"] = True
+    hidden = lambda out: (out.hidden_states[-1],) if with_hidden else ()  # noqa: E731
     if keeps_logit_positions(type(model)):
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = kept
-        logits = model(**inputs, logits_to_keep=keep).logits
+        out = model(**inputs, logits_to_keep=keep)
+        logits = out.logits
         if logits.dim() == 2 and logits.shape[0] == int(kept.sum()):
-            return scatter_response_logps(selected_logps(_tempered(logits, temperature), labels[:, 1:][kept]), labels)
-    logits = model(**inputs).logits
-    return token_logps(_tempered(logits, temperature), labels)
+            logps = selected_logps(_tempered(logits, temperature), labels[:, 1:][kept])
+            return *scatter_response_logps(logps, labels), *hidden(out)
+    out = model(**inputs)
+    return *token_logps(_tempered(out.logits, temperature), labels), *hidden(out)
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -72,6 +72,7 @@ from pipeline.training import (
     set_lr,
     sync_on_last,
 )
+from pipeline.value_head import new_value_head
 
 
 class KLController:
@@ -181,7 +182,7 @@ class Scorer:
 def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     dist = init_distributed()
     seed_everything(cfg.train.seed)
-    run_dir = RunDir(cfg.output_dir, dist, resume, overwrite, produces=("value", "value-adapter"))
+    run_dir = RunDir(cfg.output_dir, dist, resume, overwrite, produces=("value", "value-adapter", "value-head"))
     meter = CostMeter(dist)
     checkpoint = run_dir.resume_point(cfg) if resume else None
 
@@ -217,7 +218,10 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         reference = shard(load_causal_lm(cfg.model, cfg.reference_path), dist, compute).eval().requires_grad_(False)
     critic = cfg.ppo.advantage not in CRITIC_FREE  # RLOO and GRPO take their baseline from the other samples
     value = value_hf = value_optimizer = None
-    if critic:
+    if critic and cfg.shared_value_head:  # a head on the policy's trunk (pipeline/value_head.py)
+        head = new_value_head(policy, checkpoint / "value-head" if checkpoint else None)
+        value = shard(head, dist, compute, whole=True)
+    elif critic:
         value_source = str(checkpoint / "value") if checkpoint and not lora else cfg.value_model_path
         check_value_tokenizer(value_source, tokenizer)
         value_hf = from_pretrained(
@@ -240,19 +244,21 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     meter.watch(policy, "policy")
     if reference is not policy:  # LoRA's reference passes run through the policy and count as its own
         meter.watch(reference, "reference")
-    if value is not None:
+    if value_hf is not None:  # a shared head's few FLOPs ride on the policy's passes
         meter.watch(value, "value")
     for i, model in enumerate(scorer.models):
         meter.watch(model.head, f"reward_{i}")
     policy_optimizer = build_optimizer(policy, cfg.optim)
     if value is not None:
         value_optimizer = build_optimizer(value, cfg.optim)
-    value_lr_scale = (cfg.ppo.value_lr or cfg.optim.lr) / cfg.optim.lr
+    value_lr_scale = cfg.value_lr / cfg.optim.lr
     kl_ctl = KLController(cfg.kl.coef, cfg.kl.target, cfg.kl.horizon)
     plan = BatchPlan.build(len(prompts), cfg.train, dist.world_size, batch_size=cfg.ppo.rollout_batch_size)
     iterations = plan.total_steps
     trainables = [Trainable("model", policy, policy_optimizer, tokenizer)]
-    if value is not None:
+    if cfg.shared_value_head and value is not None:
+        trainables.append(Trainable("value-head", value, value_optimizer))
+    elif value is not None:
         trainables.append(Trainable("value", value, value_optimizer, tokenizer, hf_model=value_hf, prefix="model."))
     # Rollouts are sampled from this generator, one per process; a checkpoint keeps its state.
     generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + dist.rank)
@@ -331,7 +337,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
     # ---- save: the policy (and the value model beside it), card
     merged = save_merged(cfg.model)
     run_dir.save_model(policy, tokenizer, merged=merged)
-    if value is not None:
+    if cfg.shared_value_head and value is not None:
+        save_pretrained(value, None, run_dir.root / "value-head", dist)
+    elif value is not None:
         save_pretrained(
             value, tokenizer, run_dir.root / "value", dist, hf_model=value_hf, prefix="model.", merged=merged
         )
@@ -380,13 +388,16 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
     Log-probs are of the distribution the rollouts were sampled from, softmax(logits / T), for
     the policy and the reference alike, so the ratio and the KL compare like with like. Both come
     from full logits (the policy's also give the entropy): in bf16, an LM head run on fewer rows
-    can round differently, and the KL of a policy to its own copy would not start at 0.
+    can round differently, and the KL of a policy to its own copy would not start at 0. A shared
+    value head reads the policy's last hidden states from the same pass.
     """
     temperature = cfg.rollout.temperature
+    shared = value is not None and cfg.shared_value_head
     old_logps, ref_logps, old_values, entropies, masks = [], [], [], [], []
     for rows in chunks(range(batch["input_ids"].shape[0]), cfg.ppo.micro_batch_size):
         part = {k: v[rows.start : rows.stop] for k, v in batch.items()}
-        logits = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits.float() / temperature
+        out = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"], output_hidden_states=shared)
+        logits = out.logits.float() / temperature
         logps, mask = token_logps(logits, part["labels"])
         old_logps.append(logps)
         masks.append(mask)
@@ -394,10 +405,13 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
         with adapters_disabled(reference):  # a LoRA policy is its own reference, adapters off
             ref_logits = reference(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
         ref_logps.append(token_logps(ref_logits.float() / temperature, part["labels"])[0])
-        critic_free = value is None  # RLOO and GRPO: no value model, the baseline is the other samples
-        old_values.append(
-            torch.zeros_like(logps) if critic_free else value(part["input_ids"], part["attention_mask"])[:, :-1]
-        )
+        if value is None:  # RLOO and GRPO: no value model, the baseline is the other samples
+            old_values.append(torch.zeros_like(logps))
+        elif shared:
+            old_values.append(value(out.hidden_states[-1])[:, :-1])
+        else:
+            old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
+        del out
     mask = torch.cat(masks)
     return torch.cat(old_logps), torch.cat(ref_logps), torch.cat(old_values) * mask, torch.cat(entropies), mask
 
@@ -484,6 +498,7 @@ def ppo_update(
     rows_per_mini = cfg.ppo.mini_batch_size // dist.world_size
     n_rows = rollout.input_ids.shape[0]
     temperature = cfg.rollout.temperature
+    shared = value is not None and cfg.shared_value_head
     policy.train()
     if value is not None:
         value.train()
@@ -503,22 +518,35 @@ def ppo_update(
                     sync_on_last(value, dist, i, len(micro_chunks))
                 mask = rollout.mask[rows]
                 labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
+                hidden = None  # the policy's last hidden states, for a shared value head
                 if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
-                    logits = policy(
-                        input_ids=rollout.input_ids[rows], attention_mask=rollout.attention_mask[rows]
-                    ).logits
-                    logits = logits.float() / temperature
-                    logps, _ = token_logps(logits, labels)
-                else:
-                    logps, _ = response_token_logps(
-                        policy, rollout.input_ids[rows], rollout.attention_mask[rows], labels, temperature
+                    out = policy(
+                        input_ids=rollout.input_ids[rows],
+                        attention_mask=rollout.attention_mask[rows],
+                        output_hidden_states=shared,
                     )
+                    logits = out.logits.float() / temperature
+                    logps, _ = token_logps(logits, labels)
+                    hidden = out.hidden_states[-1] if shared else None
+                else:
+                    logps, _, *last = response_token_logps(
+                        policy,
+                        rollout.input_ids[rows],
+                        rollout.attention_mask[rows],
+                        labels,
+                        temperature,
+                        with_hidden=shared,
+                    )
+                    hidden = last[0] if shared else None
                 policy_loss, policy_stats = ppo_policy_loss(
                     logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range
                 )
                 loss = policy_loss
                 if value is not None:
-                    values = value(rollout.input_ids[rows], rollout.attention_mask[rows])[:, :-1]
+                    # one backward through the shared trunk for both losses, or a value model of its own
+                    values = (
+                        value(hidden) if shared else value(rollout.input_ids[rows], rollout.attention_mask[rows])
+                    )[:, :-1]
                     value_loss, value_clipped = ppo_value_loss(
                         values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range
                     )

@@ -21,6 +21,7 @@ COLOURS = {
     "grpo": "tab:purple",
     "rs": "tab:brown",
     "online_dpo": "tab:cyan",
+    "ppo_shared": "tab:olive",
 }
 SHADES = {  # colour maps per method
     "best_of_n": "Greys",
@@ -31,6 +32,7 @@ SHADES = {  # colour maps per method
     "grpo": "Purples",
     "rs": "YlOrBr",
     "online_dpo": "GnBu",
+    "ppo_shared": "YlGn",
 }
 
 

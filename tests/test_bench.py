@@ -51,6 +51,12 @@ def test_worker_times_our_dpo_stage(tmp_path):
     fx = fixtures.build(tmp_path / "fx", n_rows=64, sizes={"tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2}})
     assert fx["max_tokens"] <= fixtures.MAX_LENGTH
     assert fx["tokens_per_example"]["pair"] > fx["tokens_per_example"]["sft"]
+    # HH-shaped pairs: the multi-turn prompt about two thirds of the tokens, everything within length
+    assert 0.6 < fx["prompt_share"]["pair_hh"] < 0.75 and fx["prompt_share"]["pair"] < 0.5
+    assert fx["max_tokens_hh"] <= fixtures.HH_MAX_LENGTH and fx["max_prompt_tokens_hh"] <= fixtures.HH_MAX_PROMPT_LENGTH
+    first = json.loads(Path(fx["data"]["pairs_hh"]).read_text().splitlines()[0])
+    assert first["prompt"].startswith("\n\nHuman:") and first["prompt"].endswith("\n\nAssistant:")
+    assert first["prompt"].count("\n\nHuman:") >= 2
     spec = {
         "framework": "ours",
         "stage": "dpo",
@@ -122,7 +128,32 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
             "size": "3M",
             "rollout_batch_size": 32,
             "seconds": {"generate": 1.0, "score": 1.0, "advantages": 0.0, "update": 2.0},
+            "variants": {
+                "separate": {
+                    "seconds": {"generate": 1.0, "score": 1.0, "advantages": 0.0, "update": 2.0},
+                    "total_s_rounds": [4.0, 5.0, 4.0],
+                },
+                "shared": {
+                    "seconds": {"generate": 1.0, "score": 0.5, "advantages": 0.0, "update": 1.0},
+                    "total_s_rounds": [2.0, 2.5, 4.0],
+                },
+            },
         },
+        "rl_anchor": [
+            {
+                "method": "grpo",
+                "framework": framework,
+                "size": "25M",
+                "prompts": 8,
+                "samples_per_prompt": 4,
+                "new_tokens": 96,
+                "completions_per_s": rates[1],
+                "completions_per_s_range": [min(rates), max(rates)],
+                "completions_per_s_rounds": rates,
+                "peak_rss_mb": rss,
+            }
+            for framework, rates, rss in (("ours", [2.0, 3.0, 4.0], 1500.0), ("trl", [1.0, 2.0, 4.0], 1000.0))
+        ],
         "scaling": [{**row, "framework": "ours", "seq_len": 128}],
         "prefix": [
             {
@@ -145,7 +176,13 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     assert "| dpo | 3M | ours | 10.00 (6.00–14.00) | 2000 (2000–2000) | 900 | 3.0 | 50.0% |" in text
     assert "| dpo | 3M | ours | 1.25x (1.00–2.00) | -100 MB |" in text
     assert "| 3M | 32 x 96 | 3000 (2900–3100) | 1500 (1400–1600) | 2.00x (1.90–2.10) | True |" in text
-    assert "update 2.00 s (50%)" in text
+    assert "| separate | 1.00 s (25%) | 1.00 s (25%) | 0.00 s (0%) | 2.00 s (50%) | 4.00 s | - |" in text
+    # the speedup within each round: 4/2, 5/2.5, 4/4
+    assert "| shared | 1.00 s (40%) | 0.50 s (20%) | 0.00 s (0%) | 1.00 s (40%) | 2.50 s | 2.00x (1.00–2.00) |" in text
+    # ratios within rounds: 2/1, 3/2, 4/4
+    assert "| grpo | 25M | 8 x 4, 96 | 3.00 (2.00–4.00) | 2.00 (1.00–4.00) | 1.50x (1.00–2.00) | +500 MB |" in text
+    hh = over_rounds([{**row, "shape": "hh"}], "ours+shared")
+    assert "| dpo (HH-shaped) | 3M | ours+shared | 10.00 (10.00–10.00) |" in markdown({**bench, "training": [hh]})
 
     # On a GPU: the bf16 ceiling, GPU memory where RSS was, and no empty scaling table.
     gpu = {**bench, "device": {"type": "cuda", "dtype": "bfloat16"}, "scaling": []}
@@ -156,35 +193,56 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     assert "scaling" not in text
 
 
-@pytest.mark.slow
-def test_worker_splits_a_ppo_iteration_into_phases(tmp_path):
-    fixtures.build(tmp_path / "fx", n_rows=32, sizes={"tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2}})
-    spec = {
-        "framework": "ours",
-        "stage": "ppo",
-        "size": "tiny",
-        "iterations": 3,
-        "rollout_batch_size": 4,
-        "new_tokens": 6,
-        "batch_size": 4,
-        "steps": 3,
-        "max_length": fixtures.MAX_LENGTH,
-        "lr": 1e-5,
-        "warmup_steps": 0,
-        "seed": 0,
-        "fixtures": str(tmp_path / "fx" / "fixtures.json"),
-        "out": str(tmp_path / "ppo"),
-    }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
+def run_ppo_worker(tmp_path: Path, name: str, **extra) -> dict:
+    from benchmarks.run import ppo_spec
+
+    fx_path = tmp_path / "fx" / "fixtures.json"
+    if not fx_path.is_file():
+        fixtures.build(tmp_path / "fx", n_rows=32, sizes={"tiny": {"n_embd": 32, "n_layer": 1, "n_head": 2}})
+    spec = ppo_spec("tiny", 3, 4, 6, fx_path, tmp_path / name, **extra)
+    (tmp_path / f"{name}.json").write_text(json.dumps(spec))
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.worker", str(tmp_path / "spec.json"), str(tmp_path / "result.json")],
+        [sys.executable, "-m", "benchmarks.worker", str(tmp_path / f"{name}.json"), str(tmp_path / f"{name}-out.json")],
         cwd=ROOT,
         check=True,
         capture_output=True,
     )
-    phases = json.loads((tmp_path / "result.json").read_text())["ppo_phases"]
-    assert set(phases) == {"generate", "score", "advantages", "update"}
-    assert all(seconds > 0 for seconds in phases.values())
+    return json.loads((tmp_path / f"{name}-out.json").read_text())
+
+
+@pytest.mark.slow
+def test_worker_splits_a_ppo_iteration_into_phases_with_either_value_model(tmp_path):
+    for name, extra in (("separate", {}), ("shared", {"value_model": "shared"})):
+        result = run_ppo_worker(tmp_path, name, **extra)
+        phases = result["ppo_phases"]
+        assert set(phases) == {"generate", "score", "advantages", "update"}
+        assert all(seconds > 0 for seconds in phases.values())
+    config = (tmp_path / "shared" / "config.yaml").read_text()
+    assert "value_model: shared" in config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("framework", ["ours", "trl"])
+def test_the_rl_anchor_runs_one_optimizer_step_per_iteration(tmp_path, framework):
+    """The GRPO iteration both ways: 2 prompts x 2 samples, one step on all 4 per iteration."""
+    if framework == "trl":
+        pytest.importorskip("trl")  # the optional 'bench' extra
+    ppo = {
+        "advantage": "grpo",
+        "samples_per_prompt": 2,
+        "rollout_batch_size": 2,
+        "mini_batch_size": 4,
+        "micro_batch_size": 4,
+        "epochs": 1,
+    }
+    result = run_ppo_worker(tmp_path, framework, framework=framework, stage="grpo", batch_size=4, ppo=ppo)
+    assert len(result["step_times"]) == 3
+    prompts = (tmp_path / framework / "prompts.jsonl").read_text().splitlines()
+    tokenizer_folder = json.loads((tmp_path / "fx" / "fixtures.json").read_text())["models"]["tiny"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    assert prompts and all(len(tokenizer(json.loads(r)["prompt"])["input_ids"]) <= 64 for r in prompts)
 
 
 def test_rollout_speed_times_both_sides_in_rounds_and_checks_their_greedy_tokens(tiny_folders):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from helpers import read_metrics, run_cli, run_ok, tiny_sft_config, write_yaml
+from helpers import read_metrics, run_cli, run_ok, sets, tiny_sft_config, write_yaml
 from pipeline.config import (
     ArchitectureConfig,
     ConfigError,
@@ -322,6 +322,29 @@ def test_every_stage_trains_adapters_and_the_next_stage_loads_them(lora_pipeline
     assert "reference" not in json.loads((root / "dpo" / "cost.json").read_text())["forward_passes"]
     ppo = [m for m in read_metrics(root / "ppo") if "objective/kl" in m]
     assert ppo[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy, adapters off
+
+
+@pytest.mark.slow
+def test_a_shared_value_head_trains_beside_the_adapters_and_resumes(lora_pipeline):
+    """value_model: shared under LoRA: the head trains in full beside the policy's adapters, and a
+    run resumed from its step-1 checkpoint ends with the uninterrupted run's adapters and head."""
+    root = lora_pipeline["root"]
+    out = root / "ppo-shared"
+    args = ["ppo", str(lora_pipeline["ppo"]), *sets(f"output_dir={out}", "value_model=shared")]
+    run_ok(*args)
+    assert (out / "model" / "adapter_config.json").is_file() and not (out / "value").exists()
+    params = next(m for m in read_metrics(out) if "params/trainable" in m)
+    assert 0 < params["params/trainable"] < params["params/total"] / 10
+    metrics = [m for m in read_metrics(out) if "objective/kl" in m]
+    assert metrics[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(m["loss/value"] > 0 for m in metrics)
+    files = {"model": "adapter_model.safetensors", "value-head": "value_head.safetensors"}
+    whole = {name: load_file(out / name / file) for name, file in files.items()}
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]  # the final step is the model
+    run_ok(*args, "--resume")
+    for name, file in files.items():
+        resumed = load_file(out / name / file)
+        assert all(torch.equal(resumed[k], whole[name][k]) for k in whole[name]), name
 
 
 @pytest.mark.slow

@@ -344,6 +344,7 @@ def test_critic_free_advantages_need_groups_and_no_value_model(small_pipeline):
             "does not divide the 128 rollouts",
         ),
         (["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "value_model=gpt2"], "trains no value model"),
+        (["ppo.advantage=grpo", "ppo.samples_per_prompt=2", "value_model=shared"], "trains no value model"),
     ):
         result = run_cli("ppo", str(small_pipeline["ppo"]), *sets("reward.kind=gold", *overrides))
         assert result.returncode != 0 and message in result.stderr, result.stderr

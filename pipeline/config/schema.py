@@ -750,7 +750,9 @@ class PPOAlgoConfig:
     advantage: Literal["gae", "rloo", "grpo"] = "gae"
     samples_per_prompt: int = 1  # rollouts per prompt (rollout_batch_size counts prompts); rloo and grpo need >= 2
     whiten_advantages: bool = True
-    value_lr: float | None = None  # defaults to optim.lr
+    # The value model's learning rate: optim.lr by default, and 100x optim.lr (SHARED_HEAD_LR_SCALE) for
+    # value_model: shared, whose head starts from scratch (a value model starts from the reward model).
+    value_lr: float | None = None
     # Dropout off in the policy and value models (TRL's default): with it on, the update's log-probs
     # are of a different, noisy network than the rollout's, and the ratio is not 1 before any update.
     disable_dropout: bool = True
@@ -781,6 +783,11 @@ class PPOAlgoConfig:
         in_range(f"{at}.lam", self.lam, 0.0, 1.0)
 
 
+SHARED_VALUE_HEAD = "shared"  # value_model: a head on the policy's trunk, not a model of its own
+# A fresh linear head at the policy's learning rate barely moves in a run: on the built-in task at
+# optim.lr 3e-5 its explained variance stayed at 0 over 32 iterations (a critic that knows nothing).
+SHARED_HEAD_LR_SCALE = 100.0
+
 # The train keys PPO has no use for: it batches rollouts, not a dataset, and does not evaluate.
 PPO_UNUSED_TRAIN_KEYS = (
     "epochs",
@@ -800,7 +807,10 @@ class PPOConfig:
     output_dir: str = "runs/ppo"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(name_or_path="runs/sft/model"))
     reference: str | None = None  # the KL anchor; defaults to model.name_or_path
-    value_model: str | None = None  # defaults to the first reward model (kind "model") or the policy
+    # The value model: a path (its own network), or "shared", a value head on the policy's own trunk
+    # (one forward gives log-probs and values; the value loss trains the trunk too). Defaults to
+    # the first reward model (kind "model"), or the policy without one.
+    value_model: str | None = None
     reward: RewardSourceConfig = field(default_factory=RewardSourceConfig)
     data: DataConfig = field(
         default_factory=lambda: DataConfig(
@@ -824,7 +834,7 @@ class PPOConfig:
         for section in ("model", "reward", "data", "rollout", "ppo", "kl", "optim", "train", "launch"):
             getattr(self, section).check(section)
         for name in ("reference", "value_model"):
-            if getattr(self, name):
+            if getattr(self, name) and not (name == "value_model" and self.shared_value_head):
                 check_model_path(name, getattr(self, name))
         if self.value_model and self.ppo.advantage in ("rloo", "grpo"):
             raise ConfigError(f"value_model: ppo.advantage {self.ppo.advantage} trains no value model; remove it")
@@ -866,6 +876,16 @@ class PPOConfig:
         return self.reference or self.model.name_or_path
 
     @property
+    def shared_value_head(self) -> bool:
+        return self.value_model == SHARED_VALUE_HEAD
+
+    @property
+    def value_lr(self) -> float:
+        if self.ppo.value_lr is not None:
+            return self.ppo.value_lr
+        return self.optim.lr * (SHARED_HEAD_LR_SCALE if self.shared_value_head else 1.0)
+
+    @property
     def value_model_path(self) -> str:
         if self.value_model:
             return self.value_model
@@ -878,9 +898,10 @@ class PolicySpec:
 
     name: str = "dpo"
     # dpo; ppo, rloo, grpo (PPO with those advantages) against the reward model, ppo_gt against the gold
-    # reward; rs (SFT on the reward model's best of k); online_dpo (DPO on pairs the reward model labels
-    # from the current policy, in rounds). Methods are compared with each other on the frontier.
-    method: Literal["dpo", "ppo", "ppo_gt", "rloo", "grpo", "rs", "online_dpo"] = "dpo"
+    # reward, ppo_shared (PPO with value_model: shared, a value head on the policy's trunk); rs (SFT on
+    # the reward model's best of k); online_dpo (DPO on pairs the reward model labels from the current
+    # policy, in rounds). Methods are compared with each other on the frontier.
+    method: Literal["dpo", "ppo", "ppo_gt", "ppo_shared", "rloo", "grpo", "rs", "online_dpo"] = "dpo"
     # The run directory; with several seeds, a pattern with {seed} (runs/dpo/seed-{seed}).
     run: str = "runs/dpo"
     # Runs this method also needed beyond the shared SFT, pairs and reward runs (its own sampled pairs,
