@@ -4,6 +4,8 @@ Each step is a stage run (`rlhfdpo <stage> <config> --set ...`) in its own proce
 reused when its output exists and its stamp matches: the hash of its resolved config and of the
 stamps of the steps it reads (`after`). So editing the DPO sweep re-runs the DPO runs and the
 comparison, not the SFT model, the pairs or PPO. A `seeded` step runs once per seed of `seeds`.
+A step that runs again (its output was removed or left unfinished) makes new outputs, so every step
+that reads it runs again too: what a step hands on is its stamp and the id of the run that made it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,9 +182,10 @@ def run(cfg: ExperimentConfig) -> Path:
                 step, after = ready[0]
                 pending.remove((step, after))
                 stamp, outputs[step.name] = step_stamp(step, [stamps[name] for name in after])
-                if _reusable(outputs[step.name], step.stage, stamp):
+                kept = _reusable(outputs[step.name], step.stage, stamp)
+                if kept:
                     console.print(f"[green]reused[/green] {plain(step.name)} ({plain(outputs[step.name])})")
-                    stamps[step.name] = stamp
+                    stamps[step.name] = kept
                     continue
                 slot = min(set(range(cfg.jobs)) - {r.slot for r in running})
                 # Started with nothing running and nothing else ready, a step runs alone to its end (a
@@ -199,8 +203,9 @@ def run(cfg: ExperimentConfig) -> Path:
                 failed.append((done, done.process.returncode))
                 console.print(f"[red]failed[/red] {plain(done.step.name)} after {seconds:.0f} s")
                 continue
-            (done.output / STAMP).write_text(done.stamp)
-            stamps[done.step.name] = done.stamp
+            made = f"{done.stamp} {uuid.uuid4().hex[:12]}"  # this run's outputs, not only its config
+            (done.output / STAMP).write_text(made)
+            stamps[done.step.name] = made
             console.print(f"[green]finished[/green] {plain(done.step.name)} in {seconds:.0f} s")
     finally:
         for r in running:  # the runner itself was interrupted or failed: no step goes on unwatched
@@ -220,8 +225,14 @@ def run(cfg: ExperimentConfig) -> Path:
     return outputs[plan[-1][0].name]
 
 
-def _reusable(output: Path, stage: str, stamp: str) -> bool:
-    return finished(output, stage) and (output / STAMP).is_file() and (output / STAMP).read_text() == stamp
+def _reusable(output: Path, stage: str, stamp: str) -> str | None:
+    """What a finished output whose stamp matches hands on to the steps that read it ("stamp run-id"),
+    or None when the step must run. A stamp written before run ids were kept is the stamp alone."""
+    path = output / STAMP
+    if not finished(output, stage) or not path.is_file():
+        return None
+    recorded = path.read_text().strip()
+    return recorded if stamp in (recorded, recorded.rpartition(" ")[0]) else None
 
 
 def _wait_for_one(running: list[Running]) -> Running:

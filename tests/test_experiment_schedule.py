@@ -3,6 +3,7 @@ and what a failure stops. Steps are stand-in processes here; test_experiment run
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -120,6 +121,29 @@ def test_a_failed_step_stops_new_starts_lets_running_ones_finish_and_names_its_l
     assert ("start", "c", 2) not in events and ("start", "compare", 1) not in events
     assert ("done", "b") in events and (work / "b" / experiment.STAMP).is_file()  # kept, and reused next time
     assert not (work / "a" / experiment.STAMP).exists()
+
+
+def test_a_step_run_again_runs_the_steps_that_read_it_again(stand_ins, monkeypatch):
+    """Its config unchanged, a step whose output was removed runs again and makes new outputs (other
+    weights, when the code changed in between): the comparison that read the old ones is not reused."""
+    events, _, _, work = stand_ins
+    monkeypatch.setattr(experiment, "finished", lambda output, stage: (output / experiment.LOG).is_file())
+    experiment.run(plan(jobs=1))
+    events.clear()
+    experiment.run(plan(jobs=1))
+    assert [e for e in events if e[0] == "start"] == []  # all reused
+    shutil.rmtree(work / "a")
+    experiment.run(plan(jobs=1))
+    assert [e[1] for e in events if e[0] == "start"] == ["a", "compare"]
+
+
+def test_a_stamp_from_before_run_ids_is_still_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "finished", lambda output, stage: True)
+    (tmp_path / experiment.STAMP).write_text("abc123")
+    assert experiment._reusable(tmp_path, "dpo", "abc123") == "abc123"
+    (tmp_path / experiment.STAMP).write_text("abc123 f00d")
+    assert experiment._reusable(tmp_path, "dpo", "abc123") == "abc123 f00d"
+    assert experiment._reusable(tmp_path, "dpo", "other") is None
 
 
 def test_jobs_below_one_on_the_command_line_is_one_line_before_any_step(tmp_path):
