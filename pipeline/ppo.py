@@ -518,7 +518,6 @@ def ppo_update(
                     sync_on_last(value, dist, i, len(micro_chunks))
                 mask = rollout.mask[rows]
                 labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
-                hidden = None  # the policy's last hidden states, for a shared value head
                 if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
                     out = policy(
                         input_ids=rollout.input_ids[rows],
@@ -537,7 +536,7 @@ def ppo_update(
                         temperature,
                         with_hidden=shared,
                     )
-                    hidden = last[0] if shared else None
+                    hidden = last[0] if shared else None  # the policy's last hidden states, for a shared head
                 policy_loss, policy_stats = ppo_policy_loss(
                     logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range
                 )

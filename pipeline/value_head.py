@@ -59,14 +59,18 @@ def new_value_head(policy, folder: Path | None = None) -> ValueHead:
     head = ValueHead(hidden_size_of(policy))
     if folder is None:
         return head
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         saved = json.loads((folder / CONFIG).read_text())["hidden_size"]
-        from safetensors.torch import load_file
-
         state = load_file(str(folder / WEIGHTS))
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, SafetensorError) as err:
         raise InputError(f"{folder}: cannot load the value head ({type(err).__name__}: {err})") from None
     if saved != head.hidden_size:
         raise InputError(f"{folder}: a value head for hidden size {saved}, but the policy's is {head.hidden_size}")
-    head.load_state_dict(state)
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as err:
+        raise InputError(f"{folder}: not a value head's weights ({str(err).splitlines()[0]})") from None
     return head

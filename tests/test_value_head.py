@@ -25,6 +25,7 @@ from pipeline.config import (
 )
 from pipeline.data.builtin_sentiment import load_rows
 from pipeline.data.tokenize import encode_prompt
+from pipeline.errors import InputError
 from pipeline.launch import init_distributed
 from pipeline.logprobs import response_token_logps
 from pipeline.losses import ppo_policy_loss, ppo_value_loss
@@ -168,9 +169,14 @@ def test_a_saved_head_loads_back_and_a_mismatched_one_is_refused(tmp_path, tiny)
     loaded = new_value_head(policy, folder)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), head.state_dict().values()))
     wider = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=48, n_positions=64), tokenizer, 0)
-    with pytest.raises(Exception, match="hidden size 32, but the policy's is 48"):
+    with pytest.raises(InputError, match="hidden size 32, but the policy's is 48"):
         new_value_head(wider, folder)
     assert isinstance(loaded, ValueHead)
+    (folder / "value_head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="cannot load the value head .SafetensorError"):
+        new_value_head(policy, folder)
+    with pytest.raises(InputError, match="cannot load the value head .FileNotFoundError"):
+        new_value_head(policy, tmp_path / "missing")
 
 
 def shared_args(small_pipeline, out, *extra):
@@ -213,6 +219,12 @@ def test_a_shared_head_run_saves_its_head_and_resumes_to_identical_weights(small
     for name, file in WEIGHTS.items():
         resumed = load_file(out / name / file)
         assert all(torch.equal(resumed[k], whole[name][k]) for k in whole[name]), name
+    # A damaged head in the checkpoint: one line naming it, no traceback, the run's model left as it was.
+    (out / "checkpoints" / "step-2" / "value-head" / "value_head.safetensors").write_bytes(b"damaged")
+    result = run_cli(*args, "--resume")
+    assert result.returncode != 0 and "cannot load the value head" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert load_file(out / "model" / "model.safetensors").keys() == whole["model"].keys()
 
 
 WEIGHTS = {"model": "model.safetensors", "value-head": "value_head.safetensors"}
