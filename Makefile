@@ -13,7 +13,7 @@ RLHFDPO := $(VENV)/bin/rlhfdpo
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup sft pairs reward dpo ppo compare compare-quick hh imdb-sample gatt bench test test-fast lint clean
+.PHONY: setup sft pairs reward dpo ppo compare compare-quick hh imdb-sample gatt value-head bench test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,9 @@ imdb-sample: setup
 
 gatt: setup
 	$(RLHFDPO) experiment configs/gatt/experiment.yaml
+
+value-head: setup
+	$(RLHFDPO) experiment configs/value-head/experiment.yaml
 
 bench: setup
 	$(PYTHON) -m pip install -q -e '.[bench]'

@@ -187,6 +187,10 @@ def trl_arguments(spec: dict, **settings) -> dict:
         bf16=spec.get("dtype") == "bfloat16",  # TRL's bf16 is autocast over float32 weights, as ours
         fp16=False,  # TRL defaults to bf16; ours follows model.dtype, so both are set alike
         dataloader_num_workers=0,
+        # TRL 1.x's configs turn gradient checkpointing on by default (a forward again in every
+        # backward, for less memory); ours keep every activation (train.gradient_checkpointing off), so
+        # TRL's is off too: the same work and memory trade both ways.
+        gradient_checkpointing=False,
         **settings,
     )
 
@@ -208,7 +212,6 @@ def run_trl(spec: dict, fixtures: dict) -> None:
         warmup_steps=spec["warmup_steps"],
         logging_steps=spec["steps"],
         eval_strategy="no",
-        gradient_checkpointing=False,
         max_length=spec["max_length"],
         **spec.get("trl", {}),
     )

@@ -54,6 +54,38 @@ def scatter_response_logps(kept_logps: torch.Tensor, labels: torch.Tensor) -> tu
     return logps.masked_scatter(mask, kept_logps), mask
 
 
+def response_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    with_hidden: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logits (N, V), kept (B, T-1), hidden (B, T, H) or None): the logits of the N positions whose
+    next token is labelled (position t predicts token t+1), in row-major order.
+
+    The LM head runs on those positions only (not the prompt or padding) where the model takes a
+    boolean `logits_to_keep` (transformers 5); elsewhere the full logits are computed and indexed.
+    `position_ids` (B, T), for rows that hold several sequences (pipeline/packing.py).
+    `with_hidden`: also the last hidden state of every position from the same forward.
+    """
+    kept = labels[:, 1:] != IGNORE
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    if with_hidden:
+        inputs["output_hidden_states"] = True
+    if keeps_logit_positions(type(model)):
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = kept
+        out = model(**inputs, logits_to_keep=keep)
+        if out.logits.dim() == 2 and out.logits.shape[0] == int(kept.sum()):
+            return out.logits, kept, out.hidden_states[-1] if with_hidden else None
+    out = model(**inputs)
+    return out.logits[:, :-1][kept], kept, out.hidden_states[-1] if with_hidden else None
+
+
 def response_token_logps(
     model,
     input_ids: torch.Tensor,
@@ -63,33 +95,15 @@ def response_token_logps(
     position_ids: torch.Tensor | None = None,
     with_hidden: bool = False,
 ):
-    """(logps, mask), each (B, T-1): the log-probability of every labelled next token.
-
-    The LM head runs on the labelled positions only (the response, not the prompt or padding)
-    where the model takes a boolean `logits_to_keep` (transformers 5); on the rest, the full
-    logits are computed and gathered. Both give the same numbers as `token_logps` on full logits.
-    `temperature` scores under softmax(logits / T), the distribution a sampler at T draws from.
-    `position_ids` (B, T), for rows that hold several sequences (pipeline/packing.py).
-    `with_hidden`: (logps, mask, hidden), hidden (B, T, H) the last hidden state of every position
-    from the same forward (PPO's shared value head reads it).
+    """(logps, mask), each (B, T-1): the log-probability of every labelled next token, the same
+    numbers as `token_logps` on full logits, with the LM head on the labelled positions only
+    (`response_logits`). `temperature` scores under softmax(logits / T), the distribution a sampler
+    at T draws from. `with_hidden`: (logps, mask, hidden), hidden (B, T, H) the last hidden state of
+    every position from the same forward (PPO's shared value head reads it).
     """
-    kept = labels[:, 1:] != IGNORE  # position t predicts token t+1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if position_ids is not None:
-        inputs["position_ids"] = position_ids
-    if with_hidden:
-        inputs["output_hidden_states"] = True
-    hidden = lambda out: (out.hidden_states[-1],) if with_hidden else ()  # noqa: E731
-    if keeps_logit_positions(type(model)):
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[:, :-1] = kept
-        out = model(**inputs, logits_to_keep=keep)
-        logits = out.logits
-        if logits.dim() == 2 and logits.shape[0] == int(kept.sum()):
-            logps = selected_logps(_tempered(logits, temperature), labels[:, 1:][kept])
-            return *scatter_response_logps(logps, labels), *hidden(out)
-    out = model(**inputs)
-    return *token_logps(_tempered(out.logits, temperature), labels), *hidden(out)
+    logits, kept, hidden = response_logits(model, input_ids, attention_mask, labels, position_ids, with_hidden)
+    logps = selected_logps(_tempered(logits, temperature), labels[:, 1:][kept])
+    return *scatter_response_logps(logps, labels), *((hidden,) if with_hidden else ())
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -36,11 +36,18 @@ from pipeline.console import cell, console, plain
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
-from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
+from pipeline.data.tokenize import IGNORE, TokenizedExample, collate, encode_prompt
 from pipeline.errors import InputError
 from pipeline.judges import gold_reward
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, save_pretrained, shard
-from pipeline.logprobs import entropy_from_logits, response_token_logps, token_logps
+from pipeline.logprobs import (
+    entropy_from_logits,
+    response_logits,
+    response_token_logps,
+    scatter_response_logps,
+    selected_logps,
+    token_logps,
+)
 from pipeline.lora import adapters_disabled, add_lora, lora_summary, save_merged, trainable_parameter_count
 from pipeline.losses import ppo_policy_loss, ppo_value_loss
 from pipeline.models import (
@@ -320,7 +327,9 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
             clock = time.perf_counter()
             stats |= ppo_update(policy, value, policy_optimizer, value_optimizer, rollout, cfg, dist, iteration)
             stats["time/update"] = time.perf_counter() - clock
-            ensure_finite(done, **{"policy loss": stats["loss/policy"], "value loss": stats.get("loss/value", 0.0)})
+            ensure_finite(
+                done, **{"policy loss": stats.get("loss/policy", 0.0), "value loss": stats.get("loss/value", 0.0)}
+            )
             kl_ctl.update(stats["objective/kl"], cfg.ppo.rollout_batch_size * cfg.ppo.samples_per_prompt)
             metrics = {"step": done, **stats, "objective/kl_coef": kl_ctl.value, "lr": lr}
             if done % cfg.train.log_every == 0 or done == iterations:
@@ -373,47 +382,80 @@ def check_value_tokenizer(path: str, tokenizer) -> None:
 # ------------------------------------------------------------------------------------- rollouts
 
 
+@dataclass
+class Sampled:
+    """A process's sampled rollouts: the examples, the decoded responses, whether each ended with EOS,
+    and (ppo.old_logps sampler) each response token's log-prob and entropy, token tensors (B, T-1)."""
+
+    examples: list[TokenizedExample]
+    responses: list[str]
+    finished: list[bool]
+    logps: torch.Tensor | None = None
+    entropies: torch.Tensor | None = None
+
+
 @torch.no_grad()
-def sample_rollouts(policy, tokenizer, prompts: list[RolloutPrompt], cfg: PPOConfig, dist, generator):
-    """A response per prompt, sampled at the rollout temperature: (examples, texts, finished)."""
-    out = sample(policy, tokenizer, [p.ids for p in prompts], cfg.rollout, generator, dist.sharded)
+def sample_rollouts(policy, tokenizer, prompts: list[RolloutPrompt], cfg: PPOConfig, dist, generator) -> Sampled:
+    """A response per prompt, sampled at the rollout temperature."""
+    recorded = cfg.sampler_logps
+    out = sample(policy, tokenizer, [p.ids for p in prompts], cfg.rollout, generator, dist.sharded, with_logps=recorded)
     examples = [TokenizedExample(p.ids + r, len(p.ids)) for p, r in zip(prompts, out.sequences)]
-    return examples, tokenizer.batch_decode(out.sequences, skip_special_tokens=True), out.finished
+    sampled = Sampled(examples, tokenizer.batch_decode(out.sequences, skip_special_tokens=True), out.finished)
+    if recorded:
+        labels = collate(examples, tokenizer.pad_token_id)["labels"]
+        steps = torch.cat([torch.arange(len(s)) for s in out.sequences])
+        rows = torch.cat([torch.full((len(s),), i) for i, s in enumerate(out.sequences)])
+        # row-major response tokens, as the (B, T-1) layout of token_logps holds them
+        sampled.logps = scatter_response_logps(out.logps.cpu()[rows, steps], labels)[0]
+        sampled.entropies = scatter_response_logps(out.entropies.cpu()[rows, steps], labels)[0]
+    return sampled
 
 
 @torch.no_grad()
-def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg: PPOConfig):
+def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg: PPOConfig, sampled=None):
     """Per-token (old log-probs, reference log-probs, values, entropies, response mask), each (B, T-1).
 
     Log-probs are of the distribution the rollouts were sampled from, softmax(logits / T), for
-    the policy and the reference alike, so the ratio and the KL compare like with like. Both come
-    from full logits (the policy's also give the entropy): in bf16, an LM head run on fewer rows
-    can round differently, and the KL of a policy to its own copy would not start at 0. A shared
-    value head reads the policy's last hidden states from the same pass.
+    the policy and the reference alike, so the ratio and the KL compare like with like. The old
+    log-probs and entropies are the sampler's where it recorded them (`sampled`, ppo.old_logps);
+    else a policy pass computes them. Every pass runs the LM head on the same response positions
+    (`response_logits`), so in bf16 too the KL of a policy to its own copy starts at 0. A shared
+    value head reads the policy's last hidden states from the policy's pass.
     """
     temperature = cfg.rollout.temperature
     shared = value is not None and cfg.shared_value_head
+    policy_pass = sampled is None or sampled.logps is None or shared
     old_logps, ref_logps, old_values, entropies, masks = [], [], [], [], []
     for rows in chunks(range(batch["input_ids"].shape[0]), cfg.ppo.micro_batch_size):
         part = {k: v[rows.start : rows.stop] for k, v in batch.items()}
-        out = policy(input_ids=part["input_ids"], attention_mask=part["attention_mask"], output_hidden_states=shared)
-        logits = out.logits.float() / temperature
-        logps, mask = token_logps(logits, part["labels"])
-        old_logps.append(logps)
-        masks.append(mask)
-        entropies.append(entropy_from_logits(logits[:, :-1]) * mask)
+        labels = part["labels"]
+        targets = labels[:, 1:][labels[:, 1:] != IGNORE]
+        hidden = None
+        if policy_pass:
+            logits, _, hidden = response_logits(
+                policy, part["input_ids"], part["attention_mask"], labels, with_hidden=shared
+            )
+            logits = logits.float() / temperature
+            old_logps.append(scatter_response_logps(selected_logps(logits, targets), labels)[0])
+            entropies.append(scatter_response_logps(entropy_from_logits(logits), labels)[0])
+            del logits
         with adapters_disabled(reference):  # a LoRA policy is its own reference, adapters off
-            ref_logits = reference(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
-        ref_logps.append(token_logps(ref_logits.float() / temperature, part["labels"])[0])
+            ref_logits, mask, _ = response_logits(reference, part["input_ids"], part["attention_mask"], labels)
+        ref_logps.append(scatter_response_logps(selected_logps(ref_logits.float() / temperature, targets), labels)[0])
+        masks.append(mask)
+        del ref_logits
         if value is None:  # RLOO and GRPO: no value model, the baseline is the other samples
-            old_values.append(torch.zeros_like(logps))
+            old_values.append(torch.zeros(mask.shape, dtype=torch.float32, device=mask.device))
         elif shared:
-            old_values.append(value(out.hidden_states[-1])[:, :-1])
+            old_values.append(value(hidden)[:, :-1])
         else:
             old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
-        del out
     mask = torch.cat(masks)
-    return torch.cat(old_logps), torch.cat(ref_logps), torch.cat(old_values) * mask, torch.cat(entropies), mask
+    if policy_pass:
+        old, entropy = torch.cat(old_logps), torch.cat(entropies)
+    else:
+        old, entropy = sampled.logps.to(mask.device), sampled.entropies.to(mask.device)
+    return old, torch.cat(ref_logps), torch.cat(old_values) * mask, entropy, mask
 
 
 def advantages_and_returns(scores, old_logps, ref_logps, old_values, mask, cfg: PPOConfig, kl_coef: float, dist):
@@ -453,11 +495,12 @@ def collect_rollout(
         value.eval()
     # Each prompt's samples are consecutive: the critic-free estimators compare them as a group.
     prompts = [p for p in prompts for _ in range(cfg.ppo.samples_per_prompt)]
-    examples, responses, finished = sample_rollouts(policy, tokenizer, prompts, cfg, dist, generator)
+    sampled = sample_rollouts(policy, tokenizer, prompts, cfg, dist, generator)
+    examples, responses, finished = sampled.examples, sampled.responses, sampled.finished
     batch = {k: v.to(dist.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
     generate_s, clock = time.perf_counter() - clock, time.perf_counter()
 
-    old_logps, ref_logps, old_values, entropy, mask = logprob_passes(policy, reference, value, batch, cfg)
+    old_logps, ref_logps, old_values, entropy, mask = logprob_passes(policy, reference, value, batch, cfg, sampled)
     scores, gold = scorer(prompts, responses, finished)
     score_s, clock = time.perf_counter() - clock, time.perf_counter()
     kl, advantages, returns = advantages_and_returns(scores, old_logps, ref_logps, old_values, mask, cfg, kl_coef, dist)
@@ -495,76 +538,112 @@ def ppo_update(
     policy, value, policy_optimizer, value_optimizer, rollout: Rollout, cfg: PPOConfig, dist, iteration: int
 ) -> dict:
     """`ppo.epochs` passes of minibatches over the rollout batch; returns mean losses and statistics."""
-    rows_per_mini = cfg.ppo.mini_batch_size // dist.world_size
-    n_rows = rollout.input_ids.shape[0]
     temperature = cfg.rollout.temperature
     shared = value is not None and cfg.shared_value_head
+    if value is not None and iteration < cfg.ppo.critic_warmup_iterations:
+        return critic_warmup_update(policy, value, value_optimizer, rollout, cfg, dist, iteration)
     policy.train()
     if value is not None:
         value.train()
     sums = Sums()
+    for tokens, micro_rows in minibatches(rollout, cfg, dist, iteration):
+        for i, rows in enumerate(micro_rows):
+            sync_on_last(policy, dist, i, len(micro_rows))
+            if value is not None:
+                sync_on_last(value, dist, i, len(micro_rows))
+            mask = rollout.mask[rows]
+            labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
+            if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
+                out = policy(
+                    input_ids=rollout.input_ids[rows],
+                    attention_mask=rollout.attention_mask[rows],
+                    output_hidden_states=shared,
+                )
+                logits = out.logits.float() / temperature
+                logps, _ = token_logps(logits, labels)
+                hidden = out.hidden_states[-1] if shared else None
+            else:
+                logps, _, *last = response_token_logps(
+                    policy,
+                    rollout.input_ids[rows],
+                    rollout.attention_mask[rows],
+                    labels,
+                    temperature,
+                    with_hidden=shared,
+                )
+                hidden = last[0] if shared else None  # the policy's last hidden states, for a shared head
+            policy_loss, policy_stats = ppo_policy_loss(
+                logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range
+            )
+            loss = policy_loss
+            if value is not None:
+                # one backward through the shared trunk for both losses, or a value model of its own
+                values = value(hidden) if shared else value(rollout.input_ids[rows], rollout.attention_mask[rows])
+                values = values[:, :-1]
+                value_loss, value_clipped = ppo_value_loss(
+                    values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range
+                )
+                loss = loss + cfg.ppo.value_coef * value_loss
+                sums.add(**{"loss/value": value_loss, "val/clipfrac": value_clipped})
+            if cfg.ppo.entropy_coef:
+                loss = loss - cfg.ppo.entropy_coef * (entropy_from_logits(logits[:, :-1]) * mask).sum()
+            backward_global_mean(loss, tokens, dist)  # a token mean over the global minibatch
+            sums.add(
+                **{
+                    "loss/policy": policy_loss,
+                    "policy/clipfrac": policy_stats["clipfrac"],
+                    "policy/approxkl": policy_stats["approxkl"],
+                    "tokens": mask.sum(),
+                }
+            )
+        clip_and_step(policy, policy_optimizer, cfg.optim.max_grad_norm, iteration + 1)
+        if value is not None:
+            clip_and_step(value, value_optimizer, cfg.optim.max_grad_norm, iteration + 1)
+    totals = sums.over_ranks(dist)
+    tokens = totals.pop("tokens")
+    return {name: total / tokens for name, total in totals.items()}
+
+
+def minibatches(rollout: Rollout, cfg: PPOConfig, dist, iteration: int):
+    """Each optimizer step of an update, `ppo.epochs` passes over the rollouts in a seeded order: (the
+    minibatch's response tokens over all processes, the normaliser; its micro-batches of row indices)."""
+    rows_per_mini = cfg.ppo.mini_batch_size // dist.world_size
+    n_rows = rollout.input_ids.shape[0]
     for epoch in range(cfg.ppo.epochs):
         order = torch.randperm(
             n_rows, generator=torch.Generator().manual_seed(cfg.train.seed + 7919 * iteration + epoch)
         )
         for start in range(0, n_rows, rows_per_mini):
             mini = order[start : start + rows_per_mini]
-            tokens = all_reduce_sum(dist, rollout.mask[mini].sum().float())  # normaliser over all processes
-            micro_chunks = list(chunks(range(len(mini)), cfg.ppo.micro_batch_size))
-            for i, chunk in enumerate(micro_chunks):
-                rows = mini[chunk.start : chunk.stop]
-                sync_on_last(policy, dist, i, len(micro_chunks))
-                if value is not None:
-                    sync_on_last(value, dist, i, len(micro_chunks))
-                mask = rollout.mask[rows]
-                labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
-                if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
-                    out = policy(
-                        input_ids=rollout.input_ids[rows],
-                        attention_mask=rollout.attention_mask[rows],
-                        output_hidden_states=shared,
-                    )
-                    logits = out.logits.float() / temperature
-                    logps, _ = token_logps(logits, labels)
-                    hidden = out.hidden_states[-1] if shared else None
-                else:
-                    logps, _, *last = response_token_logps(
-                        policy,
-                        rollout.input_ids[rows],
-                        rollout.attention_mask[rows],
-                        labels,
-                        temperature,
-                        with_hidden=shared,
-                    )
-                    hidden = last[0] if shared else None  # the policy's last hidden states, for a shared head
-                policy_loss, policy_stats = ppo_policy_loss(
-                    logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range
-                )
-                loss = policy_loss
-                if value is not None:
-                    # one backward through the shared trunk for both losses, or a value model of its own
-                    values = (
-                        value(hidden) if shared else value(rollout.input_ids[rows], rollout.attention_mask[rows])
-                    )[:, :-1]
-                    value_loss, value_clipped = ppo_value_loss(
-                        values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range
-                    )
-                    loss = loss + cfg.ppo.value_coef * value_loss
-                    sums.add(**{"loss/value": value_loss, "val/clipfrac": value_clipped})
-                if cfg.ppo.entropy_coef:
-                    loss = loss - cfg.ppo.entropy_coef * (entropy_from_logits(logits[:, :-1]) * mask).sum()
-                backward_global_mean(loss, tokens, dist)  # a token mean over the global minibatch
-                sums.add(
-                    **{
-                        "loss/policy": policy_loss,
-                        "policy/clipfrac": policy_stats["clipfrac"],
-                        "policy/approxkl": policy_stats["approxkl"],
-                        "tokens": mask.sum(),
-                    }
-                )
-            clip_and_step(policy, policy_optimizer, cfg.optim.max_grad_norm, iteration + 1)
-            if value is not None:
-                clip_and_step(value, value_optimizer, cfg.optim.max_grad_norm, iteration + 1)
+            tokens = all_reduce_sum(dist, rollout.mask[mini].sum().float())
+            yield tokens, [mini[c.start : c.stop] for c in chunks(range(len(mini)), cfg.ppo.micro_batch_size)]
+
+
+def critic_warmup_update(
+    policy, value, value_optimizer, rollout: Rollout, cfg: PPOConfig, dist, iteration: int
+) -> dict:
+    """`ppo_update` with the policy frozen (ppo.critic_warmup_iterations): the value loss alone, its
+    minibatches and epochs the same. A shared head reads the policy's hidden states without a gradient,
+    so the trunk, which is the policy, does not move; a value model of its own needs no policy pass."""
+    shared = cfg.shared_value_head
+    value.train()
+    sums = Sums()
+    for tokens, micro_rows in minibatches(rollout, cfg, dist, iteration):
+        for i, rows in enumerate(micro_rows):
+            sync_on_last(value, dist, i, len(micro_rows))
+            ids, attention, mask = rollout.input_ids[rows], rollout.attention_mask[rows], rollout.mask[rows]
+            if shared:
+                with torch.no_grad():
+                    hidden = policy(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+                values = value(hidden.hidden_states[-1])[:, :-1]
+            else:
+                values = value(ids, attention)[:, :-1]
+            value_loss, value_clipped = ppo_value_loss(
+                values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range
+            )
+            backward_global_mean(cfg.ppo.value_coef * value_loss, tokens, dist)
+            sums.add(**{"loss/value": value_loss, "val/clipfrac": value_clipped, "tokens": mask.sum()})
+        clip_and_step(value, value_optimizer, cfg.optim.max_grad_norm, iteration + 1)
     totals = sums.over_ranks(dist)
     tokens = totals.pop("tokens")
     return {name: total / tokens for name, total in totals.items()}

@@ -23,6 +23,10 @@ from pipeline.models import attends_to_every_earlier_position
 class Generation:
     sequences: list[list[int]]  # response token ids, EOS included when reached
     finished: list[bool]  # whether the response ended with EOS
+    # with_logps: each response token's log-probability under softmax(logits / temperature), and
+    # the entropy of that distribution at each step, (B, steps); row i's first len(sequences[i]) count
+    logps: torch.Tensor | None = None
+    entropies: torch.Tensor | None = None
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -121,6 +125,7 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     sync_ranks: bool = False,
+    with_logps: bool = False,
 ) -> Generation:
     device = next(model.parameters()).device
     batch = len(prompts)
@@ -151,10 +156,19 @@ def generate(
     next_position = position_ids[:, -1] + 1  # (B,)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    if with_logps:
+        if temperature <= 0:
+            raise ValueError("log-probs of greedy decoding: sample at a positive temperature")
+        logps = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+        entropies = torch.zeros_like(logps)
     for t in range(max_new_tokens):
         token = next_tokens(logits, temperature, top_p, generator).to(device)
         token = token.masked_fill(done, pad_id)
         generated[:, t] = token
+        if with_logps:  # the unfiltered tempered distribution, as logprob_passes scores it
+            log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+            logps[:, t] = log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+            entropies[:, t] = -(log_probs.exp() * log_probs).sum(-1)
         done |= token == eos_id
         if _all_done(done, sync_ranks) or t == max_new_tokens - 1:
             break
@@ -177,6 +191,8 @@ def generate(
         else:  # an unfinished row ran the whole max_new_tokens
             sequences.append(row)
             finished.append(False)
+    if with_logps:
+        return Generation(sequences, finished, logps, entropies)
     return Generation(sequences, finished)
 
 
@@ -189,7 +205,13 @@ def _all_done(done: torch.Tensor, sync_ranks: bool) -> bool:
 
 
 def sample(
-    model, tokenizer, prompts: list[list[int]], settings, generator: torch.Generator | None, sync_ranks: bool = False
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    settings,
+    generator: torch.Generator | None,
+    sync_ranks: bool = False,
+    with_logps: bool = False,
 ) -> Generation:
     """`generate` with a SampleConfig's length, temperature and top-p, stopping at the tokenizer's EOS."""
     return generate(
@@ -202,4 +224,5 @@ def sample(
         top_p=settings.top_p,
         generator=generator,
         sync_ranks=sync_ranks,
+        with_logps=with_logps,
     )

@@ -229,3 +229,14 @@ def small_pipeline_configs(root: Path) -> dict[str, Path]:
         },
     }
     return {name: write_yaml(root / f"{name}.yaml", config) for name, config in configs.items()}
+
+
+def ppo_rollout(policy, reference, value, tokenizer, cfg, prompts, seed: int = 0, kl_coef: float = 0.05):
+    """One PPO rollout in this process (pipeline.ppo.collect_rollout): (rollout, stats, sample table)."""
+    from pipeline.launch import init_distributed
+    from pipeline.ppo import Scorer, collect_rollout
+
+    dist = init_distributed()
+    scorer = Scorer(cfg, tokenizer, dist)
+    generator = torch.Generator().manual_seed(seed)
+    return collect_rollout(policy, reference, value, scorer, tokenizer, prompts, cfg, kl_coef, dist, generator)

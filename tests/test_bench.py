@@ -263,3 +263,23 @@ def test_prefix_sharing_bench_times_both_layouts_and_finds_the_same_log_probs(ti
     assert 0.3 < row["tokens_saved"] < 0.5  # a 160-token prompt once instead of twice, beside 2 x ~80
     low, high = row["speedup_range"]
     assert 0 < low <= row["speedup"] <= high
+
+
+def test_trl_runs_without_gradient_checkpointing_as_ours_do():
+    """TRL 1.x's configs default to gradient checkpointing; the bench's TRL runs must not recompute
+    activations that ours keep, or the two sides do different work at different memory."""
+    trl = pytest.importorskip("trl")  # the optional 'bench' extra
+    from benchmarks.worker import trl_arguments
+
+    args = trl_arguments({"out": "unused", "lr": 1e-4, "seed": 0})
+    for config in (trl.GRPOConfig, trl.RLOOConfig, trl.DPOConfig, trl.RewardConfig, trl.SFTConfig):
+        assert config(**args).gradient_checkpointing is False, config.__name__
+
+
+def test_the_sampler_profile_prints_both_samplers_the_floor_and_the_operators(capsys):
+    from benchmarks.sampler_profile import main
+
+    main(["--batch", "2", "--prompt-len", "4", "--new-tokens", "3", "--rows", "5"])
+    out = capsys.readouterr().out
+    for line in ("ours ", "generate ", "weight matmuls alone", "aten::addmm"):
+        assert line in out, out

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification
 
-from helpers import read_metrics, run_cli, sets
+from helpers import ppo_rollout, read_metrics, run_cli, sets
 from pipeline.config import (
     ArchitectureConfig,
     DataConfig,
@@ -26,7 +26,7 @@ from pipeline.judges import gold_reward
 from pipeline.launch import init_distributed
 from pipeline.logprobs import token_logps
 from pipeline.models import ScalarHead, create_scratch_model, disable_dropout, load_tokenizer, train_tokenizer
-from pipeline.ppo import KLController, RolloutPrompt, Scorer, collect_rollout, combine_scores, ppo_update
+from pipeline.ppo import KLController, RolloutPrompt, combine_scores, ppo_update
 from pipeline.training import build_optimizer
 
 
@@ -83,18 +83,7 @@ def with_dropout(tiny_setup, p: float):
 def first_iteration(policy, value, tokenizer, cfg, prompts):
     dist = init_distributed()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    rollout, stats, _ = collect_rollout(
-        policy,
-        reference,
-        value,
-        Scorer(cfg, tokenizer, dist),
-        tokenizer,
-        prompts,
-        cfg,
-        0.05,
-        dist,
-        torch.Generator().manual_seed(0),
-    )
+    rollout, stats, _ = ppo_rollout(policy, reference, value, tokenizer, cfg, prompts)
     update = ppo_update(
         policy, value, build_optimizer(policy, cfg.optim), build_optimizer(value, cfg.optim), rollout, cfg, dist, 0
     )
@@ -121,20 +110,8 @@ def test_the_rollout_log_probs_are_tempered(tiny_setup):
     tokenizer, policy, value, cfg, prompts = tiny_setup
     policy, cfg = copy.deepcopy(policy), copy.deepcopy(cfg)
     cfg.rollout.temperature = 0.7
-    dist = init_distributed()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    rollout, stats, _ = collect_rollout(
-        policy,
-        reference,
-        copy.deepcopy(value),
-        Scorer(cfg, tokenizer, dist),
-        tokenizer,
-        prompts,
-        cfg,
-        0.05,
-        dist,
-        torch.Generator().manual_seed(0),
-    )
+    rollout, stats, _ = ppo_rollout(policy, reference, copy.deepcopy(value), tokenizer, cfg, prompts)
     with torch.no_grad():
         logits = reference(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask).logits
     labels = rollout.input_ids.masked_fill(~torch.cat([torch.zeros_like(rollout.mask[:, :1]), rollout.mask], 1), -100)
@@ -159,6 +136,56 @@ def test_ppo_rejects_top_p_and_greedy_rollouts(tmp_path):
 def test_later_epochs_see_the_policy_move(tiny_setup):
     _, _, update = rollout_and_update(tiny_setup, epochs=3)
     assert update["policy/approxkl"] > 1e-8
+
+
+def rollout_with_old_logps(policy, reference, tokenizer, cfg, prompts, source: str, temperature: float):
+    cfg = copy.deepcopy(cfg)
+    cfg.ppo.old_logps, cfg.ppo.advantage, cfg.ppo.samples_per_prompt = source, "grpo", 2
+    cfg.rollout.temperature = temperature
+    return ppo_rollout(policy, reference, None, tokenizer, cfg, prompts, seed=3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_samplers_log_probs_equal_a_policy_pass(tiny_setup, arch):
+    """ppo.old_logps sampler: the log-prob and entropy of each response token, recorded by the sampler
+    step by step (left-padded prompts, a KV cache), equal those of a whole-sequence pass."""
+    tokenizer, _, _, cfg, prompts = tiny_setup
+    shape = ArchitectureConfig(type=arch, n_layer=2, n_head=2, n_embd=32, n_positions=64)
+    policy = create_scratch_model(shape, tokenizer, seed=1)
+    with torch.no_grad():  # a policy that differs from its reference, so the KL is not 0 by construction
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)))
+    reference = create_scratch_model(shape, tokenizer, seed=1).eval().requires_grad_(False)
+    for temperature in (1.0, 0.7):
+        runs = {}
+        for source in ("sampler", "recompute"):
+            runs[source] = rollout_with_old_logps(
+                copy.deepcopy(policy), reference, tokenizer, cfg, prompts, source, temperature
+            )
+        (sampled, sampled_stats, _), (recomputed, recomputed_stats, _) = runs["sampler"], runs["recompute"]
+        assert torch.equal(sampled.input_ids, recomputed.input_ids)  # the same rollouts
+        assert sampled.mask.sum() > 3 * len(prompts)
+        torch.testing.assert_close(sampled.old_logps, recomputed.old_logps, atol=1e-5, rtol=0)
+        assert (sampled.old_logps[~sampled.mask] == 0).all()
+        for name in ("objective/entropy", "objective/kl", "objective/rlhf_reward"):
+            assert sampled_stats[name] == pytest.approx(recomputed_stats[name], abs=1e-4)
+        torch.testing.assert_close(sampled.advantages, recomputed.advantages, atol=1e-4, rtol=0)
+    # The reference differs from this policy: a KL that is not 0 is measured alike both ways.
+    assert sampled_stats["objective/kl"] > 1e-3
+
+
+def test_where_the_old_log_probs_come_from(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    config = tmp_path / "ppo.yaml"
+    config.write_text("reward: {kind: gold}\nmodel: {name_or_path: gpt2}\n")
+    assert load_config(PPOConfig, config, []).sampler_logps  # float32: the sampler's
+    assert not load_config(PPOConfig, config, ["model.dtype=bfloat16"]).sampler_logps
+    assert load_config(PPOConfig, config, ["model.dtype=bfloat16", "ppo.old_logps=sampler"]).sampler_logps
+    assert not load_config(PPOConfig, config, ["ppo.old_logps=recompute"]).sampler_logps
+    assert not load_config(PPOConfig, config, ["value_model=shared"]).sampler_logps
+    with pytest.raises(ConfigError, match="ppo.old_logps: value_model shared reads its values"):
+        load_config(PPOConfig, config, ["value_model=shared", "ppo.old_logps=sampler"])
 
 
 def test_adaptive_kl_controller_moves_toward_the_target():

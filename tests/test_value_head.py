@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification
 
-from helpers import read_metrics, run_cli, sets
+from helpers import ppo_rollout, read_metrics, run_cli, sets
 from pipeline.config import (
     ArchitectureConfig,
     DataConfig,
@@ -29,8 +29,8 @@ from pipeline.errors import InputError
 from pipeline.launch import init_distributed
 from pipeline.logprobs import response_token_logps
 from pipeline.losses import ppo_policy_loss, ppo_value_loss
-from pipeline.models import create_scratch_model, train_tokenizer
-from pipeline.ppo import RolloutPrompt, Scorer, collect_rollout, ppo_update
+from pipeline.models import ScalarHead, create_scratch_model, train_tokenizer
+from pipeline.ppo import RolloutPrompt, ppo_update
 from pipeline.training import build_optimizer
 from pipeline.value_head import ValueHead, new_value_head
 
@@ -62,20 +62,8 @@ def models(tokenizer, family: str = "gpt2"):
 
 
 def rollout(policy, head, tokenizer, cfg, prompts):
-    dist = init_distributed()
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    return collect_rollout(
-        policy,
-        reference,
-        head,
-        Scorer(cfg, tokenizer, dist),
-        tokenizer,
-        prompts,
-        cfg,
-        0.05,
-        dist,
-        torch.Generator().manual_seed(0),
-    )[:2]
+    return ppo_rollout(policy, reference, head, tokenizer, cfg, prompts)[:2]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -233,7 +221,8 @@ WEIGHTS = {"model": "model.safetensors", "value-head": "value_head.safetensors"}
 @pytest.mark.slow
 def test_a_shared_head_run_shards_over_two_processes_and_resumes(small_pipeline, tmp_path):
     out = tmp_path / "ppo-shared-sharded"
-    args = shared_args(small_pipeline, out, "train.max_steps=3", "ppo.epochs=1")
+    # the first iteration a critic warm-up: the head trains from the sharded trunk's hidden states alone
+    args = shared_args(small_pipeline, out, "train.max_steps=3", "ppo.epochs=1", "ppo.critic_warmup_iterations=1")
     result = run_cli(*args, "--num-processes", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(out)
@@ -241,6 +230,7 @@ def test_a_shared_head_run_shards_over_two_processes_and_resumes(small_pipeline,
     assert max(params["params/per_rank"]) < 0.55 * params["params/total"]
     values = [m["loss/value"] for m in metrics if "loss/value" in m]
     assert len(values) == 3 and all(v > 0 for v in values)
+    assert [m["step"] for m in metrics if "loss/policy" in m] == [2, 3]
     assert (out / "checkpoints" / "step-2" / "value-head" / "value_head.safetensors").is_file()
     assert (out / "value-head" / "value_head.safetensors").is_file()
     result = run_cli(*args, "--resume")
@@ -254,3 +244,68 @@ def test_a_shared_head_learns_faster_than_the_policy_unless_told_otherwise():
     assert PPOConfig(optim=optim).value_lr == 3e-5  # a value model of its own starts from the reward model
     told = PPOConfig(value_model="shared", optim=optim, ppo=PPOAlgoConfig(value_lr=1e-4))
     assert told.value_lr == 1e-4
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_a_critic_warmup_iteration_trains_the_value_function_alone(tiny, critic):
+    """ppo.critic_warmup_iterations: before it, the policy (a shared head's trunk included) keeps every
+    weight and the critic takes the value loss's step; from it on, the policy trains."""
+    tokenizer, cfg, prompts = tiny
+    cfg = copy.deepcopy(cfg)
+    cfg.ppo.critic_warmup_iterations = 1
+    policy, critic_model = models(tokenizer)
+    if critic == "separate":
+        cfg.value_model = None
+        critic_model = ScalarHead(GPT2ForSequenceClassification(_value_config(policy)))
+    batch, _ = rollout(policy, critic_model, tokenizer, cfg, prompts)
+    before_policy, before_critic = copy.deepcopy(policy.state_dict()), copy.deepcopy(critic_model.state_dict())
+    dist = init_distributed()
+    optimizers = build_optimizer(policy, cfg.optim), build_optimizer(critic_model, cfg.optim)
+    stats = ppo_update(policy, critic_model, *optimizers, batch, cfg, dist, 0)
+    assert stats["loss/value"] > 0 and "loss/policy" not in stats
+    assert all(torch.equal(v, policy.state_dict()[k]) for k, v in before_policy.items())
+    assert any(not torch.equal(v, critic_model.state_dict()[k]) for k, v in before_critic.items())
+    # The warm-up step is the value loss's alone: the same loss built by hand gives the same gradient.
+    reference = copy.deepcopy(before_critic)
+    fresh = copy.deepcopy(critic_model)
+    fresh.load_state_dict(reference)
+    fresh.train()
+    for rows in (slice(0, 4), slice(4, 8)):
+        if critic == "shared":
+            with torch.no_grad():
+                trunk = policy.base_model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows])
+            values = fresh(trunk.last_hidden_state)[:, :-1]
+        else:
+            values = fresh(batch.input_ids[rows], batch.attention_mask[rows])[:, :-1]
+        loss, _ = ppo_value_loss(values, batch.old_values[rows], batch.returns[rows], batch.mask[rows], 0.2)
+        (cfg.ppo.value_coef * loss / batch.mask.sum()).backward()
+    by_hand = build_optimizer(fresh, cfg.optim)
+    torch.nn.utils.clip_grad_norm_(fresh.parameters(), cfg.optim.max_grad_norm)
+    by_hand.step()
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, critic_model.state_dict()[k], rtol=1e-5, atol=1e-6)
+    # Past the warm-up, the policy moves.
+    ppo_update(policy, critic_model, *optimizers, batch, cfg, dist, 1)
+    assert any(not torch.equal(v, policy.state_dict()[k]) for k, v in before_policy.items())
+
+
+def _value_config(policy):
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    return config
+
+
+def test_a_critic_warmup_needs_a_critic_and_iterations_left_for_the_policy(tmp_path):
+    from pipeline.config import ConfigError, load_config
+
+    config = tmp_path / "ppo.yaml"
+    config.write_text("reward: {kind: gold}\nmodel: {name_or_path: gpt2}\ntrain: {max_steps: 8}\n")
+    assert load_config(PPOConfig, config, ["ppo.critic_warmup_iterations=2"]).ppo.critic_warmup_iterations == 2
+    with pytest.raises(ConfigError, match="critic_warmup_iterations: advantage rloo trains no critic"):
+        load_config(
+            PPOConfig, config, ["ppo.critic_warmup_iterations=2", "ppo.advantage=rloo", "ppo.samples_per_prompt=2"]
+        )
+    with pytest.raises(ConfigError, match="8 of the 8 iterations .train.max_steps. would leave the policy untrained"):
+        load_config(PPOConfig, config, ["ppo.critic_warmup_iterations=8"])
+    with pytest.raises(ConfigError, match="critic_warmup_iterations: must not be negative"):
+        load_config(PPOConfig, config, ["ppo.critic_warmup_iterations=-1"])

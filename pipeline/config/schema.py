@@ -756,8 +756,23 @@ class PPOAlgoConfig:
     # Dropout off in the policy and value models (TRL's default): with it on, the update's log-probs
     # are of a different, noisy network than the rollout's, and the ratio is not 1 before any update.
     disable_dropout: bool = True
+    # Where the rollout's log-probs (the ratio's "old" ones and the KL penalty's) come from: "sampler"
+    # records them while sampling, which saves the policy a forward pass over every rollout;
+    # "recompute" runs that pass (as OpenRLHF does). In float32 the two agree to about 1e-6; in bf16
+    # a one-token decode step rounds differently from a whole-sequence pass, so the KL of a policy to
+    # its own copy would not start at 0. "auto": the sampler's in float32, recomputed in bf16, and
+    # recomputed with value_model: shared, whose values need the policy's pass anyway.
+    old_logps: Literal["auto", "sampler", "recompute"] = "auto"
+    # The first N iterations train the value function alone, the policy frozen (OpenRLHF's
+    # --freezing_actor_steps): a critic that starts from scratch (value_model: shared) learns the
+    # returns before its advantages steer the policy. With a shared head, only the head trains then.
+    critic_warmup_iterations: int = 0
 
     def check(self, at: str) -> None:
+        if self.critic_warmup_iterations < 0:
+            raise ConfigError(f"{at}.critic_warmup_iterations: must not be negative")
+        if self.critic_warmup_iterations and self.advantage in ("rloo", "grpo"):
+            raise ConfigError(f"{at}.critic_warmup_iterations: advantage {self.advantage} trains no critic; remove it")
         positive(
             at,
             rollout_batch_size=self.rollout_batch_size,
@@ -836,10 +851,20 @@ class PPOConfig:
         for name in ("reference", "value_model"):
             if getattr(self, name) and not (name == "value_model" and self.shared_value_head):
                 check_model_path(name, getattr(self, name))
+        if self.ppo.old_logps == "sampler" and self.shared_value_head:
+            raise ConfigError(
+                "ppo.old_logps: value_model shared reads its values from the policy's own pass over the rollouts, "
+                "which gives the log-probs too; set it to auto or recompute"
+            )
         if self.value_model and self.ppo.advantage in ("rloo", "grpo"):
             raise ConfigError(f"value_model: ppo.advantage {self.ppo.advantage} trains no value model; remove it")
         if self.train.max_steps is None:
             raise ConfigError("train.max_steps: PPO needs the number of iterations")
+        if self.ppo.critic_warmup_iterations >= self.train.max_steps:
+            raise ConfigError(
+                f"ppo.critic_warmup_iterations: {self.ppo.critic_warmup_iterations} of the {self.train.max_steps} "
+                "iterations (train.max_steps) would leave the policy untrained"
+            )
         default = TrainConfig()
         for name in PPO_UNUSED_TRAIN_KEYS:
             if getattr(self.train, name) != getattr(default, name):
@@ -878,6 +903,13 @@ class PPOConfig:
     @property
     def shared_value_head(self) -> bool:
         return self.value_model == SHARED_VALUE_HEAD
+
+    @property
+    def sampler_logps(self) -> bool:
+        """Whether the rollout's log-probs are the sampler's (ppo.old_logps) rather than a policy pass's."""
+        if self.ppo.old_logps == "auto":
+            return self.model.dtype == "float32" and not self.shared_value_head
+        return self.ppo.old_logps == "sampler"
 
     @property
     def value_lr(self) -> float:
