@@ -385,7 +385,8 @@ def check_value_tokenizer(path: str, tokenizer) -> None:
 @dataclass
 class Sampled:
     """A process's sampled rollouts: the examples, the decoded responses, whether each ended with EOS,
-    and (ppo.old_logps sampler) each response token's log-prob and entropy, token tensors (B, T-1)."""
+    and (ppo.old_logps sampler) each response token's log-prob and entropy, (N,) over the N response
+    tokens in row-major order, as a collated batch's labels hold them."""
 
     examples: list[TokenizedExample]
     responses: list[str]
@@ -402,12 +403,9 @@ def sample_rollouts(policy, tokenizer, prompts: list[RolloutPrompt], cfg: PPOCon
     examples = [TokenizedExample(p.ids + r, len(p.ids)) for p, r in zip(prompts, out.sequences)]
     sampled = Sampled(examples, tokenizer.batch_decode(out.sequences, skip_special_tokens=True), out.finished)
     if recorded:
-        labels = collate(examples, tokenizer.pad_token_id)["labels"]
         steps = torch.cat([torch.arange(len(s)) for s in out.sequences])
         rows = torch.cat([torch.full((len(s),), i) for i, s in enumerate(out.sequences)])
-        # row-major response tokens, as the (B, T-1) layout of token_logps holds them
-        sampled.logps = scatter_response_logps(out.logps.cpu()[rows, steps], labels)[0]
-        sampled.entropies = scatter_response_logps(out.entropies.cpu()[rows, steps], labels)[0]
+        sampled.logps, sampled.entropies = out.logps.cpu()[rows, steps], out.entropies.cpu()[rows, steps]
     return sampled
 
 
@@ -429,21 +427,22 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
     for rows in chunks(range(batch["input_ids"].shape[0]), cfg.ppo.micro_batch_size):
         part = {k: v[rows.start : rows.stop] for k, v in batch.items()}
         labels = part["labels"]
-        targets = labels[:, 1:][labels[:, 1:] != IGNORE]
         hidden = None
-        if policy_pass:
+        if policy_pass:  # response_token_logps, keeping the logits for the entropy
             logits, _, hidden = response_logits(
                 policy, part["input_ids"], part["attention_mask"], labels, with_hidden=shared
             )
             logits = logits.float() / temperature
+            targets = labels[:, 1:][labels[:, 1:] != IGNORE]
             old_logps.append(scatter_response_logps(selected_logps(logits, targets), labels)[0])
             entropies.append(scatter_response_logps(entropy_from_logits(logits), labels)[0])
             del logits
         with adapters_disabled(reference):  # a LoRA policy is its own reference, adapters off
-            ref_logits, mask, _ = response_logits(reference, part["input_ids"], part["attention_mask"], labels)
-        ref_logps.append(scatter_response_logps(selected_logps(ref_logits.float() / temperature, targets), labels)[0])
+            logps, mask = response_token_logps(
+                reference, part["input_ids"], part["attention_mask"], labels, temperature
+            )
+        ref_logps.append(logps)
         masks.append(mask)
-        del ref_logits
         if value is None:  # RLOO and GRPO: no value model, the baseline is the other samples
             old_values.append(torch.zeros(mask.shape, dtype=torch.float32, device=mask.device))
         elif shared:
@@ -454,7 +453,8 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
     if policy_pass:
         old, entropy = torch.cat(old_logps), torch.cat(entropies)
     else:
-        old, entropy = sampled.logps.to(mask.device), sampled.entropies.to(mask.device)
+        old = scatter_response_logps(sampled.logps.to(mask.device), batch["labels"])[0]
+        entropy = scatter_response_logps(sampled.entropies.to(mask.device), batch["labels"])[0]
     return old, torch.cat(ref_logps), torch.cat(old_values) * mask, entropy, mask
 
 
