@@ -309,3 +309,21 @@ def test_a_critic_warmup_needs_a_critic_and_iterations_left_for_the_policy(tmp_p
         load_config(PPOConfig, config, ["ppo.critic_warmup_iterations=8"])
     with pytest.raises(ConfigError, match="critic_warmup_iterations: must not be negative"):
         load_config(PPOConfig, config, ["ppo.critic_warmup_iterations=-1"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            ["ppo.critic_warmup_iterations=32"],
+            "32 of the 32 iterations (train.max_steps) would leave the policy untrained",
+        ),
+        (["value_model=shared", "ppo.old_logps=sampler"], "ppo.old_logps: value_model shared reads its values"),
+    ],
+)
+def test_the_cli_refuses_a_warmup_or_log_prob_source_it_cannot_honour_in_one_line(overrides, needle):
+    # a hub id and the gold reward: no earlier check about folders that a fresh clone lacks answers first
+    result = run_cli("ppo", "configs/ppo.yaml", *sets("model.name_or_path=gpt2", "reward.kind=gold", *overrides))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr, result.stderr
