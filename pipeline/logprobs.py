@@ -24,8 +24,8 @@ def selected_logps(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tens
     about twice as fast as z_y - logsumexp(z), whose backward is four passes over (..., V).
     """
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    if rows is not None:
-        return log_probs[rows, targets]
+    if rows is not None:  # index_select: its backward adds in order (indexing's adds atomically in threads)
+        return log_probs.flatten().index_select(0, rows * log_probs.shape[-1] + targets)
     return log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -61,6 +61,7 @@ def response_logits(
     labels: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     with_hidden: bool = False,
+    groups=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(logits (N, V), kept (B, T-1), hidden (B, T, H) or None): the logits of the N positions whose
     next token is labelled (position t predicts token t+1), in row-major order.
@@ -69,7 +70,10 @@ def response_logits(
     boolean `logits_to_keep` (transformers 5); elsewhere the full logits are computed and indexed.
     `position_ids` (B, T), for rows that hold several sequences (pipeline/packing.py).
     `with_hidden`: also the last hidden state of every position from the same forward.
+    `groups` (pipeline/prompt_groups.py): the same numbers from one row per shared prompt.
     """
+    if groups is not None:
+        return groups.response_logits(model, labels, with_hidden)
     kept = labels[:, 1:] != IGNORE
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if position_ids is not None:
@@ -94,14 +98,16 @@ def response_token_logps(
     temperature: float = 1.0,
     position_ids: torch.Tensor | None = None,
     with_hidden: bool = False,
+    groups=None,
 ):
     """(logps, mask), each (B, T-1): the log-probability of every labelled next token, the same
     numbers as `token_logps` on full logits, with the LM head on the labelled positions only
     (`response_logits`). `temperature` scores under softmax(logits / T), the distribution a sampler
     at T draws from. `with_hidden`: (logps, mask, hidden), hidden (B, T, H) the last hidden state of
-    every position from the same forward (PPO's shared value head reads it).
+    every position from the same forward (PPO's shared value head reads it). `groups`: as in
+    `response_logits`.
     """
-    logits, kept, hidden = response_logits(model, input_ids, attention_mask, labels, position_ids, with_hidden)
+    logits, kept, hidden = response_logits(model, input_ids, attention_mask, labels, position_ids, with_hidden, groups)
     logps = selected_logps(_tempered(logits, temperature), labels[:, 1:][kept])
     return *scatter_response_logps(logps, labels), *((hidden,) if with_hidden else ())
 

@@ -36,7 +36,7 @@ from pipeline.console import cell, console, plain
 from pipeline.cost import CostMeter
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
-from pipeline.data.tokenize import IGNORE, TokenizedExample, collate, encode_prompt
+from pipeline.data.tokenize import TokenizedExample, collate, encode_prompt
 from pipeline.errors import InputError
 from pipeline.judges import gold_reward
 from pipeline.launch import all_reduce_sum, close_distributed, gather_objects, init_distributed, save_pretrained, shard
@@ -46,7 +46,6 @@ from pipeline.logprobs import (
     response_token_logps,
     scatter_response_logps,
     selected_logps,
-    token_logps,
 )
 from pipeline.lora import adapters_disabled, add_lora, lora_summary, save_merged, trainable_parameter_count
 from pipeline.losses import ppo_policy_loss, ppo_value_loss
@@ -59,6 +58,8 @@ from pipeline.models import (
     load_tokenizer,
     local_parameter_count,
 )
+from pipeline.prefix_sharing import masks_of_ours_in
+from pipeline.prompt_groups import PromptGroups
 from pipeline.runs import RunDir, Trainable
 from pipeline.sampling import sample
 from pipeline.scoring import RewardModel, load_reward_model, same_tokenizer
@@ -111,6 +112,7 @@ class Rollout:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    prompt_lengths: torch.Tensor  # (B,)
     mask: torch.Tensor  # response tokens
     old_logps: torch.Tensor
     old_values: torch.Tensor
@@ -148,6 +150,7 @@ class Scorer:
         self.cfg, self.dist = cfg.reward, dist
         self.max_prompt_length = cfg.data.max_prompt_length
         self.batch_size = cfg.ppo.micro_batch_size
+        self.share_prompt = cfg.ppo.share_prompt and cfg.ppo.samples_per_prompt > 1
         self.gold = gold_reward(cfg.reward.gold)
         self.models: list[RewardModel] = []
         if cfg.reward.kind == "model":
@@ -173,7 +176,7 @@ class Scorer:
                     [p.messages for p in prompts],
                     self.max_prompt_length,
                 )
-                raw = model.score(examples, self.batch_size, self.dist.device)
+                raw = model.score(examples, self.batch_size, self.dist.device, self.share_prompt)
                 per_model.append((raw, (raw - model.mean) / model.std if self.cfg.normalize else raw))
             scores = combine_scores(self.cfg, per_model, torch.tensor([p.unsafe for p in prompts]))
         if self.cfg.clip is not None:
@@ -248,6 +251,7 @@ def run(cfg: PPOConfig, resume: bool = False, overwrite: bool = False) -> Path:
         if value is not None:
             disable_dropout(value)
     scorer = Scorer(cfg, tokenizer, dist)
+    masks_of_ours_in(policy, scorer.share_prompt, "ppo.share_prompt", "a row per sample", dist)  # warns if not
     meter.watch(policy, "policy")
     if reference is not policy:  # LoRA's reference passes run through the policy and count as its own
         meter.watch(reference, "reference")
@@ -418,7 +422,8 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
     log-probs and entropies are the sampler's where it recorded them (`sampled`, ppo.old_logps);
     else a policy pass computes them. Every pass runs the LM head on the same response positions
     (`response_logits`), so in bf16 too the KL of a policy to its own copy starts at 0. A shared
-    value head reads the policy's last hidden states from the policy's pass.
+    value head reads the policy's last hidden states from the policy's pass. With ppo.share_prompt,
+    each pass computes a micro-batch's shared prompts once (pipeline/prompt_groups.py).
     """
     temperature = cfg.rollout.temperature
     shared = value is not None and cfg.shared_value_head
@@ -427,19 +432,20 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
     for rows in chunks(range(batch["input_ids"].shape[0]), cfg.ppo.micro_batch_size):
         part = {k: v[rows.start : rows.stop] for k, v in batch.items()}
         labels = part["labels"]
+        groups = prompt_groups(part["input_ids"], part["attention_mask"], part["prompt_lengths"], cfg)
         hidden = None
-        if policy_pass:  # response_token_logps, keeping the logits for the entropy
-            logits, _, hidden = response_logits(
-                policy, part["input_ids"], part["attention_mask"], labels, with_hidden=shared
-            )
-            logits = logits.float() / temperature
-            targets = labels[:, 1:][labels[:, 1:] != IGNORE]
-            old_logps.append(scatter_response_logps(selected_logps(logits, targets), labels)[0])
-            entropies.append(scatter_response_logps(entropy_from_logits(logits), labels)[0])
-            del logits
+        if policy_pass:
+            logps, entropy, hidden = policy_logps(policy, part, labels, temperature, shared, True, groups)
+            old_logps.append(logps)
+            entropies.append(entropy)
         with adapters_disabled(reference):  # a LoRA policy is its own reference, adapters off
             logps, mask = response_token_logps(
-                reference, part["input_ids"], part["attention_mask"], labels, temperature
+                reference,
+                part["input_ids"],
+                part["attention_mask"],
+                labels,
+                temperature,
+                groups=groups and groups.for_model(reference),
             )
         ref_logps.append(logps)
         masks.append(mask)
@@ -448,7 +454,7 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
         elif shared:
             old_values.append(value(hidden)[:, :-1])
         else:
-            old_values.append(value(part["input_ids"], part["attention_mask"])[:, :-1])
+            old_values.append(value_scores(value, part["input_ids"], part["attention_mask"], groups)[:, :-1])
     mask = torch.cat(masks)
     if policy_pass:
         old, entropy = torch.cat(old_logps), torch.cat(entropies)
@@ -456,6 +462,33 @@ def logprob_passes(policy, reference, value, batch: dict[str, torch.Tensor], cfg
         old = scatter_response_logps(sampled.logps.to(mask.device), batch["labels"])[0]
         entropy = scatter_response_logps(sampled.entropies.to(mask.device), batch["labels"])[0]
     return old, torch.cat(ref_logps), torch.cat(old_values) * mask, entropy, mask
+
+
+def prompt_groups(input_ids, attention_mask, prompt_lengths, cfg: PPOConfig) -> PromptGroups | None:
+    """A micro-batch's rows grouped by their prompt (ppo.share_prompt), or None: one row each."""
+    if not cfg.ppo.share_prompt or cfg.ppo.samples_per_prompt < 2:
+        return None
+    return PromptGroups.of(input_ids, attention_mask, prompt_lengths.tolist())
+
+
+def policy_logps(policy, part: dict, labels, temperature: float, with_hidden: bool, with_entropy: bool, groups):
+    """(log-probs, entropies or None, last hidden states or None) of the policy on a micro-batch's
+    rows, from one forward with the LM head on the response positions; log-probs and entropies are
+    (B, T-1), of softmax(logits / T)."""
+    groups = groups and groups.for_model(policy)
+    logits, kept, hidden = response_logits(
+        policy, part["input_ids"], part["attention_mask"], labels, with_hidden=with_hidden, groups=groups
+    )
+    logits = logits.float() / temperature
+    logps = scatter_response_logps(selected_logps(logits, labels[:, 1:][kept]), labels)[0]
+    entropy = scatter_response_logps(entropy_from_logits(logits), labels)[0] if with_entropy else None
+    return logps, entropy, hidden
+
+
+def value_scores(value, input_ids, attention_mask, groups) -> torch.Tensor:
+    """A value model's (ScalarHead's) score at every position, (B, T)."""
+    groups = groups and groups.for_model(value)
+    return groups.scores(value) if groups is not None else value(input_ids, attention_mask)
 
 
 def advantages_and_returns(scores, old_logps, ref_logps, old_values, mask, cfg: PPOConfig, kl_coef: float, dist):
@@ -497,7 +530,10 @@ def collect_rollout(
     prompts = [p for p in prompts for _ in range(cfg.ppo.samples_per_prompt)]
     sampled = sample_rollouts(policy, tokenizer, prompts, cfg, dist, generator)
     examples, responses, finished = sampled.examples, sampled.responses, sampled.finished
-    batch = {k: v.to(dist.device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
+    batch = collate(examples, tokenizer.pad_token_id) | {
+        "prompt_lengths": torch.tensor([e.prompt_length for e in examples])
+    }
+    batch = {k: v.to(dist.device) for k, v in batch.items()}
     generate_s, clock = time.perf_counter() - clock, time.perf_counter()
 
     old_logps, ref_logps, old_values, entropy, mask = logprob_passes(policy, reference, value, batch, cfg, sampled)
@@ -530,7 +566,16 @@ def collect_rollout(
         "time/advantages": advantages_s,
     }
     table = [(p.text, r, float(s), float(g)) for p, r, s, g in list(zip(prompts, responses, scores, gold))[:4]]
-    rollout = Rollout(batch["input_ids"], batch["attention_mask"], mask, old_logps, old_values, advantages, returns)
+    rollout = Rollout(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["prompt_lengths"],
+        mask,
+        old_logps,
+        old_values,
+        advantages,
+        returns,
+    )
     return rollout, stats, table
 
 
@@ -553,32 +598,19 @@ def ppo_update(
                 sync_on_last(value, dist, i, len(micro_rows))
             mask = rollout.mask[rows]
             labels = rollout.input_ids[rows].masked_fill(~_label_mask(mask), -100)
-            if cfg.ppo.entropy_coef:  # the entropy bonus needs every logit of the response positions
-                out = policy(
-                    input_ids=rollout.input_ids[rows],
-                    attention_mask=rollout.attention_mask[rows],
-                    output_hidden_states=shared,
-                )
-                logits = out.logits.float() / temperature
-                logps, _ = token_logps(logits, labels)
-                hidden = out.hidden_states[-1] if shared else None
-            else:
-                logps, _, *last = response_token_logps(
-                    policy,
-                    rollout.input_ids[rows],
-                    rollout.attention_mask[rows],
-                    labels,
-                    temperature,
-                    with_hidden=shared,
-                )
-                hidden = last[0] if shared else None  # the policy's last hidden states, for a shared head
+            part = {"input_ids": rollout.input_ids[rows], "attention_mask": rollout.attention_mask[rows]}
+            groups = prompt_groups(part["input_ids"], part["attention_mask"], rollout.prompt_lengths[rows], cfg)
+            # the entropy bonus from the same logits; a shared head reads the same forward's hidden states
+            logps, entropy, hidden = policy_logps(
+                policy, part, labels, temperature, shared, bool(cfg.ppo.entropy_coef), groups
+            )
             policy_loss, policy_stats = ppo_policy_loss(
                 logps, rollout.old_logps[rows], rollout.advantages[rows], mask, cfg.ppo.clip_range
             )
             loss = policy_loss
             if value is not None:
                 # one backward through the shared trunk for both losses, or a value model of its own
-                values = value(hidden) if shared else value(rollout.input_ids[rows], rollout.attention_mask[rows])
+                values = value(hidden) if shared else value_scores(value, **part, groups=groups)
                 values = values[:, :-1]
                 value_loss, value_clipped = ppo_value_loss(
                     values, rollout.old_values[rows], rollout.returns[rows], mask, cfg.ppo.value_clip_range
@@ -586,7 +618,7 @@ def ppo_update(
                 loss = loss + cfg.ppo.value_coef * value_loss
                 sums.add(**{"loss/value": value_loss, "val/clipfrac": value_clipped})
             if cfg.ppo.entropy_coef:
-                loss = loss - cfg.ppo.entropy_coef * (entropy_from_logits(logits[:, :-1]) * mask).sum()
+                loss = loss - cfg.ppo.entropy_coef * (entropy * mask).sum()
             backward_global_mean(loss, tokens, dist)  # a token mean over the global minibatch
             sums.add(
                 **{

@@ -70,6 +70,12 @@ class PreallocatedLayer(DynamicLayer):
         super().reset()
         self.filled = 0
 
+    def copy_rows(self, rows: torch.Tensor) -> None:
+        """Row i becomes a copy of row rows[i]: a prompt computed once, then one row per sample."""
+        self.key_buffer = self.key_buffer.index_select(0, rows)
+        self.value_buffer = self.value_buffer.index_select(0, rows)
+        self.keys, self.values = self.key_buffer[:, :, : self.filled], self.value_buffer[:, :, : self.filled]
+
 
 def preallocated_cache(model, capacity: int) -> Cache | None:
     """A cache of `capacity` positions per layer for a model whose layers all attend to every earlier
@@ -144,15 +150,32 @@ def generate(
     # The prompt's logits are never used, only the last position's: skip the LM head on the rest.
     last_only = {"logits_to_keep": 1} if keeps_logit_positions(type(model)) else {}
     cache_name = cache_argument(model)
+    cache = preallocated_cache(model, width + max_new_tokens)
+    # Several samples of one prompt (GRPO, RLOO, pair sampling): each distinct prompt is computed
+    # once, then its keys, values and last logits are copied to every row that samples from it.
+    distinct: dict[tuple[int, ...], int] = {}  # a prompt -> its row in the prefill
+    first_rows, copied_from = [], []
+    for row, prompt in enumerate(prompts):
+        if tuple(prompt) not in distinct:
+            distinct[tuple(prompt)] = len(first_rows)
+            first_rows.append(row)
+        copied_from.append(distinct[tuple(prompt)])
+    shares_prefill = cache is not None and len(first_rows) < batch
+    prefill = torch.tensor(first_rows, device=device) if shares_prefill else slice(None)
     out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
+        input_ids=input_ids[prefill],
+        attention_mask=attention_mask[prefill],
+        position_ids=position_ids[prefill],
         use_cache=True,
-        **{cache_name: preallocated_cache(model, width + max_new_tokens)},
+        **{cache_name: cache},
         **last_only,
     )
     cache, logits = getattr(out, cache_name), out.logits[:, -1, :]
+    if shares_prefill:
+        copied_from = torch.tensor(copied_from, device=device)
+        for layer in cache.layers:
+            layer.copy_rows(copied_from)
+        logits = logits.index_select(0, copied_from)
     next_position = position_ids[:, -1] + 1  # (B,)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)

@@ -22,6 +22,7 @@ from pipeline.data.tokenize import TokenizedExample, collate, tokenize_example
 from pipeline.errors import InputError
 from pipeline.launch import Dist, shard
 from pipeline.models import ScalarHead, from_pretrained, last_scores
+from pipeline.prompt_groups import PromptGroups
 
 
 def sequence_scores(head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -78,9 +79,12 @@ class RewardModel:
         return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 2048
 
     @torch.no_grad()
-    def score(self, examples: list[TokenizedExample], batch_size: int, device: torch.device) -> torch.Tensor:
-        """Raw scores (N,) on the CPU, in `batch_size` forward passes."""
-        return score_examples(self.head, examples, self.tokenizer.pad_token_id, batch_size, device)
+    def score(
+        self, examples: list[TokenizedExample], batch_size: int, device: torch.device, share_prompt: bool = False
+    ) -> torch.Tensor:
+        """Raw scores (N,) on the CPU, in `batch_size` forward passes; `share_prompt`: the examples of
+        a pass that begin with the same prompt read it once (pipeline/prompt_groups.py)."""
+        return score_examples(self.head, examples, self.tokenizer.pad_token_id, batch_size, device, share_prompt)
 
 
 def reward_example(
@@ -105,11 +109,20 @@ def reward_example(
 
 
 @torch.no_grad()
-def score_examples(head, examples: list[TokenizedExample], pad_id: int, batch_size: int, device) -> torch.Tensor:
+def score_examples(
+    head, examples: list[TokenizedExample], pad_id: int, batch_size: int, device, share_prompt: bool = False
+) -> torch.Tensor:
     out = []
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
-        out.append(sequence_scores(head, batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
+        part = examples[start : start + batch_size]
+        batch = collate(part, pad_id)
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        groups = PromptGroups.of(input_ids, attention_mask, [e.prompt_length for e in part]) if share_prompt else None
+        groups = groups and groups.for_model(head)
+        if groups is not None:
+            out.append(last_scores(groups.scores(head), attention_mask).cpu())
+        else:
+            out.append(sequence_scores(head, input_ids, attention_mask).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

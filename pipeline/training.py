@@ -70,7 +70,10 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    # One fused kernel over all parameters, as the HF Trainer's default (adamw_torch_fused) under TRL:
+    # the for-loop default is a few element-wise passes per tensor, 3x the step's time on a CPU.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused or None)
 
 
 def warmup_steps(optim: OptimConfig, total_steps: int) -> int:

@@ -321,7 +321,9 @@ def test_every_stage_trains_adapters_and_the_next_stage_loads_them(lora_pipeline
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference before the first update
     assert "reference" not in json.loads((root / "dpo" / "cost.json").read_text())["forward_passes"]
     ppo = [m for m in read_metrics(root / "ppo") if "objective/kl" in m]
-    assert ppo[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)  # the reference is the policy, adapters off
+    # The reference is the policy, adapters off: 0 up to the rounding between the sampler's one-token
+    # steps (the old log-probs) and the reference's whole-sequence pass, summed over a response.
+    assert ppo[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
 
 
 @pytest.mark.slow

@@ -65,3 +65,39 @@ def test_a_sliding_window_model_keeps_its_own_cache(tiny_tokenizer):
         for _ in range(5):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert out.sequences[0] == ids[6:]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_samples_of_one_prompt_share_its_prefill_and_continue_it_as_alone(tiny_tokenizer, kind):
+    from pipeline.config import ArchitectureConfig
+    from pipeline.data.tokenize import TokenizedExample, collate
+    from pipeline.logprobs import response_token_logps
+    from pipeline.models import create_scratch_model
+    from pipeline.sampling import generate
+
+    arch = ArchitectureConfig(type=kind, n_layer=2, n_head=4, n_embd=64, n_positions=64)
+    model = create_scratch_model(arch, tiny_tokenizer, seed=1).eval()
+    rng = torch.Generator().manual_seed(0)
+    distinct = [torch.randint(2, model.config.vocab_size, (n,), generator=rng).tolist() for n in (7, 3, 5)]
+    prompts = [distinct[i] for i in (0, 1, 0, 2, 1, 0)]
+    prefill_rows = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape) if not prefill_rows else None,
+        with_kwargs=True,
+    )
+    pad = tiny_tokenizer.pad_token_id
+    greedy = generate(model, prompts, eos_id=-1, pad_id=pad, max_new_tokens=12, temperature=0)
+    hook.remove()
+    assert prefill_rows == [torch.Size([3, 7])]  # each distinct prompt once
+    for prompt, sequence in zip(prompts, greedy.sequences):
+        alone = generate(model, [prompt], eos_id=-1, pad_id=pad, max_new_tokens=12, temperature=0)
+        assert sequence == alone.sequences[0]
+    sampled = generate(
+        model, prompts, eos_id=-1, pad_id=pad, max_new_tokens=12, temperature=0.8,
+        generator=torch.Generator().manual_seed(3), with_logps=True,
+    )  # fmt: skip
+    assert len({tuple(s) for s in sampled.sequences}) == len(prompts)  # samples of one prompt differ
+    batch = collate([TokenizedExample(p + s, len(p)) for p, s in zip(prompts, sampled.sequences)], pad)
+    with torch.no_grad():
+        logps, mask = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], 0.8)
+    torch.testing.assert_close(logps[mask], sampled.logps.flatten(), atol=1e-5, rtol=0)

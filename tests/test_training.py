@@ -1,4 +1,4 @@
-"""The learning-rate schedule's shape and the batch plan."""
+"""The optimizer, the learning-rate schedule's shape and the batch plan."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from pipeline.config import OptimConfig, TrainConfig
 from pipeline.errors import DataError
 from pipeline.launch import Dist
-from pipeline.training import BatchPlan, lr_at, warmup_steps
+from pipeline.training import BatchPlan, build_optimizer, lr_at, warmup_steps
 
 
 def test_cosine_schedule_warms_up_then_decays_to_ten_percent():
@@ -35,6 +35,32 @@ def test_min_warmup_steps_and_other_schedules():
     assert lr_at(9, 10, optim) == pytest.approx(0.0)
     constant = OptimConfig(lr=2.0, warmup_ratio=0.0, schedule="constant")
     assert {lr_at(s, 10, constant) for s in range(10)} == {2.0}
+
+
+def test_the_fused_optimizer_steps_as_the_textbook_adamw_with_decay_on_matrices_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+    textbook = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 8))
+    textbook.load_state_dict(model.state_dict())
+    start = model[0].weight.detach().clone()
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, optim)
+    assert all(group["fused"] for group in fused.param_groups)
+    matrices = [p for p in textbook.parameters() if p.ndim >= 2]
+    others = [p for p in textbook.parameters() if p.ndim < 2]
+    loop = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+        lr=1e-2, betas=tuple(optim.betas), eps=optim.eps, foreach=False,
+    )
+    for _ in range(5):
+        for net, opt in ((model, fused), (textbook, loop)):
+            torch.manual_seed(1)
+            net(torch.randn(4, 16)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for ours, reference in zip(model.parameters(), textbook.parameters()):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    assert (model[0].weight - start).abs().max() > 1e-2  # five steps at lr 1e-2 moved the weights
 
 
 def dist(rank: int, world: int) -> Dist:

@@ -767,6 +767,12 @@ class PPOAlgoConfig:
     # --freezing_actor_steps): a critic that starts from scratch (value_model: shared) learns the
     # returns before its advantages steer the policy. With a shared head, only the head trains then.
     critic_warmup_iterations: int = 0
+    # With several samples per prompt, every pass over the rollouts (policy, reference, value, reward
+    # models) computes each prompt once for all of its samples in a micro-batch: one row [prompt,
+    # response 1, ..., response k], each response attending to the prompt and itself. The same
+    # numbers (to float rounding) with fewer tokens; models whose attention takes no mask of ours
+    # (flash, flex, sliding windows) read a row per sample instead.
+    share_prompt: bool = True
 
     def check(self, at: str) -> None:
         if self.critic_warmup_iterations < 0:
