@@ -50,7 +50,10 @@ def test_the_fused_optimizer_steps_as_the_textbook_adamw_with_decay_on_matrices_
     others = [p for p in textbook.parameters() if p.ndim < 2]
     loop = torch.optim.AdamW(
         [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
-        lr=1e-2, betas=tuple(optim.betas), eps=optim.eps, foreach=False,
+        lr=1e-2,
+        betas=tuple(optim.betas),
+        eps=optim.eps,
+        foreach=False,
     )
     for _ in range(5):
         for net, opt in ((model, fused), (textbook, loop)):
