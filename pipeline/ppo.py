@@ -403,7 +403,16 @@ class Sampled:
 def sample_rollouts(policy, tokenizer, prompts: list[RolloutPrompt], cfg: PPOConfig, dist, generator) -> Sampled:
     """A response per prompt, sampled at the rollout temperature."""
     recorded = cfg.sampler_logps
-    out = sample(policy, tokenizer, [p.ids for p in prompts], cfg.rollout, generator, dist.sharded, with_logps=recorded)
+    out = sample(
+        policy,
+        tokenizer,
+        [p.ids for p in prompts],
+        cfg.rollout,
+        generator,
+        dist.sharded,
+        with_logps=recorded,
+        share_prefill=cfg.ppo.share_prompt,
+    )
     examples = [TokenizedExample(p.ids + r, len(p.ids)) for p, r in zip(prompts, out.sequences)]
     sampled = Sampled(examples, tokenizer.batch_decode(out.sequences, skip_special_tokens=True), out.finished)
     if recorded:

@@ -132,6 +132,7 @@ def generate(
     generator: torch.Generator | None = None,
     sync_ranks: bool = False,
     with_logps: bool = False,
+    share_prefill: bool = True,
 ) -> Generation:
     device = next(model.parameters()).device
     batch = len(prompts)
@@ -160,7 +161,7 @@ def generate(
             distinct[tuple(prompt)] = len(first_rows)
             first_rows.append(row)
         copied_from.append(distinct[tuple(prompt)])
-    shares_prefill = cache is not None and len(first_rows) < batch
+    shares_prefill = share_prefill and cache is not None and len(first_rows) < batch
     prefill = torch.tensor(first_rows, device=device) if shares_prefill else slice(None)
     out = model(
         input_ids=input_ids[prefill],
@@ -235,6 +236,7 @@ def sample(
     generator: torch.Generator | None,
     sync_ranks: bool = False,
     with_logps: bool = False,
+    share_prefill: bool = True,
 ) -> Generation:
     """`generate` with a SampleConfig's length, temperature and top-p, stopping at the tokenizer's EOS."""
     return generate(
@@ -248,4 +250,5 @@ def sample(
         generator=generator,
         sync_ranks=sync_ranks,
         with_logps=with_logps,
+        share_prefill=share_prefill,
     )

@@ -274,6 +274,26 @@ def test_adaptive_kl_keeps_the_measured_kl_near_its_target(small_pipeline, small
 
 
 @pytest.mark.slow
+def test_grpo_sharded_over_two_processes_is_the_same_with_the_prompt_shared(small_pipeline, tmp_path):
+    """ppo.share_prompt under FSDP2: the sampler's shared prefill and the grouped passes on each
+    process give the run of a row per sample, to float rounding."""
+    runs = {}
+    for share in ("true", "false"):
+        out = tmp_path / f"grpo-sharded-{share}"
+        overrides = ("reward.kind=gold", "ppo.advantage=grpo", "ppo.samples_per_prompt=4", "ppo.rollout_batch_size=16")
+        args = ["ppo", str(small_pipeline["ppo"]), *sets(f"output_dir={out}", "train.max_steps=2", "ppo.epochs=1")]
+        args += sets(*overrides, f"ppo.share_prompt={share}")
+        result = run_cli(*args, "--num-processes", "2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[share] = iterations(out)
+    assert len(runs["true"]) == len(runs["false"]) == 2
+    for shared, rows in zip(runs["true"], runs["false"]):
+        for name in ("objective/kl", "objective/entropy", "gold/mean", "loss/policy"):
+            assert shared[name] == pytest.approx(rows[name], rel=1e-3, abs=1e-5), name
+    assert runs["true"][1]["objective/kl"] > 1e-2  # the first update moved the policy
+
+
+@pytest.mark.slow
 def test_ppo_runs_sharded_over_two_processes_and_resumes(small_pipeline, small_reward_model, tmp_path):
     out = tmp_path / "ppo-sharded"
     args = [
