@@ -108,11 +108,12 @@ def response_token_logps(
     `response_logits`.
     """
     logits, kept, hidden = response_logits(model, input_ids, attention_mask, labels, position_ids, with_hidden, groups)
-    logps = selected_logps(_tempered(logits, temperature), labels[:, 1:][kept])
+    logps = selected_logps(tempered(logits, temperature), labels[:, 1:][kept])
     return *scatter_response_logps(logps, labels), *((hidden,) if with_hidden else ())
 
 
-def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T in float32; at T = 1 the logits as they are (every reader takes them to float32)."""
     return logits if temperature == 1.0 else logits.float() / temperature
 
 
@@ -122,6 +123,21 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     log_z = torch.logsumexp(logits, dim=-1)
     probs = torch.softmax(logits, dim=-1)
     return log_z - (probs * logits).sum(-1)
+
+
+def logits_at(model, inputs: dict, positions: torch.Tensor):
+    """(output, logits (K, V), index (M,)): the model's forward on `inputs`, and the logits of the
+    flat `positions` (M,) into its (B, T) input, position i's being logits[index[i]]. The LM head runs
+    on those positions only where the model takes a boolean `logits_to_keep`; elsewhere on all."""
+    shape = inputs["input_ids"].shape
+    if keeps_logit_positions(type(model)):
+        keep = torch.zeros(shape.numel(), dtype=torch.bool, device=positions.device)
+        keep[positions] = True
+        out = model(**inputs, logits_to_keep=keep.view(shape))
+        if out.logits.dim() == 2 and out.logits.shape[0] == int(keep.sum()):
+            return out, out.logits, keep.cumsum(0)[positions] - 1
+    out = model(**inputs)  # a forward that takes the argument but keeps positions its own way, or none
+    return out, out.logits.flatten(0, 1), positions
 
 
 @cache

@@ -46,6 +46,7 @@ from pipeline.logprobs import (
     response_token_logps,
     scatter_response_logps,
     selected_logps,
+    tempered,
 )
 from pipeline.lora import adapters_disabled, add_lora, lora_summary, save_merged, trainable_parameter_count
 from pipeline.losses import ppo_policy_loss, ppo_value_loss
@@ -488,7 +489,7 @@ def policy_logps(policy, part: dict, labels, temperature: float, with_hidden: bo
     logits, kept, hidden = response_logits(
         policy, part["input_ids"], part["attention_mask"], labels, with_hidden=with_hidden, groups=groups
     )
-    logits = logits.float() / temperature
+    logits = tempered(logits, temperature)
     logps = scatter_response_logps(selected_logps(logits, labels[:, 1:][kept]), labels)[0]
     entropy = scatter_response_logps(entropy_from_logits(logits), labels)[0] if with_entropy else None
     return logps, entropy, hidden

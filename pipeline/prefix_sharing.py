@@ -15,7 +15,7 @@ import torch
 
 from pipeline.console import console, plain
 from pipeline.data.tokenize import IGNORE, TokenizedPair, collate_pairs
-from pipeline.logprobs import keeps_logit_positions, response_token_logps, selected_logps
+from pipeline.logprobs import logits_at, response_token_logps, selected_logps, tempered
 from pipeline.models import attends_to_every_earlier_position
 
 PAD, PROMPT, CHOSEN, REJECTED = -1, 0, 1, 2  # a position's segment
@@ -150,20 +150,8 @@ def shared_pair_logps(
         "attention_mask": attention_mask(segments, model),
         "position_ids": batch["position_ids"],
     }
-    logits = None
-    if keeps_logit_positions(type(model)):
-        keep = torch.zeros_like(labels, dtype=torch.bool)
-        keep[rows, sources] = True
-        logits = model(**inputs, logits_to_keep=keep).logits  # (N kept, V), row-major
-        if logits.dim() == 2 and logits.shape[0] == int(keep.sum()):
-            kept_index = keep.flatten().cumsum(0).view(keep.shape) - 1
-            sources = kept_index[rows, sources]  # each trained token's row of the kept logits
-        else:  # a forward that takes the argument but keeps positions its own way
-            logits = None
-    if logits is None:
-        logits = model(**inputs).logits  # (B, T, V)
-        logits, sources = logits.flatten(0, 1), rows * logits.shape[1] + sources
-    logits = logits.float() / temperature if temperature != 1.0 else logits
+    _, logits, sources = logits_at(model, inputs, rows * labels.shape[1] + sources)
+    logits = tempered(logits, temperature)
     token_logps = selected_logps(logits, targets, rows=sources)  # (M,)
     chosen = segments[rows, positions] == CHOSEN
     pairs = labels.shape[0]

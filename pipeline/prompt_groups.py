@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.data.tokenize import IGNORE
-from pipeline.logprobs import keeps_logit_positions
+from pipeline.logprobs import logits_at
 from pipeline.prefix_sharing import PAD, PROMPT, shares_prefixes
 from pipeline.prefix_sharing import attention_mask as segment_mask
 
@@ -109,16 +109,8 @@ class PromptGroups:
         if bool((sources < 0).any()):
             raise ValueError("a labelled token is predicted by a position the attention mask leaves out")
         inputs = self.inputs(model) | ({"output_hidden_states": True} if with_hidden else {})
-        logits = None
-        if keeps_logit_positions(type(model)):
-            keep = torch.zeros(self.input_ids.numel(), dtype=torch.bool, device=sources.device)
-            keep[sources] = True
-            out = model(**inputs, logits_to_keep=keep.view(self.input_ids.shape))
-            if out.logits.dim() == 2 and out.logits.shape[0] == int(keep.sum()):
-                logits = out.logits.index_select(0, keep.cumsum(0)[sources] - 1)  # in order, as in `ungroup`
-        if logits is None:  # a forward that computes every position's logits
-            out = model(**inputs)
-            logits = out.logits.flatten(0, 1).index_select(0, sources)
+        out, logits, index = logits_at(model, inputs, sources)
+        logits = logits.index_select(0, index)  # in order, as in `ungroup`
         return logits, kept, self.ungroup(out.hidden_states[-1]) if with_hidden else None
 
     def scores(self, head) -> torch.Tensor:
