@@ -74,7 +74,7 @@ STAGES = ("sft", "reward", "dpo")
 # (label, framework, settings). The first and last run at equal settings: same random batches.
 # "ours+grouped" adds train.group_by_length, which TRL's pair trainers cannot use (their datasets
 # have no input_ids column for transformers' LengthGroupedSampler).
-# "ours+packed" (SFT only) packs each batch's sequences into as few rows as fit (train.packing).
+# "ours+packed" (SFT only) puts each batch's sequences end to end in one row (train.packing).
 VARIANTS = [
     ("ours", "ours", {}),
     ("ours+grouped", "ours", {"ours": {"group_by_length": True}}),

@@ -59,7 +59,7 @@ def response_logits(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
-    position_ids: torch.Tensor | None = None,
+    forward_kwargs: dict | None = None,
     with_hidden: bool = False,
     groups=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -68,16 +68,15 @@ def response_logits(
 
     The LM head runs on those positions only (not the prompt or padding) where the model takes a
     boolean `logits_to_keep` (transformers 5); elsewhere the full logits are computed and indexed.
-    `position_ids` (B, T), for rows that hold several sequences (pipeline/packing.py).
+    `forward_kwargs`: more arguments of the model's forward (packed rows' position ids and attention
+    layout, pipeline/packing.py).
     `with_hidden`: also the last hidden state of every position from the same forward.
     `groups` (pipeline/prompt_groups.py): the same numbers from one row per shared prompt.
     """
     if groups is not None:
         return groups.response_logits(model, labels, with_hidden)
     kept = labels[:, 1:] != IGNORE
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if position_ids is not None:
-        inputs["position_ids"] = position_ids
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **(forward_kwargs or {})}
     if with_hidden:
         inputs["output_hidden_states"] = True
     if keeps_logit_positions(type(model)):
@@ -96,7 +95,7 @@ def response_token_logps(
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
-    position_ids: torch.Tensor | None = None,
+    forward_kwargs: dict | None = None,
     with_hidden: bool = False,
     groups=None,
 ):
@@ -107,7 +106,9 @@ def response_token_logps(
     every position from the same forward (PPO's shared value head reads it). `groups`: as in
     `response_logits`.
     """
-    logits, kept, hidden = response_logits(model, input_ids, attention_mask, labels, position_ids, with_hidden, groups)
+    logits, kept, hidden = response_logits(
+        model, input_ids, attention_mask, labels, forward_kwargs, with_hidden, groups
+    )
     logps = selected_logps(tempered(logits, temperature), labels[:, 1:][kept])
     return *scatter_response_logps(logps, labels), *((hidden,) if with_hidden else ())
 

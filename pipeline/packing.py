@@ -1,71 +1,157 @@
-"""Padding-free SFT batches (`train.packing`): several sequences in one row, each attending only to itself.
+"""Padding-free SFT batches (`train.packing`): a micro-batch's sequences end to end in one row.
 
-A micro-batch's sequences are packed first-fit, longest first, into rows as wide as its longest
-sequence, so no row is wider than the padded batch's and there are never more rows. Position ids
-restart at each sequence and a block-diagonal causal mask keeps the sequences apart, so every token
-has the hidden state it has in a row of its own. A row of its own never predicts its first token,
-so a packed sequence's first token gets no label either: the same loss, to float rounding, on fewer
-rows. Models that take no mask of ours (flash or flex attention, ALiBi or sliding-window models) fall
-back to padded rows, with a warning (pipeline/prefix_sharing.py decides which those are).
+Every weight matmul then runs on real tokens only. Position ids restart at each sequence. A row of
+its own never predicts its first token, so a packed sequence's first token gets no label either:
+the same loss, to float rounding, without a padded position.
 
-Shapes: R rows, W width (the micro-batch's longest sequence).
+Attention keeps the sequences apart without a (T, T) mask: inside each layer, `packed_attention`
+scatters the row's queries, keys and values into buckets of sequences of similar length, one
+padded slot per sequence, runs causal SDPA over each bucket (padding sits after every real key, so
+causality alone keeps it out, and the kernel skips the blocks above the diagonal), and gathers the
+outputs back. A block-diagonal mask over the whole row would compute every pair of positions,
+other sequences' included; one bucket for all would pad every sequence to the longest.
+
+Models that take no mask of ours (flash or flex attention, ALiBi or sliding-window models) train
+on padded rows instead, with a warning (pipeline/prefix_sharing.py decides which those are). Eager
+models pack too: their packed attention is SDPA's, equal to eager's to float rounding.
+
+Shapes: N tokens in the row, S sequences, L the longest sequence, H heads, D head size.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
 from pipeline.data.tokenize import IGNORE, TokenizedExample
-from pipeline.prefix_sharing import as_model_mask, masks_of_ours_in
+from pipeline.prefix_sharing import masks_of_ours_in
 
-PAD = -1  # a padding position's sequence index
+ATTENTION = "rlhfdpo_packed"  # our attention function's name in transformers' AttentionInterface
 
 
 def pack(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids, position_ids, sequence (each position's index in `examples`, PAD on padding) and
-    labels, each (R, W), for `examples` packed first-fit by decreasing length."""
-    width = max(len(e.input_ids) for e in examples)
-    rows: list[list[int]] = []  # example indices per row
-    room: list[int] = []
-    for index in sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids)):
-        need = len(examples[index].input_ids)
-        row = next((r for r, free in enumerate(room) if free >= need), None)
-        if row is None:
-            rows.append([])
-            room.append(width)
-            row = len(rows) - 1
-        rows[row].append(index)
-        room[row] -= need
-    shape = (len(rows), width)
-    input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    sequence = torch.full(shape, PAD, dtype=torch.long)
-    labels = torch.full(shape, IGNORE, dtype=torch.long)
-    for r, members in enumerate(rows):
-        start = 0
-        for index in members:
-            example = examples[index]
-            n = len(example.input_ids)
-            span = slice(start, start + n)
-            input_ids[r, span] = torch.tensor(example.input_ids)
-            position_ids[r, span] = torch.arange(n)
-            sequence[r, span] = index
-            labels[r, span] = torch.tensor(example.labels)
-            labels[r, start] = IGNORE  # predicted by nothing in a row of its own
-            start += n
-    return {"input_ids": input_ids, "position_ids": position_ids, "sequence": sequence, "labels": labels}
+    """input_ids, position_ids, sequence (each position's index in `examples`) and labels, each
+    (1, N): the examples end to end, in order. `pad_id` is unused (nothing is padded); the
+    signature is `collate`'s."""
+    input_ids, position_ids, sequence, labels = [], [], [], []
+    for index, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids += example.input_ids
+        position_ids += range(n)
+        sequence += [index] * n
+        labels += [IGNORE, *example.labels[1:]]  # the first token is predicted by nothing in a row of its own
+    return {
+        name: torch.tensor([values], dtype=torch.long)
+        for name, values in (
+            ("input_ids", input_ids),
+            ("position_ids", position_ids),
+            ("sequence", sequence),
+            ("labels", labels),
+        )
+    }
 
 
-def block_causal_mask(sequence: torch.Tensor, model) -> torch.Tensor:
-    """(R, 1, W, W): a position sees the earlier positions of its own sequence. Padding sees only the
-    row's first position (a row that sees nothing is NaN in SDPA). Boolean (True: attend) for SDPA,
-    additive (0 or the dtype's minimum) for eager attention."""
-    width = sequence.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=sequence.device).tril()
-    query, key = sequence.unsqueeze(2), sequence.unsqueeze(1)  # (R, W, 1), (R, 1, W)
-    allowed = causal & (query == key) & (key != PAD)
-    allowed[:, :, 0] |= sequence == PAD
-    return as_model_mask(allowed.unsqueeze(1), model)
+# What one SDPA call costs beyond its work, in query-key pairs per head (about 45 microseconds
+# forward and backward at 8 heads of 64 on a 2-core CPU, measured): the price of one more bucket.
+CALL_COST = 1500
+MAX_CUTS = 64  # the most places a bucket may end: bounds the search for a micro-batch of many sequences
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where a packed row's positions sit in padded buckets: slots (N,), each position's index into
+    the buckets laid end to end; buckets, (rows, width) of each, a bucket holding `rows` sequences
+    padded to `width`."""
+
+    slots: torch.Tensor
+    buckets: tuple[tuple[int, int], ...]
+
+
+def buckets_by_length(lengths: list[int], call_cost: float = CALL_COST) -> list[list[int]]:
+    """The sequences' indices in buckets of similar length, shortest first: sorted by length, cut
+    where one more SDPA call costs less than the padding it saves (each bucket computes
+    rows x width^2 query-key pairs). Exact, by dynamic programming over the cut points; past
+    MAX_CUTS sequences, over every (S / MAX_CUTS)-th of them."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    step = -(-len(order) // MAX_CUTS)
+    ends = [*range(step, len(order), step), len(order)]  # where a bucket may end, in `order`
+    best = {0: 0.0}  # best[j]: the cheapest buckets of the first j sequences
+    cut = {}
+    for j in ends:
+        width = lengths[order[j - 1]]  # the longest of any bucket that ends at j
+        best[j], cut[j] = min((best[i] + call_cost + (j - i) * width * width, i) for i in best)
+    buckets, j = [], len(order)
+    while j:
+        buckets.append(order[cut[j] : j])
+        j = cut[j]
+    return buckets[::-1]
+
+
+def layout_of(sequence: torch.Tensor, position_ids: torch.Tensor, call_cost: float = CALL_COST) -> PackedLayout:
+    """`PackedLayout` of pack's row (1, N)."""
+    sequence, position_ids = sequence.view(-1), position_ids.view(-1)
+    lengths = torch.bincount(sequence).tolist()
+    start_of = torch.zeros(len(lengths), dtype=torch.long)  # each sequence's first slot
+    shapes, offset = [], 0
+    for bucket in buckets_by_length(lengths, call_cost):
+        width = max(lengths[i] for i in bucket)
+        for row, index in enumerate(bucket):
+            start_of[index] = offset + row * width
+        shapes.append((len(bucket), width))
+        offset += len(bucket) * width
+    return PackedLayout(start_of.to(sequence.device)[sequence] + position_ids, tuple(shapes))
+
+
+def packed_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_layout=None, **kwargs
+):
+    """transformers' attention signature: query (1, H, N, D), key and value (1, H_kv, N, D) of one
+    packed row; returns ((1, N, H, D), None). Each position attends to the earlier positions of its
+    own sequence only. `packed_layout`: the row's `PackedLayout`, passed on by `packed_forward`."""
+    if packed_layout is None or attention_mask is not None or kwargs.get("sliding_window") is not None:
+        raise RuntimeError(f"{ATTENTION} attention runs packed rows only (pipeline.packing.packed_forward)")
+    heads, size = query.shape[1], query.shape[3]
+    sizes = [rows * width for rows, width in packed_layout.buckets]
+
+    def bucketed(states: torch.Tensor) -> torch.Tensor:  # (1, h, N, D) -> (slots, h, D), zero on padding
+        flat = states[0].transpose(0, 1)  # (N, h, D)
+        return flat.new_zeros(sum(sizes), states.shape[1], size).index_copy(0, packed_layout.slots, flat)
+
+    # split, not a slice per bucket: its backward is one concatenation, a slice's a zeroed buffer each.
+    parts = zip(*(bucketed(states).split(sizes) for states in (query, key, value)))
+    outs = []
+    for (rows, width), states in zip(packed_layout.buckets, parts):
+        q, k, v = (part.view(rows, width, -1, size).transpose(1, 2) for part in states)
+        if k.shape[1] != heads:  # grouped-query attention: each key/value head serves heads/h_kv queries
+            k = k.repeat_interleave(heads // k.shape[1], dim=1)
+            v = v.repeat_interleave(heads // v.shape[1], dim=1)
+        # Padding sits after every real key of its row, so causality alone keeps it out.
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
+        outs.append(out.transpose(1, 2).reshape(rows * width, heads, size))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out.index_select(0, packed_layout.slots).unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION, packed_attention)
+
+
+@contextmanager
+def packed_forward(model, batch: dict[str, torch.Tensor], call_cost: float = CALL_COST):
+    """Within it, `model` attends as `packed_attention` over `batch` (pack's, on the model's device);
+    yields the keyword arguments the model's forward takes for that (position ids included).
+    `call_cost`: `buckets_by_length`'s."""
+    layout = layout_of(batch["sequence"], batch["position_ids"], call_cost)
+    config = model.config
+    own = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    try:
+        yield {"position_ids": batch["position_ids"], "packed_layout": layout}
+    finally:
+        config._attn_implementation = own
 
 
 def packing_in(model, asked: bool, dist) -> bool:

@@ -7,6 +7,7 @@ to write reviews from scratch. Reads top to bottom: load data, build model, loop
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from pipeline.models import (
     local_parameter_count,
     render_chat,
 )
-from pipeline.packing import PAD, block_causal_mask, pack, packing_in
+from pipeline.packing import pack, packed_forward, packing_in
 from pipeline.runs import RunDir, Trainable
 from pipeline.stage_common import (
     chat_renderer,
@@ -130,19 +131,17 @@ def run(cfg: SFTConfig, resume: bool = False, overwrite: bool = False) -> Path:
             for i, batch in enumerate(batches):
                 sync_on_last(model, dist, i, len(batches))
                 batch = {k: v.to(dist.device) for k, v in batch.items()}
-                if packed:  # several sequences a row, each seeing only itself
-                    mask = block_causal_mask(batch["sequence"], model)
-                    real = int((batch["sequence"] != PAD).sum())
-                    positions = batch["position_ids"]
-                else:
-                    mask, real, positions = batch["attention_mask"], int(batch["attention_mask"].sum()), None
-                logps, _ = response_token_logps(
-                    model, batch["input_ids"], mask, batch["labels"], position_ids=positions
-                )
-                nll = -logps.sum()  # Llama 2, Sec. 3.1: the loss on answer tokens only
-                backward_global_mean(nll, step_tokens, dist)
+                # Packed: the sequences end to end, each seeing only itself. The backward stays inside
+                # packed_forward, where activation checkpointing recomputes the packed attention.
+                with packed_forward(model, batch) if packed else nullcontext({}) as layout:
+                    mask = None if packed else batch["attention_mask"]
+                    logps, _ = response_token_logps(
+                        model, batch["input_ids"], mask, batch["labels"], forward_kwargs=layout
+                    )
+                    nll = -logps.sum()  # Llama 2, Sec. 3.1: the loss on answer tokens only
+                    backward_global_mean(nll, step_tokens, dist)
                 nll_total += nll.detach().cpu()
-                throughput.add(real)
+                throughput.add(batch["input_ids"].numel() if packed else int(batch["attention_mask"].sum()))
             grad_norm = clip_and_step(model, optimizer, cfg.optim.max_grad_norm, step + 1)
             done = step + 1
 

@@ -53,18 +53,22 @@ def test_cached_left_padded_sampling_equals_one_prompt_at_a_time_without_a_cache
 
 @pytest.mark.slow
 def test_two_processes_shard_a_llama_model_and_follow_the_one_process_loss_curve(tmp_path):
+    """Padded and packed (`train.packing`, whose attention FSDP2's sharded layers run too)."""
     from helpers import tiny_sft_config
 
     losses = {}
-    for processes in (1, 2):
-        config = tiny_sft_config(tmp_path / str(processes), max_steps=3, eval_every=0, save_every=0)
+    for processes, packing in ((1, False), (2, False), (2, True)):
+        name = f"{processes}-{'packed' if packing else 'padded'}"
+        config = tiny_sft_config(tmp_path / name, max_steps=3, eval_every=0, save_every=0)
         config["model"]["architecture"] |= {"type": "llama", "n_kv_head": 1}
-        run_ok("sft", str(write_yaml(tmp_path / f"{processes}.yaml", config)), "--num-processes", str(processes))
-        metrics = read_metrics(tmp_path / str(processes))
-        losses[processes] = [m["loss"] for m in metrics if "loss" in m]
+        config["train"]["packing"] = packing
+        run_ok("sft", str(write_yaml(tmp_path / f"{name}.yaml", config)), "--num-processes", str(processes))
+        metrics = read_metrics(tmp_path / name)
+        losses[name] = [m["loss"] for m in metrics if "loss" in m]
         per_rank = next(m for m in metrics if "params/per_rank" in m)["params/per_rank"]
         assert len(per_rank) == processes
-    assert losses[2] == pytest.approx(losses[1], abs=2e-4)
+    assert losses["2-padded"] == pytest.approx(losses["1-padded"], abs=2e-4)
+    assert losses["2-packed"] == pytest.approx(losses["1-padded"], abs=2e-4)
 
 
 def test_gpt2s_written_out_gelu_is_swapped_for_torchs_fused_one_with_the_same_logits(tmp_path, tiny_tokenizer):

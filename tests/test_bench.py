@@ -283,3 +283,12 @@ def test_the_sampler_profile_prints_both_samplers_the_floor_and_the_operators(ca
     out = capsys.readouterr().out
     for line in ("ours ", "generate ", "weight matmuls alone", "aten::addmm"):
         assert line in out, out
+
+
+def test_the_sft_profile_prints_padded_and_packed_rates_the_matmul_share_and_the_operators(capsys):
+    from benchmarks.sft_profile import main
+
+    main(["--batch", "3", "--steps", "2", "--scale", "0.0625", "--rows", "5"])
+    out = capsys.readouterr().out
+    for line in ("padded ", "packed, one bucket ", "weight matmuls", "against a measured peak", "aten::"):
+        assert line in out, out

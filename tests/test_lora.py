@@ -173,6 +173,24 @@ def test_a_merged_save_gives_the_adapter_models_logits(tiny_folders, tiny_tokeni
         torch.testing.assert_close(mine[name], tensor, atol=1e-7, rtol=0)
 
 
+def test_packed_sft_rows_through_the_adapters_give_the_padded_log_probs(tiny_folders):
+    """peft's wrapper passes packed attention's layout on to the base model's layers."""
+    from pipeline.data.tokenize import TokenizedExample, collate
+    from pipeline.logprobs import response_token_logps
+    from pipeline.packing import pack, packed_forward
+
+    folder = tiny_folders("policy")
+    policy = trained(add_lora(causal_lm(folder), lora_model(folder))).eval()
+    examples = [TokenizedExample([5, 6, 7, 8, 9, 10], 2), TokenizedExample([11, 12, 13], 1)]
+    padded = collate(examples, pad_id=0)
+    expected = response_token_logps(policy, padded["input_ids"], padded["attention_mask"], padded["labels"])[0]
+    packed = pack(examples, pad_id=0)
+    with packed_forward(policy, packed) as layout:
+        got = response_token_logps(policy, packed["input_ids"], None, packed["labels"], forward_kwargs=layout)[0]
+    assert expected.sum() < -1.0
+    torch.testing.assert_close(got.sum(), expected.sum(), atol=1e-5, rtol=0)
+
+
 def test_a_reward_model_keeps_its_head_and_statistics_through_its_adapter_folder(
     tiny_folders, tiny_tokenizer, tmp_path, ids
 ):

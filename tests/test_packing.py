@@ -1,5 +1,5 @@
-"""Padding-free SFT (`train.packing`): sequences packed into rows, each seeing only itself, give the
-padded batch's log-probs, gradients and loss curve."""
+"""Padding-free SFT (`train.packing`): a micro-batch's sequences end to end in one row, each seeing
+only itself, give the padded batch's log-probs, gradients and loss curve."""
 
 from __future__ import annotations
 
@@ -11,76 +11,135 @@ from pipeline.config import ArchitectureConfig
 from pipeline.data.tokenize import IGNORE, TokenizedExample, collate
 from pipeline.logprobs import response_token_logps
 from pipeline.models import create_scratch_model
-from pipeline.packing import PAD, block_causal_mask, pack, packing_in
+from pipeline.packing import ATTENTION, MAX_CUTS, buckets_by_length, layout_of, pack, packed_forward, packing_in
+from pipeline.training import checkpoint_activations
 
 EXAMPLES = [
-    TokenizedExample([11, 12, 13, 14, 15, 16, 17, 18], 3),  # the widest: a row of its own
+    TokenizedExample([11, 12, 13, 14, 15, 16, 17, 18], 3),  # the longest
     TokenizedExample([21, 22, 23, 24, 25], 2),
-    TokenizedExample([31, 32, 33], 1),  # fits beside the five-token one
+    TokenizedExample([31, 32, 33], 1),
     TokenizedExample([41, 42, 43, 44], 4),  # nothing trained: adds nothing either way
     TokenizedExample([51, 52, 53, 54, 55, 56], 2, trained=(False, False, True, True, False, True)),
 ]
 
 
-def test_sequences_pack_longest_first_into_rows_no_wider_than_the_longest_with_positions_restarting():
-    batch = pack(EXAMPLES, pad_id=0)
-    # Lengths 8, 6, 5, 4, 3 first-fit into width 8: [8], [6], [5 + 3], [4]: four rows for five.
-    assert batch["input_ids"].shape == (4, 8)
-    assert batch["input_ids"][0].tolist() == [11, 12, 13, 14, 15, 16, 17, 18]
-    assert batch["input_ids"][1].tolist() == [51, 52, 53, 54, 55, 56, 0, 0]
-    assert batch["sequence"][1].tolist() == [4] * 6 + [PAD] * 2
-    assert batch["input_ids"][2].tolist() == [21, 22, 23, 24, 25, 31, 32, 33]
-    assert batch["position_ids"][2].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
-    assert batch["sequence"][2].tolist() == [1] * 5 + [2] * 3
-    assert batch["input_ids"][3].tolist() == [41, 42, 43, 44, 0, 0, 0, 0]
+def test_sequences_pack_end_to_end_in_one_row_with_positions_restarting():
+    batch = pack(EXAMPLES[1:3] + EXAMPLES[4:], pad_id=0)
+    assert {name: tuple(t.shape) for name, t in batch.items()} == {
+        name: (1, 5 + 3 + 6) for name in ("input_ids", "position_ids", "sequence", "labels")
+    }
+    assert batch["input_ids"][0].tolist() == [21, 22, 23, 24, 25, 31, 32, 33, 51, 52, 53, 54, 55, 56]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3, 4, 5]
+    assert batch["sequence"][0].tolist() == [0] * 5 + [1] * 3 + [2] * 6
     # A packed sequence's first token is predicted by nothing, as in a row of its own.
-    assert batch["labels"][2].tolist() == [IGNORE, IGNORE, 23, 24, 25, IGNORE, 32, 33]
-    assert batch["labels"][1].tolist() == [IGNORE, IGNORE, 53, 54, IGNORE, 56, IGNORE, IGNORE]
+    assert batch["labels"][0].tolist() == [IGNORE, IGNORE, 23, 24, 25, IGNORE, 32, 33] + [
+        IGNORE,
+        IGNORE,
+        53,
+        54,
+        IGNORE,
+        56,
+    ]
 
 
-def test_a_token_sees_the_earlier_tokens_of_its_own_sequence_only():
-    model = create_scratch_model(ArchitectureConfig(n_layer=1, n_head=2, n_embd=16), StubTokenizer(), 0)
-    batch = pack(EXAMPLES[:3], pad_id=0)  # rows [8], [5 + 3]
-    mask = block_causal_mask(batch["sequence"], model)[1, 0]  # (W, W), True: attends
-    assert mask[5].tolist() == [False] * 5 + [True, False, False]  # the second sequence's first token
-    assert mask[4].tolist() == [True] * 5 + [False] * 3
-    assert mask.diagonal().all()
+def test_sequences_share_a_padded_bucket_where_one_more_attention_call_costs_more_than_the_padding():
+    assert buckets_by_length([8, 5, 3], call_cost=1e9) == [[2, 1, 0]]  # calls dear: one bucket
+    assert buckets_by_length([8, 5, 3], call_cost=0) == [[2], [1], [0]]  # free: each alone
+    # 4 short and 1 long: the short ones together (4 x 10^2 + 1 call), the long one alone.
+    assert buckets_by_length([10, 10, 100, 9, 10], call_cost=500) == [[3, 0, 1, 4], [2]]
+    # The 9 alone saves 100 - 81 = 19 pairs: worth a call that costs 18, not one that costs 20.
+    assert buckets_by_length([10, 10, 9], call_cost=20) == [[2, 0, 1]]
+    assert buckets_by_length([10, 10, 9], call_cost=18) == [[2], [0, 1]]
 
 
-def padded_and_packed(model, examples):
+def test_a_micro_batch_of_many_sequences_cuts_its_buckets_at_most_max_cuts_places():
+    lengths = [(7 * i) % 90 + 1 for i in range(300)]
+    buckets = buckets_by_length(lengths, call_cost=0)  # free calls: a bucket at every place it may cut
+    assert MAX_CUTS == 64 and len(buckets) == 300 // 5  # every 5th sequence: ceil(300 / 64) = 5
+    assert sorted(i for bucket in buckets for i in bucket) == list(range(300))
+    flat = [lengths[i] for bucket in buckets for i in bucket]
+    assert flat == sorted(flat)
+
+
+def test_each_position_has_a_slot_of_its_own_in_its_buckets_padded_row():
+    batch = pack([EXAMPLES[2], EXAMPLES[0], EXAMPLES[1]], pad_id=0)  # 3, 8 and 5 tokens
+    layout = layout_of(batch["sequence"], batch["position_ids"], call_cost=30)
+    # [3, 5] padded to 5 and the 8 alone: 2 x 25 + 64 + 2 calls of 30 = 174 pairs, less than one
+    # bucket's 3 x 64 + 30 = 222 or a bucket each's 9 + 25 + 64 + 90 = 188.
+    assert layout.buckets == ((2, 5), (1, 8))
+    assert layout.slots.tolist() == [0, 1, 2] + list(range(10, 18)) + [5, 6, 7, 8, 9]
+    assert layout_of(batch["sequence"], batch["position_ids"], call_cost=1e9).buckets == ((3, 8),)
+
+
+def padded_and_packed(model, examples, call_cost):
     padded = collate(examples, pad_id=0)
     logps, mask = response_token_logps(model, padded["input_ids"], padded["attention_mask"], padded["labels"])
     packed = pack(examples, pad_id=0)
-    packed_logps, packed_mask = response_token_logps(
-        model,
-        packed["input_ids"],
-        block_causal_mask(packed["sequence"], model),
-        packed["labels"],
-        position_ids=packed["position_ids"],
-    )
+    with packed_forward(model, packed, call_cost) as layout:
+        packed_logps, packed_mask = response_token_logps(
+            model, packed["input_ids"], None, packed["labels"], forward_kwargs=layout
+        )
     return (logps.sum(), mask.sum()), (packed_logps.sum(), packed_mask.sum())
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_rows_give_the_padded_batchs_log_probs_and_gradients(kind, attention):
-    arch = ArchitectureConfig(type=kind, n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=64)
+def packed_model(kind: str, attention: str, kv_heads: int | None = None):
+    arch = ArchitectureConfig(
+        type=kind, n_layer=2, n_head=4, n_kv_head=kv_heads, n_embd=32, n_positions=64, vocab_size=64
+    )
     model = create_scratch_model(arch, StubTokenizer(), seed=3)
     model.config._attn_implementation = attention
     model.train(False)
-    (padded, tokens), (packed, packed_tokens) = padded_and_packed(model, EXAMPLES)
+    return model
+
+
+def gradients(model, examples, packed: bool, call_cost: float = 0):
+    """Parameter gradients of the summed log-prob, padded or packed; packed, the backward runs
+    where the sft loop runs it, inside packed_forward."""
+    model.zero_grad()
+    if not packed:
+        batch = collate(examples, pad_id=0)
+        response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0].sum().backward()
+    else:
+        batch = pack(examples, pad_id=0)
+        with packed_forward(model, batch, call_cost) as layout:
+            logps, _ = response_token_logps(model, batch["input_ids"], None, batch["labels"], forward_kwargs=layout)
+            logps.sum().backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "kind, kv_heads", [("gpt2", None), ("llama", None), ("llama", 2)], ids=["gpt2", "llama", "llama-gqa"]
+)
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("call_cost", [0, 1e9], ids=["bucket-per-length", "one-bucket"])
+def test_packed_rows_give_the_padded_batchs_log_probs_and_gradients(kind, kv_heads, attention, call_cost):
+    model = packed_model(kind, attention, kv_heads)
+    (padded, tokens), (packed, packed_tokens) = padded_and_packed(model, EXAMPLES, call_cost)
     assert int(tokens) == int(packed_tokens) == 5 + 3 + 2 + 0 + 3  # every trained token, once
     assert padded.item() < -1.0
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
-
-    def gradients(use_packed: bool):
-        model.zero_grad()
-        pair = padded_and_packed(model, EXAMPLES)
-        pair[1 if use_packed else 0][0].backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    for e, g in zip(gradients(False), gradients(True)):
+    assert model.config._attn_implementation == attention  # restored after the packed forward
+    for e, g in zip(gradients(model, EXAMPLES, False), gradients(model, EXAMPLES, True, call_cost)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_activation_checkpointing_recomputes_the_packed_attention(kind):
+    # The recomputation runs in the backward: outside packed_forward it would attend across sequences.
+    model = packed_model(kind, "sdpa")
+    expected = gradients(model, EXAMPLES, False)
+    model.train(True)  # checkpointing acts in training mode only; these models have no dropout
+    checkpoint_activations(model, True)
+    for e, g in zip(expected, gradients(model, EXAMPLES, True)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_the_packed_attention_refuses_a_forward_without_its_layout():
+    model = packed_model("gpt2", "sdpa")
+    batch = collate(EXAMPLES, pad_id=0)
+    model.config._attn_implementation = ATTENTION
+    with pytest.raises(RuntimeError, match="packed rows only"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
 def test_a_model_that_takes_no_mask_of_ours_pads_instead_and_says_so(capsys):
