@@ -57,7 +57,7 @@ def scatter_response_logps(kept_logps: torch.Tensor, labels: torch.Tensor) -> tu
 def response_logits(
     model,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     forward_kwargs: dict | None = None,
     with_hidden: bool = False,
@@ -69,7 +69,7 @@ def response_logits(
     The LM head runs on those positions only (not the prompt or padding) where the model takes a
     boolean `logits_to_keep` (transformers 5); elsewhere the full logits are computed and indexed.
     `forward_kwargs`: more arguments of the model's forward (packed rows' position ids and attention
-    layout, pipeline/packing.py).
+    layout, pipeline/packing.py, whose rows take no attention mask).
     `with_hidden`: also the last hidden state of every position from the same forward.
     `groups` (pipeline/prompt_groups.py): the same numbers from one row per shared prompt.
     """
@@ -92,7 +92,7 @@ def response_logits(
 def response_token_logps(
     model,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     temperature: float = 1.0,
     forward_kwargs: dict | None = None,
