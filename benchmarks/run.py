@@ -279,6 +279,7 @@ def over_rounds(rows: list[dict], label: str) -> dict:
         if key in ("examples_per_s", "tokens_per_s"):
             row[f"{key}_range"] = [min(values), max(values)]
     row["examples_per_s_rounds"] = [r["examples_per_s"] for r in rows]
+    row["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rows]
     return row
 
 
@@ -499,6 +500,13 @@ def markdown(bench: dict) -> str:
             f"{_median_range(r['tokens_per_s'], r['tokens_per_s_range'])} | "
             f"{r[memory_key]:.0f} | {r['time_to_first_step_s']:.1f} | {r['mfu']:.1%} |"
         )
+    if any(r.get("tokens_counted") for r in bench["training"]):
+        lines += [
+            "",
+            "tokens/s: ours counts the tokens its timed steps batch (a pair's as a row per side has them); TRL's is "
+            "its examples/s times the rows' mean tokens per example, which its random batches draw. The ratios "
+            "below are of tokens/s.",
+        ]
     if any(r["framework"] == "ours+shared" for r in bench["training"]):
         lines += [
             "",
@@ -509,7 +517,7 @@ def markdown(bench: dict) -> str:
     for (stage, size, framework), r in by_key.items():
         other = by_key.get((stage, size, "trl"))
         if framework.startswith("ours") and other:
-            within = [a / b for a, b in zip(r["examples_per_s_rounds"], other["examples_per_s_rounds"])]
+            within = [a / b for a, b in zip(r["tokens_per_s_rounds"], other["tokens_per_s_rounds"])]
             ratios.append(
                 f"| {stage} | {size} | {framework} | {statistics.median(within):.2f}x ({min(within):.2f}–{max(within):.2f}) | "
                 f"{r[memory_key] - other[memory_key]:+.0f} MB |"

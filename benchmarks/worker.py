@@ -20,12 +20,38 @@ import torch  # noqa: E402
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 STEP_TIMES: list[float] = []
+# Our stages' real tokens per training step (a pair's as a row per side has them), under the index
+# of the step being prepared: STEP_TIMES' length when its batches are made.
+STEP_TOKENS: dict[int, int] = {}
 
 
 def _record_step(_optimizer, _args, _kwargs) -> None:
     if torch.cuda.is_initialized():  # the step's kernels are queued, not done, when it returns
         torch.cuda.synchronize()
     STEP_TIMES.append(time.time())
+
+
+def counting(make_batch, tokens_of):
+    """`make_batch(examples, ...)` that also adds its examples' tokens to the step being prepared."""
+
+    def wrapped(examples, *args, **kwargs):
+        step = len(STEP_TIMES)
+        STEP_TOKENS[step] = STEP_TOKENS.get(step, 0) + sum(tokens_of(e) for e in examples)
+        return make_batch(examples, *args, **kwargs)
+
+    return wrapped
+
+
+def count_our_tokens(module, stage: str) -> None:
+    """Counts what each training step of `module` (a stage's module) batches: the batch functions
+    its loop calls by their module-level names. The reference pass (pipeline.reference) and the
+    evaluation after the last step fall outside the timed steps."""
+    if stage == "sft":
+        for name in ("pack", "collate"):
+            setattr(module, name, counting(getattr(module, name), lambda e: len(e.input_ids)))
+    else:
+        pair_tokens = lambda p: len(p.chosen.input_ids) + len(p.rejected.input_ids)  # noqa: E731
+        module.collate_for = counting(module.collate_for, pair_tokens)
 
 
 def data_key(spec: dict, split: str = "") -> str:
@@ -102,6 +128,7 @@ def run_ours(spec: dict, fixtures: dict) -> None:
     path.write_text(yaml.safe_dump(config))
     cfg = load_config(STAGES[stage], path, [])
     module = __import__(f"pipeline.{stage}", fromlist=["run"])
+    count_our_tokens(module, stage)
     module.run(cfg, overwrite=True)
 
 
@@ -316,6 +343,8 @@ def main(spec_path: str, result_path: str) -> None:
                 "spec": spec,
                 "process_start": PROCESS_START,
                 "step_times": STEP_TIMES,
+                # aligned with step_times: the tokens of the step that ended at each; none from TRL
+                **({"step_tokens": [STEP_TOKENS.get(i, 0) for i in range(len(STEP_TIMES))]} if STEP_TOKENS else {}),
                 "peak_rss_mb": peak_kib / 1024,
                 "end": time.time(),
                 **extra,

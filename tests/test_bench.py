@@ -12,7 +12,7 @@ import pytest
 from benchmarks import fixtures
 from benchmarks.hardware import matmul_params, training_flops_per_token
 from benchmarks.run import markdown
-from benchmarks.stats import steady_throughput, summarize
+from benchmarks.stats import steady_rate, steady_throughput, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,40 @@ def test_steady_throughput_skips_warmup_and_takes_the_median_window():
     assert steady_throughput(times, examples_per_step=4, warmup=1, window=2) == pytest.approx((4.0 + 8 / 3) / 2)
     with pytest.raises(ValueError, match="fewer than one window"):
         steady_throughput(times[:3], 4, warmup=1, window=2)
+
+
+def test_a_counted_rate_sums_each_windows_own_amounts():
+    times = [0.0, 10.0, 11.0, 12.0, 14.0, 15.0, 16.0]
+    tokens = [999, 999, 100, 300, 50, 70, 0]  # the step ending at times[i] did tokens[i]
+    # warmup 1 drops the step ending at 10; windows (10 -> 11 -> 12) and (12 -> 14 -> 15), the step
+    # ending at 16 left over: 400 tokens in 2 s and 120 in 3 s.
+    assert steady_rate(times, tokens, warmup=1, window=2) == pytest.approx((400 / 2 + 120 / 3) / 2)
+
+
+def test_counted_tokens_replace_the_mean_length_estimate():
+    result = {
+        "spec": {"framework": "ours", "stage": "sft", "size": "3M", "batch_size": 2},
+        "process_start": 100.0,
+        "step_times": [105.0, 106.0, 107.0, 108.0],
+        "step_tokens": [10, 30, 50, 70],
+        "peak_rss_mb": 500.0,
+    }
+    row = summarize(result, peak_gflops=1.0, flops_per_token=1e6, tokens_per_example=50, warmup=0, window=3)
+    assert row["tokens_counted"] and row["tokens_per_s"] == pytest.approx(150 / 3)
+    assert row["examples_per_s"] == 2.0  # not 100 tokens/s, what 2 examples/s of the mean 50 would say
+
+
+def test_our_batches_count_under_the_step_they_are_made_for(monkeypatch):
+    from benchmarks import worker
+
+    monkeypatch.setattr(worker, "STEP_TIMES", [])
+    monkeypatch.setattr(worker, "STEP_TOKENS", {})
+    make = worker.counting(lambda examples, pad: (examples, pad), len)
+    assert make(["ab", "c"], 0) == (["ab", "c"], 0)  # step 0: 3 tokens
+    worker.STEP_TIMES.append(1.0)
+    make(["abcd"], 0)
+    make(["ef"], 0)  # a second micro-batch of step 1
+    assert worker.STEP_TOKENS == {0: 3, 1: 6}
 
 
 def test_flops_per_token_is_palm_formula():
@@ -80,11 +114,14 @@ def test_worker_times_our_dpo_stage(tmp_path):
     )
     result = json.loads((tmp_path / "result.json").read_text())
     assert len(result["step_times"]) == 5  # one optimizer step recorded per training step
+    # every step's 4 pairs counted, both sides: more than 8 tokens each, less than the length limit
+    assert len(result["step_tokens"]) == 5
+    assert all(8 * 4 < tokens <= 8 * fixtures.MAX_LENGTH for tokens in result["step_tokens"])
     assert result["step_times"][0] > result["process_start"]
     n, layers, d = matmul_params(fx["models"]["tiny"], with_lm_head=True)
     assert (layers, d) == (1, 32)
     row = summarize(result, 10.0, training_flops_per_token(n, layers, d, 100), fx["tokens_per_example"]["pair"], 1, 2)
-    assert row["examples_per_s"] > 0 and 0 < row["mfu"]
+    assert row["examples_per_s"] > 0 and 0 < row["mfu"] and row["tokens_counted"]
 
 
 def test_markdown_has_ratio_rollout_and_scaling_tables():
@@ -100,10 +137,12 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     }
     from benchmarks.run import over_rounds
 
-    # Three rounds each: the ratio is the median of the ratios within a round (10/8, 14/7, 6/6),
-    # 1.25x, not the ratio of the medians (10/7).
-    ours = over_rounds([{**row, "examples_per_s": e} for e in (10.0, 14.0, 6.0)], "ours")
-    trl = over_rounds([{**row, "examples_per_s": e, "peak_rss_mb": 1000.0} for e in (8.0, 7.0, 6.0)], "trl")
+    # Three rounds each: the ratio is the median of the tokens/s ratios within a round (10/8, 14/7,
+    # 6/6), 1.25x, not the ratio of the medians (10/7).
+    ours = over_rounds([{**row, "examples_per_s": e, "tokens_per_s": 200 * e} for e in (10.0, 14.0, 6.0)], "ours")
+    trl = over_rounds(
+        [{**row, "examples_per_s": e, "tokens_per_s": 200 * e, "peak_rss_mb": 1000.0} for e in (8.0, 7.0, 6.0)], "trl"
+    )
     assert ours["examples_per_s"] == 10.0 and ours["examples_per_s_range"] == [6.0, 14.0] and ours["rounds"] == 3
     bench = {
         "matmul_peak_gflops": 100.0,
@@ -173,7 +212,7 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     }
     text = markdown(bench)
     assert "| hh | 25M | 8 | 160 + 2 x 80 | 40% | 1.000 | 0.600 | 1.60x (1.50–1.70) | 2.0e-06 |" in text
-    assert "| dpo | 3M | ours | 10.00 (6.00–14.00) | 2000 (2000–2000) | 900 | 3.0 | 50.0% |" in text
+    assert "| dpo | 3M | ours | 10.00 (6.00–14.00) | 2000 (1200–2800) | 900 | 3.0 | 50.0% |" in text
     assert "| dpo | 3M | ours | 1.25x (1.00–2.00) | -100 MB |" in text
     assert "| 3M | 32 x 96 | 3000 (2900–3100) | 1500 (1400–1600) | 2.00x (1.90–2.10) | True |" in text
     assert "| separate | 1.00 s (25%) | 1.00 s (25%) | 0.00 s (0%) | 2.00 s (50%) | 4.00 s | - |" in text
