@@ -11,9 +11,11 @@ causality alone keeps it out, and the kernel skips the blocks above the diagonal
 outputs back. A block-diagonal mask over the whole row would compute every pair of positions,
 other sequences' included; one bucket for all would pad every sequence to the longest.
 
-Models that take no mask of ours (flash or flex attention, ALiBi or sliding-window models) train
-on padded rows instead, with a warning (pipeline/prefix_sharing.py decides which those are). Eager
-models pack too: their packed attention is SDPA's, equal to eager's to float rounding.
+Packing takes the models that prefix sharing takes (pipeline/prefix_sharing.py: the families whose
+attention goes through transformers' attention interface as written, SDPA or eager, no sliding
+window); others (flash or flex attention, ALiBi or sliding-window models) train on padded rows
+instead, with a warning. Eager models pack too: their packed attention is SDPA's, equal to eager's
+to float rounding.
 
 Shapes: N tokens in the row, S sequences, L the longest sequence, H heads, D head size.
 """
