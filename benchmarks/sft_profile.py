@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.data.tokenize import TokenizedExample, collate
     from pipeline.logprobs import response_token_logps
-    from pipeline.packing import pack, packed_forward
+    from pipeline.packing import CALL_COST, pack, packed_forward
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -83,8 +83,6 @@ def main(argv: list[str] | None = None) -> None:
                 step(examples, call_cost)
             best = min(best, time.perf_counter() - start)
         return tokens / best
-
-    from pipeline.packing import CALL_COST
 
     print(
         f"{args.steps} steps of {args.batch} sequences, {tokens} tokens, d {shape['n_embd']}, {torch.get_num_threads()} threads"

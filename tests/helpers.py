@@ -231,6 +231,20 @@ def small_pipeline_configs(root: Path) -> dict[str, Path]:
     return {name: write_yaml(root / f"{name}.yaml", config) for name, config in configs.items()}
 
 
+def value_classifier(policy, seed: int | None = None):
+    """A one-label sequence classifier of `policy`'s shape, freshly initialised (from `seed`, if given):
+    a reward or value model for in-process PPO tests."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+
+    config = copy.deepcopy(policy.config)
+    config.num_labels = 1
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
 def ppo_rollout(policy, reference, value, tokenizer, cfg, prompts, seed: int = 0, kl_coef: float = 0.05):
     """One PPO rollout in this process (pipeline.ppo.collect_rollout): (rollout, stats, sample table)."""
     from pipeline.launch import init_distributed

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from helpers import ppo_rollout
+from helpers import ppo_rollout, value_classifier
 from pipeline.config import (
     ArchitectureConfig,
     DataConfig,
@@ -209,10 +209,3 @@ def spy(method, calls: list):
         return method(self, head)
 
     return wrapped
-
-
-def value_classifier(policy, seed: int):
-    config = copy.deepcopy(policy.config)
-    config.num_labels = 1
-    torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(config)

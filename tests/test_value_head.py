@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2ForSequenceClassification
+from transformers import AutoModelForCausalLM
 
-from helpers import ppo_rollout, read_metrics, run_cli, sets
+from helpers import ppo_rollout, read_metrics, run_cli, sets, value_classifier
 from pipeline.config import (
     ArchitectureConfig,
     DataConfig,
@@ -256,7 +256,7 @@ def test_a_critic_warmup_iteration_trains_the_value_function_alone(tiny, critic)
     policy, critic_model = models(tokenizer)
     if critic == "separate":
         cfg.value_model = None
-        critic_model = ScalarHead(GPT2ForSequenceClassification(_value_config(policy)))
+        critic_model = ScalarHead(value_classifier(policy))
     batch, _ = rollout(policy, critic_model, tokenizer, cfg, prompts)
     before_policy, before_critic = copy.deepcopy(policy.state_dict()), copy.deepcopy(critic_model.state_dict())
     dist = init_distributed()
@@ -287,12 +287,6 @@ def test_a_critic_warmup_iteration_trains_the_value_function_alone(tiny, critic)
     # Past the warm-up, the policy moves.
     ppo_update(policy, critic_model, *optimizers, batch, cfg, dist, 1)
     assert any(not torch.equal(v, policy.state_dict()[k]) for k, v in before_policy.items())
-
-
-def _value_config(policy):
-    config = copy.deepcopy(policy.config)
-    config.num_labels = 1
-    return config
 
 
 def test_a_critic_warmup_needs_a_critic_and_iterations_left_for_the_policy(tmp_path):
