@@ -132,10 +132,14 @@ def cell_variants(plan: dict, stage: str, shape: str, frameworks: list[str]) -> 
 REUSE = {"results": True}
 
 
-def run_worker(spec: dict, out: Path) -> dict:
+def run_worker(spec: dict, out: Path, peak_on: str | None = None) -> dict:
     """One training run in a fresh process; returns its recorded step times and memory.
 
-    A run whose result is there for the very same spec is reused (`--fresh` re-measures all).
+    `peak_on` ("cpu" or "cuda"): the result also holds `matmul_peak_gflops`, the higher of the matmul
+    peaks measured just before and just after the run, so that its MFU is against what the machine
+    could do while it ran: a shared machine's speed drifts over an hour-long bench, and one peak taken
+    at the start would credit or blame every later row with the drift. A run whose result is there
+    for the very same spec is reused (`--fresh` re-measures all).
     """
     out.mkdir(parents=True, exist_ok=True)
     spec_path, result_path = out / "spec.json", out / "result.json"
@@ -143,6 +147,7 @@ def run_worker(spec: dict, out: Path) -> dict:
         return json.loads(result_path.read_text())
     result_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec))
+    before = matmul_peak_gflops(device=peak_on) if peak_on else None
     log = out / "log.txt"
     with log.open("w") as handle:
         code = subprocess.run(
@@ -153,7 +158,11 @@ def run_worker(spec: dict, out: Path) -> dict:
         ).returncode
     if code != 0:
         raise RuntimeError(f"{spec['framework']} {spec['stage']} {spec['size']} failed (exit {code}); see {log}")
-    return json.loads(result_path.read_text())
+    result = json.loads(result_path.read_text())
+    if peak_on:
+        result["matmul_peak_gflops"] = max(before, matmul_peak_gflops(device=peak_on))
+        result_path.write_text(json.dumps(result))
+    return result
 
 
 def flops_per_token(stage: str, model_folder: str, seq_len: float) -> float:
@@ -243,12 +252,12 @@ def training_rows(
                     ),
                     **settings,
                 )
-                result = run_worker(spec, Path(spec["out"]))
+                result = run_worker(spec, Path(spec["out"]), peak_on=device["type"])
                 per_example = fx["tokens_per_example"]["sft" if stage == "sft" else "pair_hh" if hh else "pair"]
                 seq_len = per_example if stage == "sft" else per_example / 2
                 row = summarize(
                     result,
-                    peak,
+                    result.get("matmul_peak_gflops", peak),
                     flops_per_token(stage, fx["models"][size], seq_len),
                     per_example,
                     plan["warmup"],
@@ -263,7 +272,7 @@ def training_rows(
                 print(
                     f"  round {round_ + 1} {label:12s} {stage:6s} {shape:6s} {size:4s} {row['examples_per_s']:8.2f} ex/s "
                     f"{row['tokens_per_s']:9.0f} tok/s  {row['peak_rss_mb']:6.0f} MB RSS  "
-                    f"{_gpu_mb(row)}MFU {row['mfu']:.1%}",
+                    f"{_gpu_mb(row)}MFU {row['mfu']:.1%} of {row['matmul_peak_gflops']:.0f} GFLOP/s",
                     flush=True,
                 )
     return [over_rounds(rows, label) for (*_, label), rows in per_round.items()]
@@ -273,10 +282,18 @@ def over_rounds(rows: list[dict], label: str) -> dict:
     """One variant's rounds as one row: the median of each measure, the range of the throughputs,
     and each round's examples/s (for ratios within a round)."""
     row = {**rows[0], "framework": label, "rounds": len(rows)}
-    for key in ("examples_per_s", "tokens_per_s", "mfu", "peak_rss_mb", "peak_gpu_mb", "time_to_first_step_s"):
+    for key in (
+        "examples_per_s",
+        "tokens_per_s",
+        "mfu",
+        "matmul_peak_gflops",
+        "peak_rss_mb",
+        "peak_gpu_mb",
+        "time_to_first_step_s",
+    ):
         values = [r[key] for r in rows if r.get(key) is not None]
         row[key] = statistics.median(values) if values else None
-        if key in ("examples_per_s", "tokens_per_s"):
+        if key in ("examples_per_s", "tokens_per_s", "matmul_peak_gflops") and values:
             row[f"{key}_range"] = [min(values), max(values)]
     row["examples_per_s_rounds"] = [r["examples_per_s"] for r in rows]
     row["tokens_per_s_rounds"] = [r["tokens_per_s"] for r in rows]
@@ -315,11 +332,11 @@ def scaling_rows(plan: dict, fx: dict, out: Path, peak: float) -> list[dict]:
             spec = training_spec(
                 stage, "3M", batch, plan["sweep_steps"], fx_path, folder / f"{stage}-b{batch}", max_length=length
             )
-            result = run_worker(spec, Path(spec["out"]))
+            result = run_worker(spec, Path(spec["out"]), peak_on="cpu")
             per_example = length if stage == "sft" else 2 * length
             row = summarize(
                 result,
-                peak,
+                result.get("matmul_peak_gflops", peak),
                 flops_per_token(stage, fx["models"]["3M"], length),
                 per_example,
                 plan["warmup"],
@@ -486,6 +503,18 @@ def markdown(bench: dict) -> str:
         "",
     ]
     lines += ["Each measure: the median over rounds (min–max); ratios are taken within each round."]
+    # every run's own peak: a row of rounds holds their range
+    peaks = [
+        peak
+        for r in bench["training"] + bench.get("scaling", [])
+        for peak in r.get("matmul_peak_gflops_range", [r.get("matmul_peak_gflops")])
+        if peak
+    ]
+    if peaks:
+        lines += [
+            f"MFU is against the matmul peak measured just before and just after each run (the higher): "
+            f"{min(peaks):.0f}–{max(peaks):.0f} GFLOP/s over this table's rows."
+        ]
     if bench["training"]:
         lines += [
             "",

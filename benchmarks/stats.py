@@ -55,4 +55,5 @@ def summarize(
         "peak_gpu_mb": result.get("peak_gpu_mb"),
         "time_to_first_step_s": result["step_times"][0] - result["process_start"],
         "mfu": tokens_per_s * flops_per_token / (peak_gflops * 1e9),
+        "matmul_peak_gflops": peak_gflops,
     }

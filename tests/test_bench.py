@@ -220,6 +220,14 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     assert "| shared | 1.00 s (40%) | 0.50 s (20%) | 0.00 s (0%) | 1.00 s (40%) | 2.50 s | 2.00x (1.00–2.00) |" in text
     # ratios within rounds: 2/1, 3/2, 4/4
     assert "| grpo | 25M | 8 x 4, 96 | 3.00 (2.00–4.00) | 2.00 (1.00–4.00) | 1.50x (1.00–2.00) | +500 MB |" in text
+    assert "each run (the higher)" not in text  # rows measured against the start's peak only
+    # the range of every run's peak, not of the rows' medians
+    peaked = [
+        over_rounds([{**row, "matmul_peak_gflops": p} for p in peaks], label)
+        for label, peaks in (("ours", (350.0, 380.0, 360.0)), ("trl", (340.0, 370.0, 410.0)))
+    ]
+    assert [r["matmul_peak_gflops"] for r in peaked] == [360.0, 370.0]
+    assert "each run (the higher): 340–410 GFLOP/s over this table's rows." in markdown({**bench, "training": peaked})
     hh = over_rounds([{**row, "shape": "hh"}], "ours+shared")
     assert "| dpo (HH-shaped) | 3M | ours+shared | 10.00 (10.00–10.00) |" in markdown({**bench, "training": [hh]})
 
@@ -230,6 +238,33 @@ def test_markdown_has_ratio_rollout_and_scaling_tables():
     assert "Measured bf16 matmul peak" in text and "peak GPU memory (MB)" in text
     assert "| dpo | 3M | ours | 1.25x (1.00–2.00) | -500 MB |" in text
     assert "scaling" not in text
+
+
+def test_a_runs_mfu_is_against_the_higher_of_the_peaks_measured_just_before_and_after_it(tmp_path, monkeypatch):
+    from benchmarks import run
+
+    peaks = iter([300.0, 360.0, 420.0, 330.0])
+    measured = []
+
+    def peak(device):
+        measured.append(device)
+        return next(peaks)
+
+    def worker(command, **kwargs):
+        measured.append("run")
+        Path(command[-1]).write_text(json.dumps({"step_times": [1.0]}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(run, "matmul_peak_gflops", peak)
+    monkeypatch.setattr(run.subprocess, "run", worker)
+    spec = {"framework": "ours", "stage": "sft", "size": "3M"}
+    assert run.run_worker(spec, tmp_path / "a", peak_on="cpu")["matmul_peak_gflops"] == 360.0
+    assert run.run_worker({**spec, "size": "25M"}, tmp_path / "b", peak_on="cpu")["matmul_peak_gflops"] == 420.0
+    assert measured == ["cpu", "run", "cpu"] * 2  # bracketing the run, on its device
+    # reused as it was measured, peak included, without measuring again
+    assert run.run_worker(spec, tmp_path / "a", peak_on="cpu")["matmul_peak_gflops"] == 360.0
+    assert len(measured) == 6
+    assert "matmul_peak_gflops" not in run.run_worker({**spec, "size": "1M"}, tmp_path / "c")  # not asked
 
 
 def run_ppo_worker(tmp_path: Path, name: str, **extra) -> dict:
