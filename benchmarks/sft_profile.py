@@ -3,8 +3,8 @@
 On the bench's 25M GPT-2 shape (d 512, 8 layers, 4,096-token vocabulary, random weights, fp32),
 micro-batches of 8 sequences whose lengths follow the bench's SFT rows (prompt and response word
 counts uniform in benchmarks/fixtures.py's ranges, about 2.2 tokens a word), loss on the response,
-fused AdamW: tokens/s of padded rows, of `train.packing` with every sequence in one bucket, and of
-`train.packing` as it runs (buckets by length); then, for the packed step, the torch profiler's
+fused AdamW: tokens/s of padded rows, of `train.packing` with every sequence in one bucket, with
+buckets by length, and as it runs (a call per sequence where copying into buckets costs more); then, for the packed step, the torch profiler's
 operator table, the share of the step in weight matmuls and the rate they run at, against this
 machine's matmul peak. Each rate is the best of three passes over the same batches.
 """
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.data.tokenize import TokenizedExample, collate
     from pipeline.logprobs import response_token_logps
-    from pipeline.packing import CALL_COST, pack, packed_forward
+    from pipeline.packing import CALL_COST, COPY_COST, pack, packed_forward
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
@@ -61,40 +61,42 @@ def main(argv: list[str] | None = None) -> None:
     batches = [[example() for _ in range(args.batch)] for _ in range(args.steps)]
     tokens = sum(len(e.input_ids) for b in batches for e in b)
 
-    def step(examples, call_cost):
-        if call_cost is None:
+    def step(examples, costs):
+        if costs is None:
             batch = collate(examples, pad_id=0)
             logps, _ = response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             (-logps.sum()).backward()
         else:
             batch = pack(examples, pad_id=0)
-            with packed_forward(model, batch, call_cost) as layout:
+            with packed_forward(model, batch, *costs) as layout:
                 logps, _ = response_token_logps(model, batch["input_ids"], None, batch["labels"], forward_kwargs=layout)
                 (-logps.sum()).backward()
         optimizer.step()
         optimizer.zero_grad()
 
-    def rate(call_cost) -> float:
-        step(batches[0], call_cost)  # warm-up
+    def rate(costs) -> float:
+        step(batches[0], costs)  # warm-up
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()
             for examples in batches:
-                step(examples, call_cost)
+                step(examples, costs)
             best = min(best, time.perf_counter() - start)
         return tokens / best
 
     print(
         f"{args.steps} steps of {args.batch} sequences, {tokens} tokens, d {shape['n_embd']}, {torch.get_num_threads()} threads"
     )
-    for label, call_cost in (("padded", None), ("packed, one bucket", 1e18), ("packed", CALL_COST)):
-        print(f"{label:20s} {rate(call_cost):7.0f} tok/s")
+    as_it_runs = (CALL_COST, COPY_COST)
+    layouts = {"padded": None, "packed, one bucket": (1e18, 0), "packed, buckets": (CALL_COST, 0), "packed": as_it_runs}
+    for label, costs in layouts.items():
+        print(f"{label:20s} {rate(costs):7.0f} tok/s")
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         for examples in batches:
-            step(examples, CALL_COST)
+            step(examples, as_it_runs)
     events = profiler.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul_us = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm"))

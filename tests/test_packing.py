@@ -63,19 +63,34 @@ def test_a_micro_batch_of_many_sequences_cuts_its_buckets_at_most_max_cuts_place
 
 def test_each_position_has_a_slot_of_its_own_in_its_buckets_padded_row():
     batch = pack([EXAMPLES[2], EXAMPLES[0], EXAMPLES[1]], pad_id=0)  # 3, 8 and 5 tokens
-    layout = layout_of(batch["sequence"], batch["position_ids"], call_cost=30)
+    layout = layout_of(batch["sequence"], batch["position_ids"], call_cost=30, copy_cost=0)
     # [3, 5] padded to 5 and the 8 alone: 2 x 25 + 64 + 2 calls of 30 = 174 pairs, less than one
     # bucket's 3 x 64 + 30 = 222 or a bucket each's 9 + 25 + 64 + 90 = 188.
     assert layout.buckets == ((2, 5), (1, 8))
     assert layout.slots.tolist() == [0, 1, 2] + list(range(10, 18)) + [5, 6, 7, 8, 9]
-    assert layout_of(batch["sequence"], batch["position_ids"], call_cost=1e9).buckets == ((3, 8),)
+    assert layout.lengths == (3, 8, 5)
+    assert layout_of(batch["sequence"], batch["position_ids"], call_cost=1e9, copy_cost=0).buckets == ((3, 8),)
 
 
-def padded_and_packed(model, examples, call_cost):
+def test_each_sequence_is_attended_where_it_lies_when_copying_into_buckets_costs_more_than_its_calls():
+    batch = pack([EXAMPLES[2], EXAMPLES[0], EXAMPLES[1]], pad_id=0)  # 3, 8 and 5 tokens
+    # A call each costs 188 pairs; the buckets 174 and their copies 16 positions x copy_cost.
+    own = layout_of(batch["sequence"], batch["position_ids"], call_cost=30, copy_cost=0.875)  # 188 either way
+    assert own.slots is None and own.buckets == ((1, 3), (1, 8), (1, 5)) and own.lengths == (3, 8, 5)
+    bucketed = layout_of(batch["sequence"], batch["position_ids"], call_cost=30, copy_cost=0.8)  # 186.8
+    assert bucketed.buckets == ((2, 5), (1, 8)) and bucketed.slots is not None
+    # By default, sequences of the bench's lengths attend in place; many short ones share buckets.
+    long_ones = pack([TokenizedExample(list(range(n)), 1) for n in (98, 135, 142, 155, 164, 168, 184, 195)], 0)
+    assert layout_of(long_ones["sequence"], long_ones["position_ids"]).slots is None
+    short_ones = pack([TokenizedExample(list(range(4 + i % 9)), 1) for i in range(256)], 0)
+    assert layout_of(short_ones["sequence"], short_ones["position_ids"]).slots is not None
+
+
+def padded_and_packed(model, examples, costs):
     padded = collate(examples, pad_id=0)
     logps, mask = response_token_logps(model, padded["input_ids"], padded["attention_mask"], padded["labels"])
     packed = pack(examples, pad_id=0)
-    with packed_forward(model, packed, call_cost) as layout:
+    with packed_forward(model, packed, *costs) as layout:
         packed_logps, packed_mask = response_token_logps(
             model, packed["input_ids"], None, packed["labels"], forward_kwargs=layout
         )
@@ -92,7 +107,7 @@ def packed_model(kind: str, attention: str, kv_heads: int | None = None):
     return model
 
 
-def gradients(model, examples, packed: bool, call_cost: float = 0):
+def gradients(model, examples, packed: bool, costs: tuple[float, float] = (0, 0)):
     """Parameter gradients of the summed log-prob, padded or packed; packed, the backward runs
     where the sft loop runs it, inside packed_forward."""
     model.zero_grad()
@@ -101,7 +116,7 @@ def gradients(model, examples, packed: bool, call_cost: float = 0):
         response_token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0].sum().backward()
     else:
         batch = pack(examples, pad_id=0)
-        with packed_forward(model, batch, call_cost) as layout:
+        with packed_forward(model, batch, *costs) as layout:
             logps, _ = response_token_logps(model, batch["input_ids"], None, batch["labels"], forward_kwargs=layout)
             logps.sum().backward()
     return [p.grad.clone() for p in model.parameters()]
@@ -111,26 +126,28 @@ def gradients(model, examples, packed: bool, call_cost: float = 0):
     "kind, kv_heads", [("gpt2", None), ("llama", None), ("llama", 2)], ids=["gpt2", "llama", "llama-gqa"]
 )
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("call_cost", [0, 1e9], ids=["bucket-per-length", "one-bucket"])
-def test_packed_rows_give_the_padded_batchs_log_probs_and_gradients(kind, kv_heads, attention, call_cost):
+# (call_cost, copy_cost): a call per sequence, in place; buckets [4, 3], [6, 5] and [8]; one bucket.
+@pytest.mark.parametrize("costs", [(0, 60), (30, 0), (1e9, 60)], ids=["in-place", "buckets", "one-bucket"])
+def test_packed_rows_give_the_padded_batchs_log_probs_and_gradients(kind, kv_heads, attention, costs):
     model = packed_model(kind, attention, kv_heads)
-    (padded, tokens), (packed, packed_tokens) = padded_and_packed(model, EXAMPLES, call_cost)
+    (padded, tokens), (packed, packed_tokens) = padded_and_packed(model, EXAMPLES, costs)
     assert int(tokens) == int(packed_tokens) == 5 + 3 + 2 + 0 + 3  # every trained token, once
     assert padded.item() < -1.0
     torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
     assert model.config._attn_implementation == attention  # restored after the packed forward
-    for e, g in zip(gradients(model, EXAMPLES, False), gradients(model, EXAMPLES, True, call_cost)):
+    for e, g in zip(gradients(model, EXAMPLES, False), gradients(model, EXAMPLES, True, costs)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("costs", [(0, 0), (30, 0)], ids=["in-place", "buckets"])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_activation_checkpointing_recomputes_the_packed_attention(kind):
+def test_activation_checkpointing_recomputes_the_packed_attention(kind, costs):
     # The recomputation runs in the backward: outside packed_forward it would attend across sequences.
     model = packed_model(kind, "sdpa")
     expected = gradients(model, EXAMPLES, False)
     model.train(True)  # checkpointing acts in training mode only; these models have no dropout
     checkpoint_activations(model, True)
-    for e, g in zip(expected, gradients(model, EXAMPLES, True)):
+    for e, g in zip(expected, gradients(model, EXAMPLES, True, costs)):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
