@@ -4,9 +4,9 @@ On the bench's 25M GPT-2 shape (d 512, 8 layers, 4,096-token vocabulary, random 
 micro-batches of 8 sequences whose lengths follow the bench's SFT rows (prompt and response word
 counts uniform in benchmarks/fixtures.py's ranges, about 2.2 tokens a word), loss on the response,
 fused AdamW: tokens/s of padded rows, of `train.packing` with every sequence in one bucket, with
-buckets by length, and as it runs (a call per sequence where copying into buckets costs more); then, for the packed step, the torch profiler's
-operator table, the share of the step in weight matmuls and the rate they run at, against this
-machine's matmul peak. Each rate is the best of three passes over the same batches.
+buckets by length, and as it runs (a call per sequence where copying into buckets costs more);
+then, for the packed step, the torch profiler's operator table, the share of the step in weight
+matmuls and the rate they run at, against this machine's matmul peak. Each rate is the best of three passes over the same batches.
 """
 
 from __future__ import annotations
