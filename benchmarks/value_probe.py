@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(fit_prompts)} rollouts to fit on ({len(train.returns)} response tokens), {len(held_out_prompts)} held out "
         f"({len(test.returns)}); policy {cfg.model.name_or_path}, value model from {value_source}"
     )
+    if cfg.reference_path != cfg.model.name_or_path:
+        print(
+            f"note: the reference ({cfg.reference_path}) is not the policy, so PPO's return would also carry a KL "
+            "penalty; the target here is the score alone"
+        )
     print()
     print("| held-out explained variance of the return | all response tokens | " + " | ".join(THIRDS) + " |")
     print("|---|---:|---:|---:|---:|")
