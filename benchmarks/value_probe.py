@@ -2,16 +2,19 @@
 could read off each trunk before training starts.
 
 `value_model: shared` puts a linear head on the policy's last hidden states; a value model of its own
-starts from the reward model (`ppo.value_model`'s default). Whatever either learns, a linear head on
-a trunk can explain no more of the return than the best one fitted by least squares. This script
-samples rollouts from the config's policy as PPO's first iteration does, scores them with its
-reward (normalised as the config says), and fits that best head on each trunk's hidden states over
-the rollouts of the training prompts; it reports the explained variance (`val/explained_variance`'s
-formula) on rollouts of the held-out prompts, over all response tokens and by thirds of the response.
-At the first iteration the policy is its reference, so the KL penalty is 0 and every response
-token's return (gamma 1, GAE's lambda 1) is the sequence's score. The last row is the value model
-as it starts, unfitted: the reward model's own head at every position (its scale fitted affinely).
-`--mlp` adds a nonlinear head (one hidden layer) on each trunk, for what a linear one might miss.
+starts from the reward model (`ppo.value_model`'s default). On the rows it is fitted to, no linear
+head on a trunk explains more of the return than the least-squares one. This script samples
+rollouts from the config's policy as PPO's first iteration does, scores them with its reward
+(normalised as the config says), fits a least-squares head (with a small ridge) on each trunk's
+hidden states over the rollouts of training prompts, and reports the explained variance
+(`val/explained_variance`'s formula) on the rollouts of held-out prompts (none of them a fitted
+prompt), over all response tokens and by thirds of the response. The target is the Monte Carlo
+return, what GAE's lambda 1 trains a critic towards (lambda < 1 mixes in the critic's own values):
+at the first iteration the policy is its reference, so the KL penalty is 0 and a response token's
+return is the sequence's score, discounted by ppo.gamma for each token after it. The last row is
+the value model as it starts, unfitted: the reward model's own head at every position (its scale
+fitted affinely). `--mlp` adds a nonlinear head (one hidden layer) on each trunk, for what a linear
+one might miss.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import encode_prompt
 from pipeline.launch import init_distributed
 from pipeline.models import ScalarHead, disable_dropout, from_pretrained, load_causal_lm, load_tokenizer
-from pipeline.ppo import RolloutPrompt, Scorer
+from pipeline.ppo import RolloutPrompt, Scorer, check_value_tokenizer
 from pipeline.sampling import sample
 from pipeline.stage_common import chat_renderer, tokenize_records
 
@@ -48,6 +51,7 @@ class Rollouts:
     value_scores: torch.Tensor  # (N,) the value model's own head there
     returns: torch.Tensor  # (N,) the token's return
     third: torch.Tensor  # (N,) 0, 1, 2: where in its response the token lies
+    lengths: list[int]  # each kept rollout's response length: its rows are consecutive, in order
 
 
 def ridge_fit(features: torch.Tensor, targets: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
@@ -67,7 +71,7 @@ def predict(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     return (features.double() @ weights[:-1] + weights[-1]).float()
 
 
-def held_out_ev(train_x, train_y, test_x, test_y, test_mask, ridge: float = 1e-3) -> float:
+def held_out_explained_variance(train_x, train_y, test_x, test_y, test_mask, ridge: float = 1e-3) -> float:
     """Explained variance on (test_x, test_y) where test_mask holds, of the head fitted on the training rows."""
     weights = ridge_fit(train_x, train_y, ridge)
     return explained_variance(
@@ -79,8 +83,9 @@ def held_out_ev(train_x, train_y, test_x, test_y, test_mask, ridge: float = 1e-3
 def rollouts(
     policy, value_model, tokenizer, scorer, prompts: list[RolloutPrompt], cfg: PPOConfig, seed: int
 ) -> Rollouts:
+    """Sampled, scored rollouts of `prompts`; `value_model` is a ScalarHead, `scorer` a pipeline.ppo.Scorer."""
     generator = torch.Generator().manual_seed(seed)
-    parts = []
+    parts, lengths = [], []
     for start in range(0, len(prompts), cfg.ppo.rollout_batch_size):
         batch = prompts[start : start + cfg.ppo.rollout_batch_size]
         out = sample(policy, tokenizer, [p.ids for p in batch], cfg.rollout, generator)
@@ -94,12 +99,15 @@ def rollouts(
             positions = torch.arange(len(prompt.ids) - 1, ids.shape[1] - 1)
             policy_hidden = policy(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, positions]
             value_hidden = value_model.model.base_model(input_ids=ids).last_hidden_state[0, positions]
-            value_scores = value_model(ids, torch.ones_like(ids))[0, positions]
+            value_scores = value_model.model.score(value_hidden.float()).squeeze(-1)
+            # the reward comes after the last token: token j of L is L - 1 - j steps before it
+            returns = score * cfg.ppo.gamma ** torch.arange(len(response) - 1, -1, -1, dtype=torch.float64)
             third = torch.div(torch.arange(len(positions)) * 3, len(positions), rounding_mode="floor")
-            parts.append((policy_hidden, value_hidden, value_scores, torch.full((len(positions),), score), third))
+            parts.append((policy_hidden, value_hidden, value_scores, returns.float(), third))
+            lengths.append(len(response))
     if not parts:
         raise SystemExit("value_probe: every response was empty")
-    return Rollouts(*(torch.cat(column) for column in zip(*parts)))
+    return Rollouts(*(torch.cat(column) for column in zip(*parts)), lengths)
 
 
 def mlp_predictions(train_x, train_y, test_x, epochs: int = 40, width: int = 256, seed: int = 0) -> torch.Tensor:
@@ -122,7 +130,7 @@ def mlp_predictions(train_x, train_y, test_x, epochs: int = 40, width: int = 256
         return head(test_x).squeeze(-1)
 
 
-def report(train: Rollouts, test: Rollouts, mlp: bool = False) -> list[tuple[str, list[float]]]:
+def report(train: Rollouts, test: Rollouts, mlp: bool = False, seed: int = 0) -> list[tuple[str, list[float]]]:
     """(row name, held-out explained variance over all response tokens and each third)."""
     masks = [torch.ones_like(test.third, dtype=torch.bool)] + [test.third == i for i in range(3)]
     rows = []
@@ -131,13 +139,15 @@ def report(train: Rollouts, test: Rollouts, mlp: bool = False) -> list[tuple[str
         ("value model's trunk, best linear head", train.value_hidden, test.value_hidden),
         ("value model as it starts (its head, affine)", train.value_scores[:, None], test.value_scores[:, None]),
     ):
-        rows.append((name, [held_out_ev(train_x, train.returns, test_x, test.returns, m) for m in masks]))
+        rows.append(
+            (name, [held_out_explained_variance(train_x, train.returns, test_x, test.returns, m) for m in masks])
+        )
     if mlp:
         for name, train_x, test_x in (
             ("policy trunk, an MLP head", train.policy_hidden, test.policy_hidden),
             ("value model's trunk, an MLP head", train.value_hidden, test.value_hidden),
         ):
-            predicted = mlp_predictions(train_x, train.returns, test_x)
+            predicted = mlp_predictions(train_x, train.returns, test_x, seed=seed)
             rows.append(
                 (
                     name,
@@ -163,21 +173,31 @@ def main(argv: list[str] | None = None) -> None:
     ledger = DropLedger(strict=False)
     train_records, eval_records = load_prompts(cfg.data, ledger, chat_renderer(tokenizer))
 
-    def encoded(records) -> list[RolloutPrompt]:
-        distinct = list({r.prompt: r for r in records}.values())
-        random.Random(args.seed).shuffle(distinct)
+    def distinct(records) -> list:
+        unique = list({r.prompt: r for r in records}.values())
+        random.Random(args.seed).shuffle(unique)
+        return unique
+
+    def probe_prompts(records) -> list[RolloutPrompt]:
         return tokenize_records(
-            distinct[: args.prompts],
+            records,
             lambda r: RolloutPrompt(r.prompt, encode_prompt(tokenizer, r.prompt, cfg.data), r.unsafe, r.messages),
             ledger,
             "probe prompts",
         )
 
-    fit_prompts, held_out_prompts = encoded(train_records), encoded(eval_records or train_records[::-1])
+    fit_records = distinct(train_records)[: args.prompts]
+    fitted = {r.prompt for r in fit_records}
+    # held out: the eval split's prompts that are not fitted ones, or else the training prompts after the fitted ones
+    held_out_records = [r for r in distinct(eval_records or train_records) if r.prompt not in fitted][: args.prompts]
+    if not held_out_records:
+        raise SystemExit("value_probe: no held-out prompt is left once the fitted ones are set aside")
+    fit_prompts, held_out_prompts = probe_prompts(fit_records), probe_prompts(held_out_records)
     # with value_model: shared, the model a value model of its own would start from
     value_source = (
         dataclasses.replace(cfg, value_model=None).value_model_path if cfg.shared_value_head else cfg.value_model_path
     )
+    check_value_tokenizer(value_source, tokenizer)  # a value model reads the policy's token ids
     policy = disable_dropout(load_causal_lm(cfg.model)).eval()
     value_model = ScalarHead(
         from_pretrained(
@@ -205,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print("| held-out explained variance of the return | all response tokens | " + " | ".join(THIRDS) + " |")
     print("|---|---:|---:|---:|---:|")
-    for name, values in report(train, test, args.mlp):
+    for name, values in report(train, test, args.mlp, args.seed):
         print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
 
 

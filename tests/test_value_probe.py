@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from benchmarks.value_probe import held_out_ev, main, ridge_fit
+from benchmarks.value_probe import held_out_explained_variance, main, ridge_fit, rollouts
+from pipeline.config import DataConfig, PPOAlgoConfig, PPOConfig, RewardSourceConfig, SampleConfig
+from pipeline.data.builtin_sentiment import load_rows
+from pipeline.data.tokenize import encode_prompt
+from pipeline.models import ScalarHead
+from pipeline.ppo import RolloutPrompt
+from pipeline.sampling import sample
 
 
 def test_the_ridge_shrinks_the_weights_and_leaves_the_bias_free():
@@ -25,13 +32,15 @@ def test_held_out_explained_variance_is_what_the_features_carry():
     y = x @ weights + noise  # explained variance |w|^2 / (|w|^2 + 1) for the true head
     expected = float(weights.square().sum() / (weights.square().sum() + 1))
     everywhere = torch.ones(2000, dtype=torch.bool)
-    assert held_out_ev(x[:2000], y[:2000], x[2000:], y[2000:], everywhere) == pytest.approx(expected, abs=0.02)
+    assert held_out_explained_variance(x[:2000], y[:2000], x[2000:], y[2000:], everywhere) == pytest.approx(
+        expected, abs=0.02
+    )
     # features unrelated to the target explain nothing on held-out rows (what fits the training rows is noise)
-    assert abs(held_out_ev(x[:2000], noise[:2000], x[2000:], noise[2000:], everywhere)) < 0.02
+    assert abs(held_out_explained_variance(x[:2000], noise[:2000], x[2000:], noise[2000:], everywhere)) < 0.02
     # the mask picks the rows scored
     half = torch.arange(2000) < 1000
-    assert held_out_ev(x[:2000], y[:2000], x[2000:], y[2000:], half) == pytest.approx(
-        held_out_ev(x[:2000], y[:2000], x[2000:3000], y[2000:3000], torch.ones(1000, dtype=torch.bool))
+    assert held_out_explained_variance(x[:2000], y[:2000], x[2000:], y[2000:], half) == pytest.approx(
+        held_out_explained_variance(x[:2000], y[:2000], x[2000:3000], y[2000:3000], torch.ones(1000, dtype=torch.bool))
     )
 
 
@@ -68,8 +77,46 @@ def test_the_probe_fits_both_trunks_on_rollouts_and_reports_held_out_rows(tiny_f
     assert (
         rows["policy trunk, an MLP head"].split(" | ")[1:] == rows["value model's trunk, an MLP head"].split(" | ")[1:]
     )
-    for line in rows.values():
-        if "explained variance" in line:
-            continue
-        for cell in line.strip("| \n").split(" | ")[1:]:
-            assert float(cell) <= 1.0
+
+
+def test_each_response_token_gets_its_trunks_states_before_it_and_its_discounted_return(tiny_folders, tiny_tokenizer):
+    # The value at position p predicts the return of token p + 1 (PPO's values[:, :-1]), so a response of
+    # L tokens after a prompt of P gives L rows, read at positions P - 1 ... P + L - 2. The score comes
+    # after the last token: with gamma 0.5, token j of L has the return score x 0.5^(L - 1 - j).
+    policy = AutoModelForCausalLM.from_pretrained(tiny_folders("policy")).eval()
+    value_model = ScalarHead(AutoModelForSequenceClassification.from_pretrained(tiny_folders("rm", reward=True))).eval()
+    cfg = PPOConfig(
+        reward=RewardSourceConfig(kind="gold"),
+        data=DataConfig(max_length=48, max_prompt_length=16),
+        rollout=SampleConfig(max_new_tokens=6, temperature=1.0),
+        ppo=PPOAlgoConfig(rollout_batch_size=3, mini_batch_size=3, micro_batch_size=3, gamma=0.5),
+    )
+    texts = [" ".join(row["review"].split()[:3]) for row in load_rows("train", 6)]
+    prompts = [RolloutPrompt(t, encode_prompt(tiny_tokenizer, t, cfg.data)) for t in texts]
+
+    def scorer(batch, responses, finished):  # the i-th rollout of a batch scores i + 1
+        return torch.arange(1, len(batch) + 1, dtype=torch.float32), torch.zeros(len(batch))
+
+    got = rollouts(policy, value_model, tiny_tokenizer, scorer, prompts, cfg, seed=3)
+
+    generator = torch.Generator().manual_seed(3)  # the same draws again, to know what was sampled
+    expected_rows, row = [], 0
+    for start in (0, 3):
+        out = sample(policy, tiny_tokenizer, [p.ids for p in prompts[start : start + 3]], cfg.rollout, generator)
+        for i, (prompt, response) in enumerate(zip(prompts[start : start + 3], out.sequences)):
+            if not response:
+                continue
+            length, first = len(response), len(prompt.ids) - 1
+            ids = torch.tensor([prompt.ids + response])
+            with torch.no_grad():
+                hidden = policy(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+                scores = value_model(ids, torch.ones_like(ids))[0]
+            rows = slice(row, row + length)
+            assert torch.allclose(got.policy_hidden[rows], hidden[first : first + length], atol=1e-6)
+            assert torch.allclose(got.value_scores[rows], scores[first : first + length], atol=1e-6)
+            returns = [(i + 1) * 0.5 ** (length - 1 - j) for j in range(length)]
+            assert got.returns[rows].tolist() == pytest.approx(returns)
+            assert got.third[rows].tolist() == [j * 3 // length for j in range(length)]
+            expected_rows.append(length)
+            row += length
+    assert got.lengths == expected_rows and row == len(got.returns) > 0
