@@ -71,12 +71,13 @@ def predict(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     return (features.double() @ weights[:-1] + weights[-1]).float()
 
 
+def explained_variance_where(predicted: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    return explained_variance(predicted[mask], targets[mask], torch.ones_like(targets[mask]))
+
+
 def held_out_explained_variance(train_x, train_y, test_x, test_y, test_mask, ridge: float = 1e-3) -> float:
     """Explained variance on (test_x, test_y) where test_mask holds, of the head fitted on the training rows."""
-    weights = ridge_fit(train_x, train_y, ridge)
-    return explained_variance(
-        predict(weights, test_x)[test_mask], test_y[test_mask], torch.ones_like(test_y[test_mask])
-    )
+    return explained_variance_where(predict(ridge_fit(train_x, train_y, ridge), test_x), test_y, test_mask)
 
 
 @torch.no_grad()
@@ -133,28 +134,24 @@ def mlp_predictions(train_x, train_y, test_x, epochs: int = 40, width: int = 256
 def report(train: Rollouts, test: Rollouts, mlp: bool = False, seed: int = 0) -> list[tuple[str, list[float]]]:
     """(row name, held-out explained variance over all response tokens and each third)."""
     masks = [torch.ones_like(test.third, dtype=torch.bool)] + [test.third == i for i in range(3)]
-    rows = []
-    for name, train_x, test_x in (
+    linear = (
         ("policy trunk, best linear head (value_model: shared)", train.policy_hidden, test.policy_hidden),
         ("value model's trunk, best linear head", train.value_hidden, test.value_hidden),
         ("value model as it starts (its head, affine)", train.value_scores[:, None], test.value_scores[:, None]),
-    ):
-        rows.append(
-            (name, [held_out_explained_variance(train_x, train.returns, test_x, test.returns, m) for m in masks])
-        )
+    )
+    predictions = [(name, predict(ridge_fit(x, train.returns), test_x)) for name, x, test_x in linear]
     if mlp:
-        for name, train_x, test_x in (
-            ("policy trunk, an MLP head", train.policy_hidden, test.policy_hidden),
-            ("value model's trunk, an MLP head", train.value_hidden, test.value_hidden),
-        ):
-            predicted = mlp_predictions(train_x, train.returns, test_x, seed=seed)
-            rows.append(
-                (
-                    name,
-                    [explained_variance(predicted[m], test.returns[m], torch.ones_like(predicted[m])) for m in masks],
-                )
-            )
-    return rows
+        predictions += [
+            (
+                "policy trunk, an MLP head",
+                mlp_predictions(train.policy_hidden, train.returns, test.policy_hidden, seed=seed),
+            ),
+            (
+                "value model's trunk, an MLP head",
+                mlp_predictions(train.value_hidden, train.returns, test.value_hidden, seed=seed),
+            ),
+        ]
+    return [(name, [explained_variance_where(p, test.returns, m) for m in masks]) for name, p in predictions]
 
 
 def main(argv: list[str] | None = None) -> None:
