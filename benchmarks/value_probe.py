@@ -33,6 +33,7 @@ from pipeline.config.loading import load_config
 from pipeline.data.loading import load_prompts
 from pipeline.data.records import DropLedger
 from pipeline.data.tokenize import encode_prompt
+from pipeline.errors import ConfigError, InputError
 from pipeline.launch import init_distributed
 from pipeline.models import ScalarHead, disable_dropout, from_pretrained, load_causal_lm, load_tokenizer
 from pipeline.ppo import RolloutPrompt, Scorer, check_value_tokenizer
@@ -163,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mlp", action="store_true", help="also fit a one-hidden-layer head (256 wide) on each trunk")
     args = parser.parse_args(argv)
 
-    cfg = load_config(PPOConfig, args.config, args.set)
+    try:
+        cfg = load_config(PPOConfig, args.config, args.set)
+    except ConfigError as err:
+        raise SystemExit(f"value_probe: {err}") from None
     torch.manual_seed(args.seed)
     dist = init_distributed()
     tokenizer = load_tokenizer(cfg.model)
@@ -194,7 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     value_source = (
         dataclasses.replace(cfg, value_model=None).value_model_path if cfg.shared_value_head else cfg.value_model_path
     )
-    check_value_tokenizer(value_source, tokenizer)  # a value model reads the policy's token ids
+    try:
+        check_value_tokenizer(value_source, tokenizer)  # a value model reads the policy's token ids
+    except InputError as err:
+        raise SystemExit(f"value_probe: {err}") from None
     policy = disable_dropout(load_causal_lm(cfg.model)).eval()
     value_model = ScalarHead(
         from_pretrained(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -11,9 +13,9 @@ from benchmarks.value_probe import held_out_explained_variance, main, ridge_fit,
 from pipeline.config import DataConfig, PPOAlgoConfig, PPOConfig, RewardSourceConfig, SampleConfig
 from pipeline.data.builtin_sentiment import load_rows
 from pipeline.data.tokenize import encode_prompt
-from pipeline.models import ScalarHead
+from pipeline.models import ScalarHead, train_tokenizer
 from pipeline.ppo import RolloutPrompt
-from pipeline.sampling import sample
+from pipeline.sampling import Generation, sample
 
 
 def test_the_ridge_shrinks_the_weights_and_leaves_the_bias_free():
@@ -44,15 +46,13 @@ def test_held_out_explained_variance_is_what_the_features_carry():
     )
 
 
-def test_the_probe_fits_both_trunks_on_rollouts_and_reports_held_out_rows(tiny_folders, tmp_path, capsys):
-    # The tiny reward model's trunk is the policy's own (tiny_folders copies it), so the best linear
-    # head on either trunk is the same head, fitted to the same rows: the two rows must agree.
-    policy, reward = tiny_folders("policy"), tiny_folders("rm", reward=True)
+def probe_config(tmp_path, policy, reward, data: dict | None = None) -> str:
     config = {
         "output_dir": str(tmp_path / "unused"),
         "model": {"name_or_path": str(policy)},
         "reward": {"kind": "model", "models": [str(reward)], "normalize": True},
-        "data": {
+        "data": data
+        or {
             "train": [{"path": "builtin:sentiment", "format": "reviews", "split": "train"}],
             "eval": [{"path": "builtin:sentiment", "format": "reviews", "split": "test"}],
             "max_length": 48,
@@ -63,7 +63,14 @@ def test_the_probe_fits_both_trunks_on_rollouts_and_reports_held_out_rows(tiny_f
     }
     path = tmp_path / "ppo.yaml"
     path.write_text(yaml.safe_dump(config))
-    main([str(path), "--prompts", "24", "--mlp"])
+    return str(path)
+
+
+def test_the_probe_fits_both_trunks_on_rollouts_and_reports_held_out_rows(tiny_folders, tmp_path, capsys):
+    # The tiny reward model's trunk is the policy's own (tiny_folders copies it), so the best linear
+    # head on either trunk is the same head, fitted to the same rows: the two rows must agree.
+    path = probe_config(tmp_path, tiny_folders("policy"), tiny_folders("rm", reward=True))
+    main([path, "--prompts", "24", "--mlp"])
     out = capsys.readouterr().out
     assert "24 rollouts to fit on" in out and "24 held out" in out, out
     rows = {
@@ -120,3 +127,48 @@ def test_each_response_token_gets_its_trunks_states_before_it_and_its_discounted
             expected_rows.append(length)
             row += length
     assert got.lengths == expected_rows and row == len(got.returns) > 0
+
+
+def test_a_value_model_with_another_tokenizer_is_refused_in_one_line(tiny_folders, tmp_path):
+    other = train_tokenizer([row["review"] for row in load_rows("train", 50)], vocab_size=300)
+    path = probe_config(tmp_path, tiny_folders("policy"), tiny_folders("rm", reward=True, tokenizer=other))
+    with pytest.raises(SystemExit, match=r"^value_probe: value model .*: its tokenizer is not the policy's"):
+        main([path])
+
+
+def test_no_held_out_prompt_left_is_refused(tiny_folders, tmp_path):
+    # three training prompts, no eval split: fitting on all three leaves none to hold out
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text(
+        "".join(json.dumps({"prompt": f"prompt {i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(3))
+    )
+    data = {
+        "train": [{"path": str(rows), "format": "prompt_chosen_rejected"}],
+        "max_length": 48,
+        "max_prompt_length": 16,
+    }
+    path = probe_config(tmp_path, tiny_folders("policy"), tiny_folders("rm", reward=True), data)
+    with pytest.raises(
+        SystemExit, match="^value_probe: no held-out prompt is left once the fitted ones are set aside$"
+    ):
+        main([path, "--prompts", "3"])
+
+
+def test_rollouts_that_are_all_empty_are_refused(tiny_folders, tiny_tokenizer, monkeypatch):
+    import benchmarks.value_probe as probe
+
+    monkeypatch.setattr(
+        probe, "sample", lambda model, tok, ids, *rest: Generation([[] for _ in ids], [True] * len(ids))
+    )
+    policy = AutoModelForCausalLM.from_pretrained(tiny_folders("policy")).eval()
+    value_model = ScalarHead(AutoModelForSequenceClassification.from_pretrained(tiny_folders("rm", reward=True)))
+    cfg = PPOConfig(reward=RewardSourceConfig(kind="gold"))
+    prompts = [RolloutPrompt("a film", encode_prompt(tiny_tokenizer, "a film", cfg.data))]
+    with pytest.raises(SystemExit, match="^value_probe: every response was empty$"):
+        rollouts(policy, value_model, tiny_tokenizer, lambda *args: (torch.ones(1), torch.zeros(1)), prompts, cfg, 0)
+
+
+def test_a_bad_config_is_refused_in_one_line_naming_the_key(tiny_folders, tmp_path):
+    path = probe_config(tmp_path, tiny_folders("policy"), tiny_folders("rm", reward=True))
+    with pytest.raises(SystemExit, match=r"^value_probe: .*ppo.yaml: .*rollout_batch: unknown key.*rollout_batch_size"):
+        main([path, "--set", "ppo.rollout_batch=4"])
